@@ -1,0 +1,324 @@
+"""The one typed configuration: ``params.yaml`` loaded into frozen dataclasses.
+
+Every stage, the Ray workers, Tune and the MLflow logging read this schema. Unknown or mistyped keys fail
+before any work starts, with an error naming the key, the file and what was expected.
+
+    from pipeline.config import load_params
+    params = load_params("params.yaml")
+    bench = params.benchmark("synthetic")   # BenchmarkConfig: data, model, train, eval
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file (or a dict standing in for one) does not match the schema."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schema
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """The embedded synthetic benchmark (see ``pipeline.data.synthetic``)."""
+
+    num_train: int = 320
+    num_val: int = 96
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a benchmark's data comes from and how its labels are read."""
+
+    source: Literal["synthetic", "ade20k", "voc2012", "cityscapes"] = "synthetic"
+    num_classes: int = 8
+    ignore_index: int = 255
+    # ADE20K convention: raw label 0 ("other") -> ignore, 1..C -> 0..C-1 (mmseg reduce_zero_label).
+    reduce_zero_label: bool = True
+    # RGB mean/std on 0-255 (ImageNet, as semseg/mmseg: pspnet_reference.yaml conventions_for_weight_parity).
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    shard_rows: int = 256
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The paper's training augmentation (Sec. 5.1); each step can be switched off."""
+
+    crop_size: int = 473
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]; 0 disables
+    blur: bool = True
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """PSPNet's architecture (Sec. 3); names follow the paper."""
+
+    depth: Literal[18, 34, 50, 101, 152] = 50
+    width: float = 1.0  # multiplier on the ResNet widths (64, 128, 256, 512 base); 1.0 = the paper
+    stem_widths: tuple[int, int, int] = (64, 64, 128)  # deep stem; mmseg's V1c uses (32, 32, 64)
+    use_ppm: bool = True  # False = the paper's "ResNet-Baseline" (dilated FCN)
+    bins: tuple[int, ...] = (1, 2, 3, 6)
+    pooling: Literal["avg", "max"] = "avg"
+    reduction: float | None = None  # branch channels = in_channels * reduction; None = 1/len(bins)
+    head_channels: int = 512
+    aux: bool = True
+    aux_channels: int = 256
+    dropout: float = 0.1
+    align_corners: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation (Sec. 5.1) and how Ray Train runs it."""
+
+    iterations: int = 150_000
+    batch_size: int = 16  # global batch, divided over the workers
+    base_lr: float = 0.01
+    lr_power: float = 0.9
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0  # new layers (ppm, cls, aux) learn 10x faster than the backbone
+    aux_weight: float = 0.4  # alpha; 0 trains without the auxiliary loss
+    num_workers: int = 8
+    use_gpu: bool = True
+    cpus_per_worker: int = 1
+    loader_workers: int = 0
+    max_failures: int = 3
+    log_every: int = 20
+    checkpoint_every: int = 2000
+    val_every: int = 10_000
+    val_images: int = 0  # 0 = the whole validation split during training
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The test protocol (Caffe release eval_all.m / semseg test.py; pspnet_reference.yaml)."""
+
+    base_size: int = 512  # the long side at scale 1.0
+    crop_size: int = 473
+    stride_rate: float = 2.0 / 3.0
+    mode: Literal["whole", "slide"] = "slide"
+    ms_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    ms_flip: bool = True
+    ss_flip: bool = False
+    batch_size: int = 4
+    num_vis: int = 6  # validation images drawn in the prediction panel
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    experiment_prefix: str = "pspnet"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty: $RAY_ADDRESS, else a local cluster
+    storage_path: str = ""  # empty: <project>/.ray_results (must be absolute / a URI when set)
+
+
+@dataclass(frozen=True)
+class Params:
+    benchmarks: dict[str, BenchmarkConfig]
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def benchmark(self, name: str) -> BenchmarkConfig:
+        if name not in self.benchmarks:
+            raise ConfigError(f"unknown benchmark {name!r}; params define {sorted(self.benchmarks)}")
+        return self.benchmarks[name]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples and dicts to dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")  # a schema bug, not a user error
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys are {names}")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    obj = cls(**kwargs)
+    _validate(obj, where)
+    return obj
+
+
+def _validate(obj: Any, where: str) -> None:
+    """Range checks that the types alone cannot express."""
+
+    def need(ok: bool, key: str, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}.{key}: got {getattr(obj, key)!r}, expected {expected}")
+
+    if isinstance(obj, ModelConfig):
+        need(obj.width > 0, "width", "a positive multiplier")
+        need(len(obj.bins) > 0 and all(b > 0 for b in obj.bins), "bins", "a non-empty list of positive ints")
+        need(obj.reduction is None or 0 < obj.reduction <= 1, "reduction", "null or a ratio in (0, 1]")
+        need(0 <= obj.dropout < 1, "dropout", "a probability in [0, 1)")
+    elif isinstance(obj, TrainConfig):
+        need(obj.iterations > 0, "iterations", "a positive number of iterations")
+        need(obj.batch_size > 0, "batch_size", "a positive global batch")
+        need(obj.num_workers > 0, "num_workers", "at least one worker")
+        need(obj.aux_weight >= 0, "aux_weight", "a non-negative weight")
+        need(obj.base_lr > 0, "base_lr", "a positive learning rate")
+    elif isinstance(obj, AugmentConfig):
+        need(0 < obj.scale_min <= obj.scale_max, "scale_min", "0 < scale_min <= scale_max")
+        need(obj.crop_size > 0, "crop_size", "a positive crop size")
+    elif isinstance(obj, EvalConfig):
+        need(0 < obj.stride_rate <= 1, "stride_rate", "a ratio in (0, 1]")
+        need(len(obj.ms_scales) > 0, "ms_scales", "at least one scale")
+    elif isinstance(obj, DataConfig):
+        need(obj.num_classes > 1, "num_classes", "at least two classes")
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    """Build :class:`Params` from a parsed YAML mapping; ``source`` names the file in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    raw = dict(raw)
+    if "benchmarks" not in raw or not raw["benchmarks"]:
+        raise ConfigError(f"{source}: missing key 'benchmarks' (a mapping of benchmark name -> settings)")
+    return _build(Params, raw, source)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return params_from_dict(raw, str(path))
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, JSON-friendly form of any config object (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"train.base_lr": 0.01, ...}`` for logging as MLflow params."""
+    out: dict[str, Any] = {}
+    for key, value in to_dict(obj).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(obj: Any) -> str:
+    """A short stable hash of a config object (for run names and caches)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def replace(obj: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` for nested dotted keys: ``replace(bench, **{"train.iterations": 10})``."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if head not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown key {key!r} for {type(obj).__name__}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        direct[head] = replace(getattr(obj, head), **sub)
+    return dataclasses.replace(obj, **direct)
