@@ -75,6 +75,7 @@ class ModelConfig:
     depth: Literal[18, 34, 50, 101, 152] = 50
     width: float = 1.0  # multiplier on the ResNet widths (64, 128, 256, 512 base); 1.0 = the paper
     stem_widths: tuple[int, int, int] = (64, 64, 128)  # deep stem; mmseg's V1c uses (32, 32, 64)
+    output_stride: Literal[8, 16, 32] = 8  # the paper: 8 (layer3 dilation 2, layer4 dilation 4)
     use_ppm: bool = True  # False = the paper's "ResNet-Baseline" (dilated FCN)
     bins: tuple[int, ...] = (1, 2, 3, 6)
     pooling: Literal["avg", "max"] = "avg"
@@ -193,7 +194,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
-        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        return tuple(
+            _convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
@@ -322,3 +325,8 @@ def replace(obj: Any, **changes: Any) -> Any:
     for head, sub in nested.items():
         direct[head] = replace(getattr(obj, head), **sub)
     return dataclasses.replace(obj, **direct)
+
+
+def benchmark_from_dict(raw: dict, where: str = "benchmark") -> BenchmarkConfig:
+    """Rebuild a :class:`BenchmarkConfig` from its ``to_dict`` form (e.g. inside a Ray worker)."""
+    return _build(BenchmarkConfig, raw, where)

@@ -1,0 +1,143 @@
+"""A map-style dataset over the Arrow shards written by ``pipeline.data.prepare``.
+
+    ds = ShardedSegmentation("data/prepared/synthetic/train", transform=TrainTransform(...))
+    image, label = ds[0]                  # whatever the transform returns
+    image, label, image_id = ds.read(0)   # (H, W, 3) uint8 RGB, (H, W) uint8 mapped labels, str
+
+Local shards are memory-mapped; a URI (``s3://...``, ``gs://...``) or an explicit ``pyarrow.fs`` filesystem is
+read through ``pyarrow.fs``. Files are opened lazily in each process and never pickled, so the dataset can be
+sent to DataLoader or Ray workers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch.utils.data
+
+from pipeline.data.prepare import MANIFEST, DataError
+
+
+class ShardedSegmentation(torch.utils.data.Dataset):
+    """Rows of one prepared split (``split_dir/manifest.json`` + its shards).
+
+    Args:
+        split_dir: the split folder (local path or URI such as ``s3://bucket/prepared/synthetic/train``).
+        transform: ``transform(image, label)`` applied in ``__getitem__``; ``None`` returns
+            ``(image, label, id)`` as :meth:`read` does.
+        filesystem: a ``pyarrow.fs.FileSystem`` to read ``split_dir`` through (then ``split_dir`` is a path on
+            it). ``None``: local paths are memory-mapped, URIs are resolved with ``FileSystem.from_uri``.
+    """
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+        filesystem: pafs.FileSystem | None = None,
+    ) -> None:
+        self.transform = transform
+        self._fs = filesystem
+        location = str(split_dir)
+        if filesystem is None and "://" in location:
+            self._fs, location = pafs.FileSystem.from_uri(location)
+        self.split_dir = location.rstrip("/")
+        self.manifest = self._read_manifest()
+        self.shard_names = [s["name"] for s in self.manifest["shards"]]
+        self._starts = [0]  # row offset of each shard
+        for shard in self.manifest["shards"]:
+            self._starts.append(self._starts[-1] + int(shard["rows"]))
+        self._open: dict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
+        self._pid = os.getpid()
+
+    # --- files ------------------------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return f"{self.split_dir}/{name}"
+
+    def _read_manifest(self) -> dict:
+        path = self._path(MANIFEST)
+        hint = "run the prepare stage (dvc repro) to build the shards"
+        try:
+            if self._fs is None:
+                text = Path(path).read_text()
+            else:
+                with self._fs.open_input_stream(path) as f:
+                    text = f.read().decode()
+        except (FileNotFoundError, OSError) as exc:
+            raise DataError(f"{path}: shard manifest not found; {hint}") from exc
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc}); {hint}") from exc
+        if not isinstance(manifest, dict) or not {"shards", "rows"} <= set(manifest):
+            raise DataError(f"{path}: not a shard manifest (expected keys 'shards' and 'rows'); {hint}")
+        return manifest
+
+    def _reader(self, k: int) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
+        if self._pid != os.getpid():  # forked: do not share handles with the parent
+            self._open, self._pid = {}, os.getpid()
+        if k not in self._open:
+            path = self._path(self.shard_names[k])
+            try:
+                source = pa.memory_map(path, "r") if self._fs is None else self._fs.open_input_file(path)
+            except (FileNotFoundError, OSError) as exc:
+                raise DataError(
+                    f"{path}: shard listed in the manifest is missing; rerun the prepare stage"
+                ) from exc
+            reader = pa.ipc.open_file(source)
+            starts = [0]
+            for b in range(reader.num_record_batches):
+                starts.append(starts[-1] + reader.get_batch(b).num_rows)
+            expected = self._starts[k + 1] - self._starts[k]
+            if starts[-1] != expected:
+                raise DataError(f"{path}: {starts[-1]} rows, but the manifest says {expected}; rerun prepare")
+            self._open[k] = (reader, starts)
+        return self._open[k]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_open"] = {}  # open files/maps stay in the process that opened them
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    # --- rows -------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Row ``i`` decoded: ``(image (H, W, 3) uint8 RGB, label (H, W) uint8, id)``."""
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} rows in {self.split_dir}")
+        i %= n
+        k = bisect.bisect_right(self._starts, i) - 1
+        reader, starts = self._reader(k)
+        local = i - self._starts[k]
+        b = bisect.bisect_right(starts, local) - 1
+        batch = reader.get_batch(b)
+        r = local - starts[b]
+        image_id = batch.column("id")[r].as_py()
+        image = cv2.imdecode(np.frombuffer(batch.column("image")[r].as_py(), np.uint8), cv2.IMREAD_COLOR)
+        label = cv2.imdecode(np.frombuffer(batch.column("label")[r].as_py(), np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None or label is None:
+            raise DataError(f"{self._path(self.shard_names[k])}: row {image_id!r} does not decode")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), label, image_id
+
+    def __getitem__(self, i: int) -> Any:
+        image, label, image_id = self.read(i)
+        if self.transform is None:
+            return image, label, image_id
+        return self.transform(image, label)

@@ -1,0 +1,209 @@
+"""Joint image/label transforms: the paper's training augmentation (Sec. 5.1) and evaluation normalisation.
+
+Every transform maps ``(image (H, W, 3) uint8 RGB, label (H, W) uint8)`` to
+``(FloatTensor (3, h, w) normalised with mean/std on 0..255, LongTensor (h, w))``. Labels are only ever resampled
+with nearest neighbour, and pixels that come from outside the image get ``ignore_index`` (labels) / the mean
+colour (images), as in hszhao/semseg.
+
+    t = TrainTransform(crop_size=473, scale_min=0.5, scale_max=2.0, rotate=10.0, blur=True, flip=True,
+                       mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), seed=0)
+    t.reseed((seed, rank, worker_id, epoch))
+    image, label = t(image, label)   # (3, 473, 473) float32, (473, 473) int64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+BLUR_KERNEL = 5  # semseg RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0)
+
+
+def _check_pair(image: np.ndarray, label: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image: expected (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    if label.ndim != 2 or label.shape != image.shape[:2]:
+        raise ValueError(f"label: expected shape {image.shape[:2]} (the image's H, W), got {label.shape}")
+
+
+def _check_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    mean_a, std_a = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    if mean_a.shape != (3,) or std_a.shape != (3,) or np.any(std_a <= 0):
+        raise ValueError(f"mean={mean!r}, std={std!r}: expected three RGB values each, std > 0")
+    return mean_a, std_a
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 ``(image - mean) / std`` (mean/std on the 0..255 scale)."""
+    mean_a, std_a = _check_stats(mean, std)
+    out = (image.astype(np.float32) - mean_a) / std_a  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))  # (3, H, W)
+
+
+class EvalTransform:
+    """No geometry: normalise the image and turn the label into a LongTensor (values unchanged)."""
+
+    def __init__(self, *, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean, self.std = _check_stats(mean, std)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_pair(image, label)
+        return normalize(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))
+
+
+class TrainTransform:
+    """The paper's augmentation in semseg's order, done as one affine warp straight into the crop.
+
+    Step by step (hszhao/semseg ``tool/train.py``) the pipeline is::
+
+        RandScale(scale_min..scale_max)      resize by s ~ U(scale_min, scale_max), bilinear / nearest
+        RandRotate(-rotate..rotate)          rotate about the centre, same canvas, pad mean / ignore
+        RandomGaussianBlur(p=0.5)            cv2.GaussianBlur(image, (5, 5), 0)
+        RandomHorizontalFlip(p=0.5)
+        Crop(crop_size, 'rand')              pad (centred) to at least crop_size with mean / ignore,
+                                             then a uniform random crop_size x crop_size window
+        ToTensor, Normalize(mean, std)
+
+    Here the random numbers are drawn in that order from the same distributions, and scale, rotation, flip
+    and crop are composed into a single inverse map ``crop pixel -> source pixel`` applied with one
+    ``cv2.warpAffine`` (bilinear for the image, nearest for the label). Pixels whose source is outside the
+    image, or that fall outside the rotated canvas (the crop's padding), get the mean colour / ``ignore_index``;
+    the image and the label share that edge (nearest-neighbour rule), and inside it the image is read with the
+    edge pixels replicated, as ``cv2.resize`` does.
+    The blur is applied to the warped crop with a 2-pixel margin warped along, so it sees the same
+    neighbours as blurring the whole canvas; the canvas padding is filled after blurring, as in semseg.
+    The result equals the step-by-step pipeline's distribution up to interpolation rounding (one bilinear
+    resample instead of two, so slightly sharper; a hard instead of a one-pixel soft edge where the rotation
+    brings in the mean) and the 2 pixels at the canvas edge, where semseg's blur reflects instead of reading
+    the rotated-out content. The image stays uint8 until normalisation.
+
+    Each step is off when: ``scale_min == scale_max == 1``, ``rotate == 0``, ``blur`` False, ``flip`` False.
+    Rotation is applied to every sample (angle ~ U(-rotate, rotate)), as the paper states; semseg's
+    ``RandRotate`` rotates half of them.
+
+    Args:
+        crop_size: side of the square output.
+        scale_min, scale_max: range of the random resize factor.
+        rotate: maximum absolute rotation in degrees.
+        blur, flip: enable the random Gaussian blur / horizontal flip (each with probability 0.5).
+        mean, std: RGB normalisation on 0..255; ``mean`` also pads the image.
+        ignore_index: label value for padded pixels.
+        seed: seeds the transform's own ``numpy.random.Generator``; see :meth:`reseed`.
+    """
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        scale_min: float,
+        scale_max: float,
+        rotate: float,
+        blur: bool,
+        flip: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        ignore_index: int = 255,
+        seed: int | Sequence[int] | None = None,
+    ) -> None:
+        if crop_size < 1:
+            raise ValueError(f"crop_size={crop_size}: expected a positive size")
+        if not 0 < scale_min <= scale_max:
+            raise ValueError(
+                f"scale_min={scale_min}, scale_max={scale_max}: expected 0 < scale_min <= scale_max"
+            )
+        if rotate < 0:
+            raise ValueError(f"rotate={rotate}: expected a non-negative angle in degrees")
+        if not 0 <= ignore_index <= 255:
+            raise ValueError(f"ignore_index={ignore_index}: expected a uint8 value")
+        self.crop_size = int(crop_size)
+        self.scale_min, self.scale_max = float(scale_min), float(scale_max)
+        self.rotate, self.blur, self.flip = float(rotate), bool(blur), bool(flip)
+        self.mean, self.std = _check_stats(mean, std)
+        self.ignore_index = int(ignore_index)
+        self._fill = tuple(float(v) for v in np.rint(self.mean))  # uint8 pad colour
+        self.reseed(seed)
+
+    def reseed(self, seed: int | Sequence[int] | None) -> None:
+        """Restart the random stream, e.g. with ``(seed, rank, worker_id, epoch)`` for reproducible loaders."""
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_pair(image, label)
+        rng, crop = self._rng, self.crop_size
+        h, w = label.shape
+
+        # 1. RandScale: semseg's cv2.resize(fx=s) makes a round(w*s) x round(h*s) canvas.
+        if self.scale_min == self.scale_max == 1.0:
+            sw, sh = w, h
+        else:
+            s = rng.uniform(self.scale_min, self.scale_max)
+            sw, sh = max(1, int(round(w * s))), max(1, int(round(h * s)))
+        # resize's inverse map: x = (x' + 0.5) * w / sw - 0.5
+        to_source = np.array([[w / sw, 0, 0.5 * w / sw - 0.5], [0, h / sh, 0.5 * h / sh - 0.5], [0, 0, 1]])
+
+        # 2. RandRotate about the canvas centre; canvas size unchanged.
+        if self.rotate > 0:
+            angle = rng.uniform(-self.rotate, self.rotate)
+            forward = np.vstack([cv2.getRotationMatrix2D((sw / 2, sh / 2), angle, 1.0), [0, 0, 1]])
+            to_source = to_source @ np.linalg.inv(forward)
+
+        # 3. RandomGaussianBlur and 4. RandomHorizontalFlip: draw the coins in semseg's order.
+        do_blur = self.blur and rng.random() < 0.5
+        if self.flip and rng.random() < 0.5:
+            to_source = to_source @ np.array([[-1, 0, sw - 1], [0, 1, 0], [0, 0, 1]])
+
+        # 5. Crop: pad (centred) to at least crop x crop, then a uniform window of the padded canvas.
+        pad_h, pad_w = max(crop - sh, 0), max(crop - sw, 0)
+        h_off = int(rng.integers(0, max(sh, crop) - crop + 1))
+        w_off = int(rng.integers(0, max(sw, crop) - crop + 1))
+        margin = BLUR_KERNEL // 2 if self.blur else 0
+        ox, oy = w_off - pad_w // 2 - margin, h_off - pad_h // 2 - margin  # output pixel -> canvas pixel
+        to_source = to_source @ np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]])
+
+        size = (crop + 2 * margin, crop + 2 * margin)
+        matrix = to_source[:2].astype(np.float64)
+        # The image is read from a 1-pixel replicated border, as cv2.resize does at the edges; what lies
+        # outside the source (by the label's nearest-neighbour rule) becomes the mean below.
+        padded = cv2.copyMakeBorder(image, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
+        out_image = cv2.warpAffine(
+            padded,
+            matrix + np.array([[0, 0, 1], [0, 0, 1]]),
+            size,
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=self._fill,
+        )  # (crop + 2m, crop + 2m, 3) uint8
+        out_label = cv2.warpAffine(
+            label,
+            matrix,
+            size,
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=self.ignore_index,
+        )  # (crop + 2m, crop + 2m) uint8
+        in_source = cv2.warpAffine(
+            np.ones_like(label, np.uint8),
+            matrix,
+            size,
+            flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
+        ).astype(bool)
+        out_image[~in_source] = np.asarray(self._fill, np.uint8)  # rotated-in corners: mean (RandRotate)
+        if do_blur:
+            out_image = cv2.GaussianBlur(out_image, (BLUR_KERNEL, BLUR_KERNEL), 0)
+
+        # Outside the (rotated) canvas is the crop's padding: mean / ignore, filled after the blur.
+        x0, x1 = max(0, -ox), max(0, min(size[0], sw - ox))
+        y0, y1 = max(0, -oy), max(0, min(size[1], sh - oy))
+        inside = np.zeros(size[::-1], bool)
+        inside[y0:y1, x0:x1] = True
+        out_image[~inside] = np.asarray(self._fill, np.uint8)
+        out_label[~inside] = self.ignore_index
+
+        out_image = out_image[margin : margin + crop, margin : margin + crop]
+        out_label = out_label[margin : margin + crop, margin : margin + crop]
+        return normalize(out_image, self.mean, self.std), torch.from_numpy(out_label.astype(np.int64))

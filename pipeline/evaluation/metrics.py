@@ -1,0 +1,190 @@
+"""Segmentation metrics from one confusion matrix: mIoU, mean class accuracy, pixel accuracy.
+
+    cm = ConfusionMatrix(num_classes=150)
+    for pred, gt in pairs:
+        cm.update(pred, gt)          # torch tensors or numpy arrays, any matching shape
+    cm.all_reduce()                  # sums over torch.distributed workers when initialised
+    scores = cm.compute()            # {"miou", "macc", "aacc", "iou": [...], "acc": [...]}
+
+Definitions (fractions in [0, 1]), with ``M[g, p]`` the number of pixels of ground truth ``g`` predicted ``p``:
+
+    IoU_c = M[c, c] / (sum_p M[c, p] + sum_g M[g, c] - M[c, c])     miou = nanmean_c IoU_c
+    Acc_c = M[c, c] / sum_p M[c, p]                                  macc = nanmean_c Acc_c
+    aacc  = trace(M) / sum(M)
+
+A class absent from both the ground truth and the predictions has IoU NaN (and a class absent from the
+ground truth has Acc NaN); NaN classes are left out of the means. semseg's ``test.py`` instead divides by
+``union + 1e-10`` and so counts such classes as 0; on the full ADE20K/VOC/Cityscapes validation sets every
+class occurs and the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _as_tensor(x: Tensor | np.ndarray, name: str) -> Tensor:
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if isinstance(x, Tensor):
+        return x
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+class ConfusionMatrix:
+    """A (C, C) int64 confusion matrix; rows are ground truth, columns predictions.
+
+    Args:
+        num_classes: number of classes ``C``.
+        ignore_index: ground-truth value of pixels that are not scored.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: Tensor | np.ndarray, target: Tensor | np.ndarray) -> None:
+        """Add the pixels of one prediction/label pair (any shape, the same for both).
+
+        Raises:
+            ValueError: the shapes differ, a target value is outside [0, C) and is not ``ignore_index``,
+                or a prediction at a scored pixel is outside [0, C).
+        """
+        p = _as_tensor(pred, "pred")
+        t = _as_tensor(target, "target")
+        if p.shape != t.shape:
+            raise ValueError(
+                f"prediction shape {tuple(p.shape)} does not match target shape {tuple(t.shape)}"
+            )
+        c = self.num_classes
+        t = t.reshape(-1).to(device=p.device, dtype=torch.int64)
+        p = p.reshape(-1).to(torch.int64)
+        keep = t != self.ignore_index
+        t, p = t[keep], p[keep]
+        bad_t = (t < 0) | (t >= c)
+        if bool(bad_t.any()):
+            values = torch.unique(t[bad_t])[:10].tolist()
+            raise ValueError(
+                f"target values {values} are outside [0, {c}) and not ignore_index={self.ignore_index}"
+            )
+        bad_p = (p < 0) | (p >= c)
+        if bool(bad_p.any()):
+            values = torch.unique(p[bad_p])[:10].tolist()
+            raise ValueError(f"prediction values {values} are outside [0, {c})")
+        counts = torch.bincount(t * c + p, minlength=c * c)  # (C*C,)
+        self.mat += counts.reshape(c, c).cpu()
+
+    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        """Add another matrix of the same number of classes into this one; returns ``self``."""
+        if not isinstance(other, ConfusionMatrix) or other.num_classes != self.num_classes:
+            got = getattr(other, "num_classes", type(other).__name__)
+            raise ValueError(f"cannot merge a ConfusionMatrix of {self.num_classes} classes with {got}")
+        self.mat += other.mat
+        return self
+
+    def __iadd__(self, other: ConfusionMatrix) -> ConfusionMatrix:
+        return self.merge(other)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over all torch.distributed ranks (a no-op when not initialised)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        buf = self.mat.to(device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        self.mat = buf.cpu()
+
+    def compute(self) -> dict[str, Any]:
+        """``{"miou", "macc", "aacc"}`` as floats and per-class ``"iou"``, ``"acc"`` lists (NaN: see module doc)."""
+        m = self.mat.to(torch.float64)
+        tp = m.diag()
+        gt = m.sum(dim=1)
+        pred = m.sum(dim=0)
+        union = gt + pred - tp
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+        acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+        total = m.sum()
+        return {
+            "miou": float(iou.nanmean()),
+            "macc": float(acc.nanmean()),
+            "aacc": float(tp.sum() / total) if total > 0 else float("nan"),
+            "iou": iou.tolist(),
+            "acc": acc.tolist(),
+        }
+
+
+def _read_label(path: Path) -> np.ndarray:
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise ValueError(f"{path}: could not be read as an image")
+    if label.ndim != 2:
+        raise ValueError(f"{path}: expected a single-channel label map, got shape {label.shape}")
+    return label
+
+
+def score_dirs(
+    pred_dir: str | Path, gt_dir: str | Path, num_classes: int, ignore_index: int = 255
+) -> dict[str, Any]:
+    """Score a folder of predicted PNG label maps against a folder of ground-truth PNGs, paired by file stem.
+
+    Returns:
+        ``{"miou", "macc", "aacc", "iou": [...], "acc": [...], "num_images"}``.
+
+    Raises:
+        FileNotFoundError: a folder does not exist.
+        ValueError: no pairs, a prediction or ground truth without its partner, unreadable files, shapes that
+            differ, or label values out of range.
+    """
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    for d in (pred_dir, gt_dir):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: not a directory")
+    preds = {p.stem: p for p in sorted(pred_dir.glob("*.png"))}
+    gts = {p.stem: p for p in sorted(gt_dir.glob("*.png"))}
+    missing_pred = sorted(set(gts) - set(preds))
+    missing_gt = sorted(set(preds) - set(gts))
+    if missing_pred or missing_gt:
+        parts = []
+        if missing_pred:
+            parts.append(
+                f"{len(missing_pred)} ground truths without a prediction in {pred_dir} (e.g. {missing_pred[:5]})"
+            )
+        if missing_gt:
+            parts.append(
+                f"{len(missing_gt)} predictions without a ground truth in {gt_dir} (e.g. {missing_gt[:5]})"
+            )
+        raise ValueError("; ".join(parts))
+    if not gts:
+        raise ValueError(f"no PNG files to score in {gt_dir}")
+
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    for stem, gt_path in gts.items():
+        pred = _read_label(preds[stem])
+        gt = _read_label(gt_path)
+        if pred.shape != gt.shape:
+            raise ValueError(
+                f"{preds[stem]}: prediction shape {pred.shape} != ground truth {gt_path} shape {gt.shape}"
+            )
+        try:
+            cm.update(pred.astype(np.int64), gt.astype(np.int64))
+        except ValueError as exc:
+            raise ValueError(f"{preds[stem]} vs {gt_path}: {exc}") from exc
+    scores = cm.compute()
+    scores["num_images"] = len(gts)
+    return scores

@@ -1,0 +1,136 @@
+"""Self-describing model files: the weights together with everything needed to rebuild and use them.
+
+    save_model("model.pt", model, model_config=to_dict(cfg.model), num_classes=150,
+               conventions={"mean": [...], "std": [...], "channel_order": "RGB", "align_corners": False})
+    model, meta = load_model("model.pt")        # PSPNet in eval mode, meta["conventions"], meta["extra"], ...
+
+File layout (one ``torch.save`` of a plain dict; loadable with ``weights_only=True``):
+
+    {"format": "pspnet-repro/1", "model_config": {...}, "num_classes": int, "conventions": {...},
+     "state_dict": {...}, "extra": {...} | None}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, ModelConfig, _build, to_dict
+from pipeline.model.pspnet import PSPNet, build_model
+
+FORMAT = "pspnet-repro/1"
+
+
+class CheckpointError(RuntimeError):
+    """A model file is not one written by :func:`save_model`, is damaged, or does not match its model."""
+
+
+def save_model(
+    path: str | Path,
+    model: PSPNet,
+    *,
+    model_config: dict[str, Any] | ModelConfig,
+    num_classes: int,
+    conventions: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` and its description atomically (temporary file in the same folder, then rename).
+
+    Args:
+        path: destination file.
+        model: the network; its state dict is stored on the CPU.
+        model_config: the ``model`` section that built it (a dict, as ``pipeline.config.to_dict`` gives, or a
+            :class:`ModelConfig`); checked against the schema here so that a bad file is never written.
+        num_classes: output classes.
+        conventions: what a user needs to feed the model, e.g. ``mean``, ``std``, ``channel_order``,
+            ``align_corners``, ``ignore_index``.
+        extra: anything else small and plain (iteration, scores, run id); plain Python types only.
+    """
+    if dataclasses.is_dataclass(model_config):
+        model_config = to_dict(model_config)
+    if not isinstance(model_config, dict):
+        raise TypeError(f"model_config must be a dict or ModelConfig, got {type(model_config).__name__}")
+    _model_config_from_dict(model_config, str(path))  # fail before writing
+    payload = {
+        "format": FORMAT,
+        "model_config": to_dict(model_config),
+        "num_classes": int(num_classes),
+        "conventions": to_dict(dict(conventions)),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": None if extra is None else to_dict(dict(extra)),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
+    try:
+        return _build(ModelConfig, dict(raw), f"{where}: model_config")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PSPNet, dict[str, Any]]:
+    """Rebuild the network saved by :func:`save_model` and load its weights strictly.
+
+    Returns:
+        The model in eval mode and the metadata (``format``, ``model_config``, ``num_classes``,
+        ``conventions``, ``extra``; everything but the state dict).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file needs arbitrary unpickling, is truncated or not a torch file, lacks the
+            ``pspnet-repro/1`` format tag or a key, or its weights do not fit the model it describes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refusing to load; the file holds objects that need arbitrary unpickling "
+            f"(expected a {FORMAT!r} model file written by save_model): {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch file (truncated or damaged?): {exc}") from exc
+
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: expected a dict with format {FORMAT!r}, got {type(payload).__name__}")
+    fmt = payload.get("format")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: format is {fmt!r}, expected {FORMAT!r}")
+    missing = [k for k in ("model_config", "num_classes", "conventions", "state_dict") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: missing key(s) {missing}")
+    if not isinstance(payload["model_config"], dict):
+        raise CheckpointError(
+            f"{path}: model_config must be a dict, got {type(payload['model_config']).__name__}"
+        )
+
+    cfg = _model_config_from_dict(payload["model_config"], str(path))
+    model = build_model(cfg, int(payload["num_classes"]))
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path}: weights do not fit the model described by its model_config: {exc}"
+        ) from exc
+    model.to(map_location).eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta.setdefault("extra", None)
+    return model, meta

@@ -1,0 +1,84 @@
+"""PNG figures for the report and MLflow (matplotlib, headless). Each function writes one file atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train_curve(curve: pd.DataFrame, path: Path, title: str) -> None:
+    """Loss (left axis) and validation mIoU (right axis) against the iteration."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for col, style in (("loss", "-"), ("loss_main", "--"), ("loss_aux", ":")):
+        if col in curve and curve[col].notna().any():
+            ax.plot(curve["iteration"], curve[col], style, label=col)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    if "val_miou" in curve and curve["val_miou"].notna().any():
+        ax2 = ax.twinx()
+        v = curve.dropna(subset=["val_miou"])
+        ax2.plot(v["iteration"], v["val_miou"], "o-", color="tab:red", label="val mIoU (ss)")
+        ax2.set_ylabel("validation mIoU", color="tab:red")
+        ax2.set_ylim(0, 1)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def per_class_iou(names: Sequence[str], ious: Mapping[str, Sequence[float]], path: Path, title: str) -> None:
+    """Grouped bars: one group per class, one bar per protocol."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(names) * max(1, len(ious))), 3.6))
+    width = 0.8 / max(1, len(ious))
+    x = np.arange(len(names))
+    for i, (label, values) in enumerate(ious.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(np.asarray(values, float)), width, label=label)
+    ax.set_xticks(x, names, rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("IoU")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def prediction_panel(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, Mapping[str, np.ndarray]]],
+    palette: Sequence[tuple[int, int, int]],
+    path: Path,
+    ignore_index: int = 255,
+) -> None:
+    """One row per image: the image, the ground truth, then each named prediction (label maps coloured)."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8)
+    lut[ignore_index] = (0, 0, 0)
+    cols = 2 + max(len(p) for _, _, _, p in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.2 * len(rows)), squeeze=False)
+    for r, (name, image, label, preds) in enumerate(rows):
+        panels = [("image", image), ("ground truth", lut[label])] + [(k, lut[v]) for k, v in preds.items()]
+        for c, (title, img) in enumerate(panels):
+            axes[r, c].imshow(img)
+            axes[r, c].set_title(title if r == 0 else "", fontsize=9)
+            axes[r, c].axis("off")
+        axes[r, 0].text(-5, image.shape[0] / 2, name, fontsize=7, rotation=90, ha="right", va="center")
+    for c in range(cols):
+        for r in range(len(rows)):
+            if not axes[r, c].images:
+                axes[r, c].axis("off")
+    _save(fig, path)

@@ -1,0 +1,145 @@
+"""The per-benchmark report: training curve, single- and multi-scale scores with their protocols, per-class
+IoU and prediction panels, as markdown + PNG under ``reports/<benchmark>/``.
+
+It reads only recorded results (the evaluate stage's ``metrics.json`` / ``per_class.csv``, the train stage's
+``train_curve.csv`` and ``train_info.json``); it never recomputes a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import plots, tracking
+from pipeline.config import BenchmarkConfig
+
+CURVE_COLUMNS = {
+    "train/loss": "loss",
+    "train/loss_main": "loss_main",
+    "train/loss_aux": "loss_aux",
+    "train/lr": "lr",
+    "train/images_per_s": "images_per_s",
+    "train/data_wait_frac": "data_wait_frac",
+    "val/miou": "val_miou",
+}
+
+
+def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
+    """Pull the run's metric history from MLflow into one CSV (one row per logged iteration)."""
+    history = tracking.metric_history(uri, run_id, CURVE_COLUMNS)
+    frames = [
+        pd.DataFrame(points, columns=["iteration", CURVE_COLUMNS[key]]).drop_duplicates(
+            "iteration", keep="last"
+        )
+        for key, points in history.items()
+        if points
+    ]
+    if not frames:
+        raise RuntimeError(f"MLflow run {run_id} at {uri} has no training metrics")
+    curve = frames[0]
+    for frame in frames[1:]:
+        curve = curve.merge(frame, on="iteration", how="outer")
+    curve = curve.sort_values("iteration")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    curve.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    return curve
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def render(
+    benchmark: str, bench: BenchmarkConfig, metrics: dict, per_class: pd.DataFrame, train_info: dict
+) -> str:
+    """The markdown text of the report (pure: no I/O)."""
+    lines = [f"# PSPNet on `{benchmark}`", ""]
+    m = bench.model
+    lines += [
+        f"Model: PSPNet, ResNet-{m.depth} (width x{m.width:g}, deep stem {list(m.stem_widths)}), "
+        f"{'pyramid bins ' + str(list(m.bins)) + ' (' + m.pooling + ' pooling)' if m.use_ppm else 'no pyramid (ResNet-Baseline)'}, "
+        f"auxiliary loss {'weight ' + str(bench.train.aux_weight) if m.aux and bench.train.aux_weight > 0 else 'off'}.",
+        f"Training: {train_info.get('iterations', '?')} iterations, global batch {bench.train.batch_size} on "
+        f"{bench.train.num_workers} {'GPU' if bench.train.use_gpu else 'CPU'} worker(s), "
+        f"{train_info.get('seconds', '?')} s wall. MLflow run `{train_info.get('run_id', '?')}`.",
+        "",
+        "## Validation scores",
+        "",
+        "| protocol | mIoU % | mAcc % | aAcc % | protocol hash | images | seconds |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for key in ("ss", "ms"):
+        if key in metrics:
+            s = metrics[key]
+            lines.append(
+                f"| {key}: `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | {_pct(s['aacc'])} | "
+                f"`{s['protocol_hash']}` | {s['images']} | {s['seconds']} |"
+            )
+    lines += [
+        "",
+        "Protocol fields: "
+        + "; ".join(
+            f"{k}: `{json.dumps(metrics[k]['protocol_fields'], sort_keys=True)}`"
+            for k in ("ss", "ms")
+            if k in metrics
+        ),
+        "",
+    ]
+    if "context" in metrics:
+        a, b = metrics["context"]["classes"]
+        lines += [
+            f"## Context: `{a}` vs `{b}`",
+            "",
+            f"The two classes are drawn identically; only the scene far from the object tells them apart. "
+            f"Pair accuracy = among {a}/{b} pixels predicted as either, the share given the right one "
+            "(0.5 = chance).",
+            "",
+            f"| protocol | pair accuracy % | {a} recall % | {b} recall % |",
+            "|---|---:|---:|---:|",
+        ]
+        for key in ("ss", "ms"):
+            if key in metrics["context"]:
+                c = metrics["context"][key]
+                lines.append(
+                    f"| {key} | {_pct(c['pair_accuracy'])} | {_pct(c['recall_a'])} | {_pct(c['recall_b'])} |"
+                )
+        lines.append("")
+    lines += [
+        "## Per-class IoU (%)",
+        "",
+        "| class | " + " | ".join(c for c in per_class.columns[1:]) + " |",
+        "|---|" + "---:|" * (len(per_class.columns) - 1),
+    ]
+    for _, row in per_class.iterrows():
+        lines.append(f"| {row['class']} | " + " | ".join(_pct(row[c]) for c in per_class.columns[1:]) + " |")
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "![training curve](train_curve.png)",
+        "",
+        "![per-class IoU](per_class_iou.png)",
+        "",
+        "![predictions](predictions.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, model_dir: Path) -> Path:
+    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    per_class = pd.read_csv(reports_dir / "per_class.csv")
+    train_info = json.loads((model_dir / "train_info.json").read_text())
+    curve = pd.read_csv(reports_dir / "train_curve.csv")
+    plots.train_curve(curve, reports_dir / "train_curve.png", f"{benchmark}: training")
+    path = reports_dir / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(render(benchmark, bench, metrics, per_class, train_info))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,121 @@
+"""Everything that talks to MLflow lives here (one grep: ``pipeline.tracking``).
+
+The driver creates one run per training (``start_training_run``) and hands its id to the Ray workers; rank 0
+alone logs through ``log_metrics``. The evaluate stage appends its numbers to the same run, so a trained
+model, its curves and its single-/multi-scale scores sit together. The tracking URI is
+``$MLFLOW_TRACKING_URI`` if set, else ``params.mlflow.tracking_uri``, else a SQLite file in the project.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import MlflowConfig
+
+CONFIG_HASH_TAG = "pspnet.config_hash"
+BENCHMARK_TAG = "pspnet.benchmark"
+
+
+def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
+    """The MLflow store: env var, then params, then ``sqlite:///<root>/mlflow.db`` (absolute: Ray workers
+    run in another directory)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    return uri or f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+
+def experiment_name(cfg: MlflowConfig, benchmark: str) -> str:
+    return f"{cfg.experiment_prefix}-{benchmark}"
+
+
+def ensure_experiment(uri: str, name: str, root: Path) -> str:
+    """Create the experiment once, in the driver, before any worker opens the store (a fresh SQLite
+    database created by several processes at once fails in its migration)."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (root.resolve() / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def find_unfinished_run(uri: str, experiment_id: str, config_hash: str) -> str | None:
+    """The newest run of this configuration still marked RUNNING: its driver died, so training resumes it."""
+    runs = MlflowClient(uri).search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{CONFIG_HASH_TAG}` = '{config_hash}' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def start_run(
+    uri: str, experiment_id: str, *, run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]
+) -> str:
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params a call
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    MlflowClient(uri).log_batch(run_id, metrics=items)
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
+    MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_artifacts(uri: str, run_id: str, paths: Iterable[Path], artifact_path: str | None = None) -> None:
+    client = MlflowClient(uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dict(uri: str, run_id: str, data: dict, artifact_file: str) -> None:
+    MlflowClient(uri).log_dict(run_id, data, artifact_file)
+
+
+def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(uri).set_terminated(run_id, status)
+
+
+def metric_history(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list[tuple[int, float]]]:
+    """``{key: [(step, value), ...]}`` sorted by step."""
+    client = MlflowClient(uri)
+    out = {}
+    for key in keys:
+        hist = client.get_metric_history(run_id, key)
+        out[key] = sorted((m.step, m.value) for m in hist)
+    return out

@@ -1,0 +1,272 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+One iteration (the paper's recipe, Sec. 5.1)::
+
+    lr  = poly(base_lr, it)                      # backbone x1, ppm/cls/aux x10
+    out = model(images)                          # {"out": (B, C, H, W), "aux": (B, C, H, W)}
+    loss = CE(out) + aux_weight * CE(aux)        # ignore_index 255
+    loss.backward(); sgd.step()
+
+Every ``log_every`` iterations rank 0 logs loss / lr / images per second / data-wait fraction to MLflow;
+every ``val_every`` iterations all ranks score a shard of the validation split and all-reduce one confusion
+matrix; every ``checkpoint_every`` iterations (and at the end) rank 0 saves the full training state and every
+rank calls ``ray.train.report`` (the same number of times on every rank, or training hangs).
+
+Only this module and ``pipeline.training.launcher`` import Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline import tracking
+from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
+from pipeline.data.shards import ShardedSegmentation
+from pipeline.data.transforms import TrainTransform
+from pipeline.evaluation.inference import Protocol, predict
+from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.model.pspnet import build_model
+from pipeline.training.losses import pspnet_loss
+from pipeline.training.optim import build_optimizer, poly_lr, set_lr
+from pipeline.training.sampler import IterationSampler
+
+STATE_FILE = "state.pt"
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A training checkpoint belongs to another configuration."""
+
+
+class _AugmentedRows(Dataset):
+    """Reads ``(row, sample_seed)`` keys from the shards and augments each with its own seed."""
+
+    def __init__(self, shards: ShardedSegmentation, transform: TrainTransform) -> None:
+        self.shards = shards
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, key: tuple[int, int]):
+        row, seed = key
+        image, label, _ = self.shards.read(row)
+        self.transform.reseed(seed)
+        return self.transform(image, label)
+
+
+def _reseed_torch(seed: int, rank: int, iteration: int) -> None:
+    """Dropout randomness restarts from a known state at every checkpoint boundary, so a resumed run
+    continues exactly as an uninterrupted one."""
+    torch.manual_seed(int(np.random.default_rng([seed, 2, rank, iteration]).integers(2**62)))
+
+
+def build_train_loader(
+    bench: BenchmarkConfig, train_dir: Path, *, rank: int, world: int, start_iteration: int, pin: bool
+) -> DataLoader:
+    t, a, d = bench.train, bench.train.augment, bench.data
+    transform = TrainTransform(
+        crop_size=a.crop_size,
+        scale_min=a.scale_min,
+        scale_max=a.scale_max,
+        rotate=a.rotate,
+        blur=a.blur,
+        flip=a.flip,
+        mean=d.mean,
+        std=d.std,
+        ignore_index=d.ignore_index,
+    )
+    shards = ShardedSegmentation(train_dir)
+    sampler = IterationSampler(
+        len(shards),
+        global_batch=t.batch_size,
+        rank=rank,
+        world_size=world,
+        iterations=t.iterations,
+        start_iteration=start_iteration,
+        seed=t.seed,
+    )
+    return DataLoader(
+        _AugmentedRows(shards, transform),
+        batch_size=t.batch_size // world,
+        sampler=sampler,
+        num_workers=t.loader_workers,
+        pin_memory=pin,
+        persistent_workers=t.loader_workers > 0,
+    )
+
+
+def validate(
+    model: torch.nn.Module,
+    bench: BenchmarkConfig,
+    val_dir: Path,
+    *,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Single-scale mIoU on (a prefix of) the validation split, sharded over ranks, one all-reduced matrix."""
+    d, e = bench.data, bench.eval
+    shards = ShardedSegmentation(val_dir)
+    count = len(shards) if bench.train.val_images <= 0 else min(len(shards), bench.train.val_images)
+    protocol = Protocol(
+        scales=(1.0,),
+        flip=False,
+        mode=e.mode,
+        crop_size=e.crop_size,
+        stride_rate=e.stride_rate,
+        base_size=e.base_size,
+    )
+    cm = ConfusionMatrix(d.num_classes, d.ignore_index)
+    was_training = model.training
+    model.eval()
+    for i in range(rank, count, world):
+        image, label, _ = shards.read(i)
+        scores = predict(
+            model, image, protocol, d.mean, d.std, d.num_classes, device=device, batch_size=e.batch_size
+        )
+        cm.update(scores.argmax(0).cpu(), torch.from_numpy(label.astype(np.int64)))
+    model.train(was_training)
+    cm.all_reduce()
+    return cm.compute()
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Ray Train entry point. ``cfg`` keys: bench (dict), benchmark, train_dir, val_dir, mlflow_uri, run_id."""
+    bench = benchmark_from_dict(cfg["bench"])
+    t = bench.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, t.cpus_per_worker))
+    uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
+    log = rank == 0
+
+    model = build_model(bench.model, bench.data.num_classes)
+    if device.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    optimizer = build_optimizer(
+        model,
+        base_lr=t.base_lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        head_lr_mult=t.head_lr_mult,
+    )
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckdir:
+            state = torch.load(Path(ckdir) / STATE_FILE, map_location=device, weights_only=True)
+        if state["config_hash"] != config_hash(bench):
+            raise CheckpointMismatchError(
+                f"checkpoint in {checkpoint.path} was written for config {state['config_hash']}, "
+                f"this run is {config_hash(bench)}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["iteration"])
+        if log:
+            print(f"[train] resumed from iteration {start} ({checkpoint.path})", flush=True)
+    _reseed_torch(t.seed, rank, start)
+
+    net = DistributedDataParallel(model) if world > 1 and dist.is_initialized() else model
+    net.train()
+    loader = build_train_loader(
+        bench,
+        Path(cfg["train_dir"]),
+        rank=rank,
+        world=world,
+        start_iteration=start,
+        pin=device.type == "cuda",
+    )
+
+    window = {"loss": 0.0, "loss_main": 0.0, "loss_aux": 0.0, "n": 0, "wait": 0.0}
+    tick = time.perf_counter()
+    batches = iter(loader)
+    for it in range(start, t.iterations):
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        window["wait"] += time.perf_counter() - t0
+
+        lr = poly_lr(t.base_lr, it, t.iterations, t.lr_power)
+        set_lr(optimizer, lr)
+        outputs = net(images)
+        try:
+            loss, parts = pspnet_loss(
+                outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
+            )
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"iteration {it}: {exc}") from exc
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k in ("loss", "loss_main", "loss_aux"):
+            window[k] += parts[k]
+        window["n"] += 1
+
+        step = it + 1
+        metrics: dict[str, float] = {}
+        if step % t.log_every == 0 or step == t.iterations:
+            elapsed = time.perf_counter() - tick
+            n = window["n"]
+            metrics.update(
+                {
+                    "train/loss": window["loss"] / n,
+                    "train/loss_main": window["loss_main"] / n,
+                    "train/loss_aux": window["loss_aux"] / n,
+                    "train/lr": lr,
+                    "train/images_per_s": n * t.batch_size / elapsed,
+                    "train/sec_per_iter": elapsed / n,
+                    "train/data_wait_frac": window["wait"] / elapsed,
+                }
+            )
+            if device.type == "cuda":
+                metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            if log:
+                print(
+                    f"[train] it {step}/{t.iterations} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
+                    f"{metrics['train/images_per_s']:.1f} img/s",
+                    flush=True,
+                )
+            window = dict.fromkeys(window, 0.0) | {"n": 0}
+            tick = time.perf_counter()
+        if step % t.val_every == 0 or step == t.iterations:
+            val = validate(model, bench, Path(cfg["val_dir"]), rank=rank, world=world, device=device)
+            metrics.update({"val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]})
+            if log:
+                print(f"[train] it {step} val mIoU {val['miou']:.4f}", flush=True)
+        if metrics and log:
+            tracking.log_metrics(uri, run_id, metrics, step=step)
+
+        if step % t.checkpoint_every == 0 or step == t.iterations:
+            report = {"iteration": step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
+            if log:
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.save(
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "iteration": step,
+                            "config_hash": config_hash(bench),
+                        },
+                        Path(tmp) / STATE_FILE,
+                    )
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(report, checkpoint=None)
+            _reseed_torch(t.seed, rank, step)

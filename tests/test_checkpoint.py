@@ -1,0 +1,125 @@
+"""Self-describing model files: round trip, atomic writes, and refusal of damaged or foreign files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, to_dict
+from pipeline.model.checkpoint import FORMAT, CheckpointError, load_model, save_model
+from pipeline.model.pspnet import build_model
+
+CFG = ModelConfig(
+    depth=18, width=0.125, stem_widths=(8, 8, 16), bins=(1, 2, 3), head_channels=8, aux_channels=8
+)
+CONVENTIONS = {
+    "mean": [123.675, 116.28, 103.53],
+    "std": [58.395, 57.12, 57.375],
+    "channel_order": "RGB",
+    "align_corners": False,
+}
+
+
+@dataclass
+class Arbitrary:
+    """Any class outside torch's weights-only allowlist."""
+
+    payload: str = "runs code on unpickling in a hostile file"
+
+
+def saved(tmp_path: Path, **kwargs) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = build_model(CFG, 3)
+    # make BN statistics non-trivial so the round trip checks buffers too
+    model.train()
+    model(torch.randn(2, 3, 17, 17))
+    path = tmp_path / "model.pt"
+    save_model(path, model, model_config=to_dict(CFG), num_classes=3, conventions=CONVENTIONS, **kwargs)
+    return path, model.eval()
+
+
+def test_round_trip_identical_logits(tmp_path: Path) -> None:
+    path, model = saved(tmp_path, extra={"iteration": 7, "miou": 0.25})
+    loaded, meta = load_model(path)
+    assert not loaded.training
+    x = torch.randn(1, 3, 17, 17)
+    with torch.no_grad():
+        assert torch.equal(model(x)["out"], loaded(x)["out"])
+    assert meta["format"] == FORMAT
+    assert meta["num_classes"] == 3
+    assert meta["conventions"] == CONVENTIONS
+    assert meta["extra"] == {"iteration": 7, "miou": 0.25}
+    assert "state_dict" not in meta
+    assert (
+        ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["model_config"].items()})
+        == CFG
+    )
+
+
+def test_accepts_dataclass_config_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    model = build_model(CFG, 3)
+    path = tmp_path / "sub" / "m.pt"
+    save_model(path, model, model_config=CFG, num_classes=3, conventions=CONVENTIONS)
+    save_model(path, model, model_config=CFG, num_classes=3, conventions=CONVENTIONS)  # overwrite
+    assert [p.name for p in path.parent.iterdir()] == ["m.pt"]
+    loaded, meta = load_model(path)
+    assert meta["extra"] is None
+    assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+def test_bad_model_config_is_refused_before_writing(tmp_path: Path) -> None:
+    model = build_model(CFG, 3)
+    with pytest.raises(CheckpointError, match="unknown key"):
+        save_model(
+            tmp_path / "m.pt",
+            model,
+            model_config={**to_dict(CFG), "colour": 1},
+            num_classes=3,
+            conventions=CONVENTIONS,
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.pt"):
+        load_model(path)
+
+
+def test_pickled_arbitrary_object(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "thing": Arbitrary()}, path)
+    with pytest.raises(CheckpointError, match="evil.pt.*unpickling"):
+        load_model(path)
+
+
+def test_wrong_or_missing_format(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(CheckpointError, match="expected 'pspnet-repro/1'"):
+        load_model(path)
+    torch.save({"format": "something/2"}, path)
+    with pytest.raises(CheckpointError, match="'something/2'"):
+        load_model(path)
+    torch.save([1, 2], path)
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_model(path)
+
+
+def test_weights_not_matching_config(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["aux"] = False  # the file still has aux.* weights
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_model(tmp_path / "absent.pt")
