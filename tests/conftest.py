@@ -1,0 +1,55 @@
+"""Shared fixtures: the real ``params.yaml`` shrunk to a CPU smoke run, and a prepared tiny synthetic set."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+def tiny_params_dict(**train_overrides) -> dict:
+    """The project's params.yaml with the synthetic benchmark cut to seconds of work."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    bench = raw["benchmarks"]["synthetic"]
+    bench["data"]["synthetic"] = {"num_train": 24, "num_val": 8, "size": 96, "seed": 3}
+    bench["data"]["shard_rows"] = 10
+    bench["train"].update(
+        {
+            "iterations": 6,
+            "batch_size": 4,
+            "log_every": 2,
+            "checkpoint_every": 3,
+            "val_every": 3,
+            "val_images": 4,
+            "max_failures": 0,
+        }
+    )
+    bench["train"]["augment"]["crop_size"] = 96
+    bench["train"].update(train_overrides)
+    bench["eval"].update({"base_size": 96, "crop_size": 96, "ms_scales": [0.75, 1.0, 1.25], "num_vis": 2})
+    return raw
+
+
+def write_params(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """fetch + prepare of the tiny synthetic benchmark, once per session (the real code path)."""
+    from pipeline.config import params_from_dict
+    from pipeline.data.benchmarks import fetch, prepare
+
+    base = tmp_path_factory.mktemp("tiny_data")
+    bench = params_from_dict(tiny_params_dict()).benchmark("synthetic")
+    fetch("synthetic", bench, base / "archives", progress=False)
+    prepare("synthetic", bench, base / "archives", base / "prepared", progress=False)
+    return base / "prepared"

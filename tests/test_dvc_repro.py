@@ -1,0 +1,69 @@
+"""`dvc repro` of the synthetic pipeline in a temporary git repository with tiny params: the real DVC, the
+real stages, a real local Ray cluster started by the train stage, MLflow in the repo's SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tiny_params_dict, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def test_dvc_repro_synthetic(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("pipeline", "stages", "dvc.yaml"):
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, repo / item)
+    write_params(repo / "params.yaml", tiny_params_dict())
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env |= {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "PYTHONPATH": str(repo)}
+    dvc = [str(Path(bin_dir) / "dvc")]
+    _run(["git", "init", "-q"], repo, env)
+    _run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "init"],
+        repo,
+        env,
+    )
+    _run([*dvc, "init", "-q"], repo, env)
+
+    _run([*dvc, "repro", "report@synthetic"], repo, env)
+
+    metrics = json.loads((repo / "reports/synthetic/metrics.json").read_text())
+    assert {"ss", "ms", "context"} <= set(metrics)
+    assert metrics["ms"]["protocol"].startswith("ms3+flip")
+    for name in ("report.md", "per_class.csv", "predictions.png", "train_curve.png", "train_curve.csv"):
+        assert (repo / "reports/synthetic" / name).is_file(), name
+    assert (repo / "models/synthetic/model.pt").is_file()
+    assert (repo / "mlflow.db").is_file()
+
+    shown = json.loads(_run([*dvc, "metrics", "show", "--json"], repo, env).stdout)
+    flat = json.dumps(shown)
+    assert '"miou"' in flat and "reports/synthetic/metrics.json" in flat
+
+    # Nothing changed: every stage is up to date and nothing runs again.
+    again = _run([*dvc, "repro", "report@synthetic"], repo, env).stdout
+    assert "Running stage" not in again
+    status = _run([*dvc, "status"], repo, env).stdout
+    assert "up to date" in status
