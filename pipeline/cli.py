@@ -29,6 +29,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     from pipeline.data.benchmarks import fetch
 
     params = load_params(args.params)
+    bench = params.benchmark(args.benchmark)
+    if bench.data.source != "synthetic":
+        from pipeline.training.launcher import preflight
+
+        preflight(bench, params.ray.address, force=args.force)
     sums = fetch(args.benchmark, params.benchmark(args.benchmark), Path(args.out))
     print(f"[fetch] {args.out}: " + ", ".join(f"{k} {v}" for k, v in sums.items()))
     return 0
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("fetch", cmd_fetch, "generate or fetch a benchmark's archives")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="fetch even if no GPU cluster is configured")
     p = add("prepare", cmd_prepare, "verify, extract and shard a benchmark")
     p.add_argument("--archives", required=True)
     p.add_argument("--out", required=True)
@@ -171,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as exc:
         print(f"pspnet {args.command}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if not type(exc).__module__.startswith("pipeline."):
+            raise  # a bug, not bad input: keep the traceback
+        print(f"pspnet {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
 

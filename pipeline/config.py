@@ -38,6 +38,9 @@ class SyntheticConfig:
     num_val: int = 96
     size: int = 128
     seed: int = 0
+    # Boats/cars keep at least this fraction of the image size from every water/road pixel, so that the
+    # scene lies beyond the backbone's effective receptive field (the no-pyramid baseline is then near chance).
+    context_distance: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,12 @@ class DataConfig:
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     shard_rows: int = 256
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # The real releases (pipeline/data/benchmarks.py). Defaults: the official URLs and published digests.
+    mirror: str = ""  # base URL (http(s)://, file://) or folder serving the archives under their release names
+    archive_dir: str = ""  # folder already holding the archives (Cityscapes: required, its download needs a login)
+    checksums: dict[str, str] = field(default_factory=dict)  # archive name -> "algo:hex", overrides the published
+    expected_train: int = 0  # split sizes the prepare gates demand; 0 = the published sizes
+    expected_val: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,15 @@ class ModelConfig:
     aux_channels: int = 256
     dropout: float = 0.1
     align_corners: bool = False
+    # First block of a dilated stage at half the dilation (CSAIL's _nostride_dilate, mmseg's
+    # contract_dilation); False = every block at the full dilation (semseg, the default).
+    contract_dilation: bool = False
+    # PPM concatenation: "bins" = [x, bins...] in the order of `bins` (semseg/mmseg/CSAIL: [x, 1, 2, 3, 6]);
+    # "reversed" = Caffe's [x, 6, 3, 2, 1] (pspnet_reference.yaml conventions_for_weight_parity).
+    ppm_order: Literal["bins", "reversed"] = "bins"
+    # ImageNet backbone to start from: a name in pipeline.model.weights.BACKBONES (e.g. "csail-resnet50"),
+    # converted by the `pretrained` stage to data/pretrained/<name>.pt; "" = random initialisation.
+    pretrained: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,11 +116,17 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     head_lr_mult: float = 10.0  # new layers (ppm, cls, aux) learn 10x faster than the backbone
+    # The paper's base_lr is for a global batch of 16. "linear" scales it by batch_size / 16 (Goyal et al.
+    # 2017); "none" keeps it. The rule and the effective rate are logged with every run.
+    lr_scaling: Literal["none", "linear"] = "none"
     aux_weight: float = 0.4  # alpha; 0 trains without the auxiliary loss
     num_workers: int = 8
     use_gpu: bool = True
     cpus_per_worker: int = 1
     loader_workers: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU workers always run fp32
+    channels_last: bool = True  # memory format on CUDA
+    compile: bool = False  # torch.compile the model on CUDA
     max_failures: int = 3
     log_every: int = 20
     checkpoint_every: int = 2000

@@ -25,7 +25,12 @@ from pipeline import tracking
 from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_dict
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
-from pipeline.training.worker import STATE_FILE, train_loop_per_worker
+from pipeline.training.worker import (
+    PAPER_BATCH,
+    effective_base_lr,
+    load_training_state,
+    train_loop_per_worker,
+)
 
 PAPER_BN_BATCH = 16  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
 
@@ -58,6 +63,20 @@ def check_scaling(bench: BenchmarkConfig, *, gpus_available: float | None = None
             "demo with `make demo`; pass --force to start anyway."
         )
     return t.batch_size // t.num_workers
+
+
+def preflight(bench: BenchmarkConfig, address: str = "", force: bool = False) -> None:
+    """Before any download: a GPU configuration needs a cluster (``RAY_ADDRESS``) or a local GPU."""
+    if not bench.train.use_gpu or force:
+        return
+    if address or os.environ.get("RAY_ADDRESS") or torch.cuda.is_available():
+        return
+    raise ScalingError(
+        f"this benchmark trains on {bench.train.num_workers} GPU workers (train.use_gpu: true), but no Ray "
+        "cluster is configured (RAY_ADDRESS / ray.address) and this machine has no GPU. Point RAY_ADDRESS at "
+        "a GPU cluster (README: 'Running on a cluster'), or run the CPU demo with `make demo`; "
+        "pass --force to go on anyway."
+    )
 
 
 def bn_batch(bench: BenchmarkConfig) -> int:
@@ -127,6 +146,10 @@ def train(
             "git_commit": tracking.git_commit(root),
             "pspnet.bn_batch": str(bn_batch(bench)),
             "pspnet.split_hash": str(manifest.get("dataset_hash", "")),
+            "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
+            "pspnet.effective_base_lr": f"{effective_base_lr(bench):g}",
+            "pspnet.precision": t.precision if t.use_gpu else "fp32 (CPU)",
+            "pspnet.sync_bn": str(t.use_gpu and t.num_workers > 1),
         }
         run_id = tracking.start_run(
             uri, exp_id, run_name=f"{benchmark}-{chash}", tags=tags, params=flatten(bench)
@@ -170,7 +193,7 @@ def train(
         raise RuntimeError(f"Ray run {ray_name} finished without a checkpoint")
 
     with result.checkpoint.as_directory() as ckdir:
-        state = torch.load(Path(ckdir) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,33 @@ STATE_FILE = "state.pt"
 
 
 class CheckpointMismatchError(RuntimeError):
-    """A training checkpoint belongs to another configuration."""
+    """A training checkpoint belongs to another configuration, or cannot be read."""
+
+
+PAPER_BATCH = 16  # Sec. 5.1: base_lr 0.01 is for a batch of 16
+
+
+def effective_base_lr(bench: BenchmarkConfig) -> float:
+    """``train.base_lr`` under ``train.lr_scaling`` ("linear": x batch_size / 16)."""
+    t = bench.train
+    return t.base_lr * (t.batch_size / PAPER_BATCH if t.lr_scaling == "linear" else 1.0)
+
+
+def load_training_state(ckdir: Path, bench: BenchmarkConfig, device: torch.device) -> dict:
+    """The training state saved in a Ray checkpoint folder; refuses corrupt files and other configurations."""
+    path = Path(ckdir) / STATE_FILE
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # truncated/corrupt file, or one that needs arbitrary unpickling
+        raise CheckpointMismatchError(f"{path}: not a readable training checkpoint ({exc})") from exc
+    expected = config_hash(bench)
+    if not isinstance(state, dict) or state.get("config_hash") != expected:
+        got = state.get("config_hash") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointMismatchError(
+            f"{path} was written for configuration {got}, this run is {expected}: "
+            "it cannot resume this training (use a fresh run name or delete the checkpoint)"
+        )
+    return state
 
 
 class _AugmentedRows(Dataset):
@@ -159,7 +185,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     model.to(device)
     optimizer = build_optimizer(
         model,
-        base_lr=t.base_lr,
+        base_lr=effective_base_lr(bench),
         momentum=t.momentum,
         weight_decay=t.weight_decay,
         head_lr_mult=t.head_lr_mult,
@@ -169,20 +195,23 @@ def train_loop_per_worker(cfg: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckdir:
-            state = torch.load(Path(ckdir) / STATE_FILE, map_location=device, weights_only=True)
-        if state["config_hash"] != config_hash(bench):
-            raise CheckpointMismatchError(
-                f"checkpoint in {checkpoint.path} was written for config {state['config_hash']}, "
-                f"this run is {config_hash(bench)}"
-            )
+            state = load_training_state(Path(ckdir), bench, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["iteration"])
         if log:
             print(f"[train] resumed from iteration {start} ({checkpoint.path})", flush=True)
+            tracking.log_metrics(uri, run_id, {"train/resumed_from": start}, step=start)
     _reseed_torch(t.seed, rank, start)
 
+    cuda = device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if cuda and t.precision == "bf16" else None
+    if cuda and t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model) if world > 1 and dist.is_initialized() else model
+    if cuda and t.compile:
+        net = torch.compile(net)
+    base_lr = effective_base_lr(bench)
     net.train()
     loader = build_train_loader(
         bench,
@@ -200,12 +229,16 @@ def train_loop_per_worker(cfg: dict) -> None:
         t0 = time.perf_counter()
         images, labels = next(batches)
         images = images.to(device, non_blocking=True)
+        if cuda and t.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         window["wait"] += time.perf_counter() - t0
 
-        lr = poly_lr(t.base_lr, it, t.iterations, t.lr_power)
+        lr = poly_lr(base_lr, it, t.iterations, t.lr_power)
         set_lr(optimizer, lr)
-        outputs = net(images)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs = net(images)
+        outputs = {k: v.float() for k, v in outputs.items()}
         try:
             loss, parts = pspnet_loss(
                 outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index

@@ -1,0 +1,132 @@
+"""Training survives a lost worker and a lost driver, and CPU training is deterministic.
+
+A real local Ray cluster; a worker process is killed with SIGKILL after the first checkpoint; the driver
+process (and the local cluster it started) is killed and the stage re-run. In both cases the run resumes at
+the checkpointed iteration, keeps one MLflow run, and ends with the same final loss as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+import ray
+
+from pipeline import tracking
+from pipeline.config import params_from_dict
+from pipeline.training.launcher import train
+from tests.conftest import tiny_params_dict, write_params
+
+pytestmark = pytest.mark.slow
+
+ITERATIONS = 40
+OVERRIDES = {"iterations": ITERATIONS, "checkpoint_every": 5, "log_every": 5, "val_every": 1000, "max_failures": 2}
+
+
+def _params():
+    return params_from_dict(tiny_params_dict(**OVERRIDES))
+
+
+def _history(root: Path, key: str) -> tuple[str, list[tuple[int, float]]]:
+    uri = tracking.tracking_uri(_params().mlflow, root)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["pspnet-synthetic"], output_format="list")
+    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    return runs[0].info.status, tracking.metric_history(uri, runs[0].info.run_id, [key])[key]
+
+
+def _wait_for_checkpoint(storage: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(storage.glob("*/checkpoint_*/state.pt")):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint appeared under {storage}")
+
+
+def _final_loss(history: list[tuple[int, float]]) -> float:
+    return dict(history)[ITERATIONS]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference_loss(local_ray, tiny_prepared, tmp_path_factory) -> float:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    result = train("synthetic", _params(), data_dir=tiny_prepared, out_dir=root / "models", root=root)
+    assert result.iterations == ITERATIONS
+    return _final_loss(_history(root, "train/loss")[1])
+
+
+def test_cpu_training_is_deterministic(local_ray, tiny_prepared, tmp_path, reference_loss):
+    train("synthetic", _params(), data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path)
+    assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
+
+
+def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_path, reference_loss):
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train("synthetic", _params(), data_dir=tiny_prepared,
+                                      out_dir=tmp_path / "models", root=tmp_path)
+        except BaseException as exc:  # surfaced below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    _wait_for_checkpoint(tmp_path / ".ray_results")
+    workers = [p for p in psutil.process_iter(["cmdline"])
+               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    workers[-1].send_signal(signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].iterations == ITERATIONS
+
+    status, resumed = _history(tmp_path, "train/resumed_from")
+    assert status == "FINISHED"
+    assert resumed and all(step % 5 == 0 and 0 < step < ITERATIONS for step, _ in resumed)
+    assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
+
+
+def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, tmp_path, reference_loss):
+    ray.shutdown()  # the stage below starts its own local cluster, like `dvc repro` does
+    try:
+        params = write_params(tmp_path / "params.yaml", tiny_params_dict(**OVERRIDES))
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--params", str(params), "--benchmark",
+               "synthetic", "--data", str(tiny_prepared), "--out", str(tmp_path / "models")]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_for_checkpoint(tmp_path / ".ray_results")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        assert not (tmp_path / "models" / "model.pt").exists()
+        status, _ = _history(tmp_path, "train/loss")
+        assert status == "RUNNING"  # the dead driver could not close its run
+
+        rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "resuming unfinished MLflow run" in rerun.stdout
+        status, resumed = _history(tmp_path, "train/resumed_from")
+        assert status == "FINISHED" and resumed
+        assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
+    finally:
+        ray.init(num_cpus=2)  # the module fixture shuts it down
