@@ -102,11 +102,15 @@ def main() -> None:
         mfu = f"  MFU {100 * tflops / peak:.1f} % of {peak:g}" if peak else ""
         print(f"{name:34s} {sec * 1000:9.1f} ms/step  {ips:8.2f} img/s  {tflops:8.3f} TFLOP/s{mfu}")
 
-    print(f"device {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} threads), "
-          f"PSPNet-{args.depth}, {args.classes} classes, {size}x{size}, batch {batch}")
+    print(
+        f"device {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} threads), "
+        f"PSPNet-{args.depth}, {args.classes} classes, {size}x{size}, batch {batch}"
+    )
     print(f"model FLOPs per training image (fwd+bwd): {flops_per_image / 1e12:.3f} TFLOP")
     report("reference (fp32, eager)", ref)
-    report(f"fast ({'bf16, ' if cuda else ''}channels_last{', compile' if args.compile and cuda else ''})", fast)
+    report(
+        f"fast ({'bf16, ' if cuda else ''}channels_last{', compile' if args.compile and cuda else ''})", fast
+    )
     print(f"ratio fast / reference: {ref / fast:.2f}x")
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

@@ -6,7 +6,10 @@
                     --curve reports/synthetic/train_curve.csv
     pspnet evaluate --benchmark synthetic --model models/synthetic --data data/prepared/synthetic \
                     --out reports/synthetic
+    pspnet evaluate --benchmark ade20k --checkpoint models/imported/semseg-psp50.pt [--protocol ss|ms|both]
     pspnet report   --benchmark synthetic --reports reports/synthetic --model models/synthetic
+    pspnet import-weights --source {semseg,mmseg,csail} IN [IN2] OUT [--benchmark NAME] [--sha256 HEX,...]
+    pspnet pretrained --out data/pretrained --cache data/downloads/pretrained
     pspnet score PRED_DIR GT_DIR --num-classes N [--ignore-index 255] [--json OUT]
 """
 
@@ -74,6 +77,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import evaluate_benchmark
 
     params = load_params(args.params)
+    if args.checkpoint:
+        return _evaluate_checkpoint(args, params)
+    if not (args.model and args.data and args.out):
+        raise ConfigError("evaluate: give --checkpoint FILE, or --model, --data and --out (the DVC stage)")
+    if args.protocol != "both":
+        raise ConfigError("evaluate: --protocol ss|ms goes with --checkpoint; --model always runs both")
     model = Path(args.model)
     model_path = model / "model.pt" if model.is_dir() else model
     info_path = model_path.parent / "train_info.json"
@@ -102,6 +111,150 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
+    """``evaluate --checkpoint``: score any model file and log it as a new run of the benchmark's experiment."""
+    from pipeline import tracking
+    from pipeline.config import flatten
+    from pipeline.evaluation.evaluate import evaluate_split, protocols
+    from pipeline.model.checkpoint import CheckpointError, load_model
+    from pipeline.model.weights import file_sha256
+
+    bench = params.benchmark(args.benchmark)
+    d = bench.data
+    path = Path(args.checkpoint)
+    data = Path(args.data or f"data/prepared/{args.benchmark}")
+    out = Path(args.out or f"reports/{args.benchmark}/checkpoints/{path.stem}")
+    try:
+        model, meta = load_model(path)
+    except (CheckpointError, FileNotFoundError) as exc:
+        print(f"pspnet evaluate: {exc}", file=sys.stderr)
+        return 2
+    if meta["num_classes"] != d.num_classes:
+        print(
+            f"pspnet evaluate: {path}: the model predicts {meta['num_classes']} classes, benchmark "
+            f"{args.benchmark!r} has {d.num_classes}",
+            file=sys.stderr,
+        )
+        return 2
+    from pipeline.data.shards import ShardedSegmentation
+
+    shards = ShardedSegmentation(data / "val")
+    conv = meta.get("conventions") or {}
+    chosen = {k: v for k, v in protocols(bench).items() if args.protocol in (k, "both")}
+    sha = file_sha256(path)
+    source = conv.get("source", "pspnet-repro")
+    root = _root()
+    uri = tracking.tracking_uri(params.mlflow, root)
+    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, args.benchmark), root)
+    run_id = tracking.start_run(
+        uri,
+        exp,
+        run_name=f"checkpoint-{path.stem}",
+        tags={
+            tracking.BENCHMARK_TAG: args.benchmark,
+            "pspnet.kind": "checkpoint-evaluation",
+            "pspnet.checkpoint.file": str(path),
+            "pspnet.checkpoint.sha256": sha,
+            "pspnet.checkpoint.source": source,
+            "git_commit": tracking.git_commit(root),
+        },
+        params=flatten(meta["model_config"], "model.")
+        | flatten(bench.eval, "eval.")
+        | {"num_classes": d.num_classes},
+    )
+    status = "FAILED"
+    try:
+        metrics: dict = {
+            "benchmark": args.benchmark,
+            "checkpoint": str(path),
+            "sha256": sha,
+            "source": source,
+        }
+        for key, protocol in chosen.items():
+            res = evaluate_split(
+                model,
+                shards,
+                protocol,
+                num_classes=d.num_classes,
+                ignore_index=d.ignore_index,
+                mean=conv.get("mean", d.mean),
+                std=conv.get("std", d.std),
+                batch_size=bench.eval.batch_size,
+            )
+            s = metrics[key] = res.summary()
+            print(
+                f"[evaluate] {path.name} {key} ({s['protocol']}): mIoU {100 * s['miou']:.2f}  "
+                f"mAcc {100 * s['macc']:.2f}  aAcc {100 * s['aacc']:.2f}"
+            )
+            metrics[key]["iou"] = [float(v) for v in res.matrix.compute()["iou"]]
+            tracking.log_metrics(uri, run_id, {f"{key}/{m}": s[m] for m in ("miou", "macc", "aacc")})
+            tracking.set_tags(
+                uri,
+                run_id,
+                {
+                    f"protocol.{key}": s["protocol"],
+                    f"protocol.{key}.hash": s["protocol_hash"],
+                    f"protocol.{key}.fields": json.dumps(s["protocol_fields"], sort_keys=True),
+                },
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
+        os.replace(tmp, out / "metrics.json")
+        tracking.log_artifacts(uri, run_id, [out / "metrics.json"], artifact_path="evaluation")
+        status = "FINISHED"
+    finally:
+        tracking.finish_run(uri, run_id, status)
+    print(f"[evaluate] MLflow run {run_id}; {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    """Convert a released checkpoint into our self-describing model file.
+
+    pspnet import-weights --source semseg train_epoch_100.pth OUT.pt
+    pspnet import-weights --source mmseg  pspnet_r50-d8_512x512_80k_ade20k_....pth OUT.pt
+    pspnet import-weights --source csail  encoder_epoch_20.pth decoder_epoch_20.pth OUT.pt
+    pspnet import-weights --source csail  encoder_epoch_20.pth,decoder_epoch_20.pth OUT.pt
+
+    CSAIL's encoder and decoder come as two paths before OUT, or as one ``ENC,DEC`` argument. ``--benchmark``
+    refuses a checkpoint whose class count differs from the benchmark's. Nothing is written on an error.
+    """
+    from pipeline.model.weights import import_checkpoint
+
+    if len(args.paths) < 2:
+        raise ConfigError("import-weights: expected IN [IN2] OUT")
+    *inputs, out = args.paths
+    inputs = [p for arg in inputs for p in arg.split(",") if p]
+    num_classes = None
+    if args.benchmark:
+        num_classes = load_params(args.params).benchmark(args.benchmark).data.num_classes
+    sums = args.sha256.split(",") if args.sha256 else []
+    align = None if args.align_corners is None else args.align_corners == "true"
+    meta = import_checkpoint(
+        args.source, inputs, out, num_classes=num_classes, align_corners=align, checksums=sums
+    )
+    cfg, conv = meta["model_config"], meta["conventions"]
+    print(
+        f"[import-weights] {args.source} -> {out}: ResNet-{cfg['depth']} stem {cfg['stem_widths']}, "
+        f"{meta['num_classes']} classes, align_corners {conv['align_corners']}, "
+        f"contract_dilation {conv['contract_dilation']}, PPM concat {conv['ppm_concat_order']}"
+    )
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    from pipeline.model.weights import backbones_in_params, fetch_pretrained
+
+    params = load_params(args.params)
+    manifest = fetch_pretrained(
+        backbones_in_params(params), Path(args.out), root=_root(), cache_dir=Path(args.cache)
+    )
+    names = ", ".join(f"{k} ({v['sha256'][:12]})" for k, v in manifest.items()) or "none named in params"
+    print(f"[pretrained] {args.out}: {names}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.report import write_report
 
@@ -113,6 +266,21 @@ def cmd_report(args: argparse.Namespace) -> int:
         model_dir=Path(args.model),
     )
     print(f"[report] {path}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.sweeps.tune import sweep
+
+    params = load_params(args.params)
+    result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
+    s = result.summary
+    print(result.table.to_string(index=False))
+    print(
+        f"[tune] best {s['best']}; {s['stopped_early']}/{s['trials']} trials stopped early; "
+        f"{s['iterations_run']} of {s['iterations_full']} iterations run "
+        f"({100 * s['compute_saved_frac']:.0f} % saved) -> {args.out}/tune_best.yaml"
+    )
     return 0
 
 
@@ -156,12 +324,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve", default="")
     p.add_argument("--force", action="store_true", help="start even if the cluster lacks the GPUs asked for")
     p = add("evaluate", cmd_evaluate, "single- and multi-scale evaluation")
-    p.add_argument("--model", required=True, help="a model.pt file or the folder holding it")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--model", default="", help="a trained model.pt file or the folder holding it")
+    p.add_argument(
+        "--checkpoint",
+        default="",
+        help="any model file (imported or ours): evaluated and logged as a new MLflow run of the benchmark",
+    )
+    p.add_argument("--protocol", choices=("ss", "ms", "both"), default="both", help="with --checkpoint")
+    p.add_argument("--data", default="", help="prepared data (default with --checkpoint: data/prepared/NAME)")
+    p.add_argument(
+        "--out", default="", help="default with --checkpoint: reports/NAME/checkpoints/<file stem>"
+    )
     p = add("report", cmd_report, "write the markdown report")
     p.add_argument("--reports", required=True)
     p.add_argument("--model", required=True)
+    p = sub.add_parser(
+        "import-weights",
+        help="convert a released semseg / mmseg / CSAIL checkpoint into our model file",
+        description=cmd_import_weights.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(fn=cmd_import_weights)
+    p.add_argument("--source", required=True, choices=("semseg", "mmseg", "csail"))
+    p.add_argument("paths", nargs="+", metavar="PATH", help="IN OUT; CSAIL: ENC DEC OUT or ENC,DEC OUT")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--benchmark", default="", help="refuse a checkpoint with another number of classes")
+    p.add_argument("--sha256", default="", help="expected SHA-256 (or prefix) of each input, comma-separated")
+    p.add_argument(
+        "--align-corners",
+        choices=("true", "false"),
+        default=None,
+        help="override the source's default (mmseg 769x769 Cityscapes configs: true)",
+    )
+    p = sub.add_parser("pretrained", help="download, verify and convert the ImageNet backbones in params")
+    p.set_defaults(fn=cmd_pretrained)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--out", required=True, help="folder for <name>.pt and manifest.json")
+    p.add_argument("--cache", required=True, help="folder for the raw downloads (resumed across runs)")
+    p = sub.add_parser("tune", help="a Ray Tune sweep (params.yaml `sweeps`)")
+    p.set_defaults(fn=cmd_tune)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
+    p.add_argument("--out", required=True)
     p = add("score", cmd_score, "score PNG predictions against PNG ground truth")
     p.add_argument("pred_dir")
     p.add_argument("gt_dir")

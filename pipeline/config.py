@@ -40,7 +40,7 @@ class SyntheticConfig:
     seed: int = 0
     # Boats/cars keep at least this fraction of the image size from every water/road pixel, so that the
     # scene lies beyond the backbone's effective receptive field (the no-pyramid baseline is then near chance).
-    context_distance: float = 0.3
+    context_distance: float = 0.4
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,15 @@ class DataConfig:
     shard_rows: int = 256
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # The real releases (pipeline/data/benchmarks.py). Defaults: the official URLs and published digests.
-    mirror: str = ""  # base URL (http(s)://, file://) or folder serving the archives under their release names
-    archive_dir: str = ""  # folder already holding the archives (Cityscapes: required, its download needs a login)
-    checksums: dict[str, str] = field(default_factory=dict)  # archive name -> "algo:hex", overrides the published
+    mirror: str = (
+        ""  # base URL (http(s)://, file://) or folder serving the archives under their release names
+    )
+    archive_dir: str = (
+        ""  # folder already holding the archives (Cityscapes: required, its download needs a login)
+    )
+    checksums: dict[str, str] = field(
+        default_factory=dict
+    )  # archive name -> "algo:hex", overrides the published
     expected_train: int = 0  # split sizes the prepare gates demand; 0 = the published sizes
     expected_val: int = 0
 
@@ -147,8 +153,16 @@ class EvalConfig:
     ms_scales: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
     ms_flip: bool = True
     ss_flip: bool = False
-    batch_size: int = 4
+    batch_size: int = 4  # most crops per forward pass (mirrored copies included)
     num_vis: int = 6  # validation images drawn in the prediction panel
+    # Bound on one image's score buffers plus its largest forward batch (pipeline/evaluation/inference.py).
+    memory_budget_mb: float = 4096.0
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    # Ray tasks the validation split is sharded over; 1 = in the calling process, no Ray.
+    num_workers: int = 1
+    use_gpu: bool = False  # one GPU per Ray task (a cluster with GPUs); CPU tasks otherwise
+    # Where finished evaluations are cached by (checkpoint, protocol, split) hash; "" = <project>/.cache/evaluate.
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,32 @@ class BenchmarkConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune sweep over the auxiliary weight, the learning rate and the pyramid's reduction ratio.
+
+    Grid search runs every combination of the listed values (``num_samples`` times); "optuna" draws
+    ``num_samples`` trials with TPE from the same choices and a log-uniform learning rate in
+    [lr_min, lr_max]. ASHA stops hopeless trials on the validation mIoU reported every ``report_every``
+    iterations. The paper picked alpha = 0.4 from {0.3, 0.4, 0.6, 0.9} (Table 2) and 1/N by hand (Sec. 3.2).
+    """
+
+    benchmark: str = "synthetic"
+    search: Literal["grid", "optuna"] = "grid"
+    aux_weight: tuple[float, ...] = (0.0, 0.3, 0.4, 0.6, 0.9)  # 0 = no auxiliary loss (and no aux head)
+    base_lr: tuple[float, ...] = (0.01,)
+    lr_min: float = 1e-3
+    lr_max: float = 3e-2
+    reduction: tuple[float, ...] = (0.125, 0.25, 0.5)
+    num_samples: int = 1
+    iterations: int = 0  # per trial; 0 = the benchmark's train.iterations
+    report_every: int = 0  # iterations between validation reports; 0 = train.checkpoint_every
+    grace_period: int = 1  # ASHA: reports a trial always gets
+    reduction_factor: int = 2
+    max_concurrent: int = 0  # 0 = as many trials as the cluster's resources hold
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,8 +214,14 @@ class RayConfig:
 @dataclass(frozen=True)
 class Params:
     benchmarks: dict[str, BenchmarkConfig]
+    sweeps: dict[str, SweepConfig] = field(default_factory=dict)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def sweep(self, name: str) -> SweepConfig:
+        if name not in self.sweeps:
+            raise ConfigError(f"unknown sweep {name!r}; params define {sorted(self.sweeps)}")
+        return self.sweeps[name]
 
     def benchmark(self, name: str) -> BenchmarkConfig:
         if name not in self.benchmarks:
@@ -280,6 +326,27 @@ def _validate(obj: Any, where: str) -> None:
     elif isinstance(obj, EvalConfig):
         need(0 < obj.stride_rate <= 1, "stride_rate", "a ratio in (0, 1]")
         need(len(obj.ms_scales) > 0, "ms_scales", "at least one scale")
+        need(obj.num_workers > 0, "num_workers", "at least one worker")
+        need(obj.memory_budget_mb > 0, "memory_budget_mb", "a positive number of MB")
+        need(obj.batch_size > 0, "batch_size", "at least one crop per forward pass")
+    elif isinstance(obj, BenchmarkConfig):
+        if obj.model.aux and obj.train.aux_weight == 0:
+            raise ConfigError(
+                f"{where}: train.aux_weight is 0 but model.aux is true; set model.aux: false to train without "
+                "the auxiliary head (an unused head breaks distributed training)"
+            )
+    elif isinstance(obj, SweepConfig):
+        need(obj.num_samples > 0, "num_samples", "at least one sample")
+        need(all(w >= 0 for w in obj.aux_weight) and obj.aux_weight, "aux_weight", "non-negative weights")
+        need(all(0 < r <= 1 for r in obj.reduction) and obj.reduction, "reduction", "ratios in (0, 1]")
+        need(0 < obj.lr_min <= obj.lr_max, "lr_min", "0 < lr_min <= lr_max")
+        need(obj.reduction_factor >= 2, "reduction_factor", "an integer >= 2")
+    elif isinstance(obj, Params):
+        for name, sweep in obj.sweeps.items():
+            if sweep.benchmark not in obj.benchmarks:
+                raise ConfigError(
+                    f"{where}.sweeps.{name}.benchmark: {sweep.benchmark!r} is not one of {sorted(obj.benchmarks)}"
+                )
     elif isinstance(obj, DataConfig):
         need(obj.num_classes > 1, "num_classes", "at least two classes")
 

@@ -82,3 +82,60 @@ def prediction_panel(
             if not axes[r, c].images:
                 axes[r, c].axis("off")
     _save(fig, path)
+
+
+def sweep_scatter(table: pd.DataFrame, params: Sequence[str], path: Path, title: str) -> None:
+    """Best mIoU of each trial against each searched parameter; early-stopped trials hollow."""
+    fig, axes = plt.subplots(1, len(params), figsize=(3.4 * len(params), 3.2), squeeze=False)
+    stopped = table["stop_reason"] != "completed"
+    for ax, name in zip(axes[0], params, strict=True):
+        x = table[name].astype(float)
+        ax.scatter(x[~stopped], table["best_miou"][~stopped], label="completed")
+        ax.scatter(
+            x[stopped],
+            table["best_miou"][stopped],
+            facecolors="none",
+            edgecolors="tab:red",
+            label="stopped early",
+        )
+        if name == "base_lr":
+            ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("best val mIoU")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def confusion_matrices(
+    names: Sequence[str], matrices: Mapping[str, np.ndarray], path: Path, title: str
+) -> None:
+    """One heat map per protocol of the (C, C) confusion matrix with each ground-truth row normalised to 1.
+
+    Rows are ground truth, columns predictions; a row without pixels stays blank. Class names label the axes
+    up to 40 classes (ADE20K's 150 show as indices).
+    """
+    n = len(names)
+    size = min(12.0, max(3.5, 0.32 * n + 1.5))
+    fig, axes = plt.subplots(1, len(matrices), figsize=(size * len(matrices), size), squeeze=False)
+    for ax, (label, mat) in zip(axes[0], matrices.items(), strict=True):
+        mat = np.asarray(mat, dtype=np.float64)
+        totals = mat.sum(axis=1, keepdims=True)
+        rows = np.divide(mat, totals, out=np.full_like(mat, np.nan), where=totals > 0)
+        im = ax.imshow(rows, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        if n <= 40:
+            ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+            ax.set_yticks(range(n), names, fontsize=7)
+        if n <= 12:
+            for g in range(n):
+                for p in range(n):
+                    if np.isfinite(rows[g, p]) and rows[g, p] >= 0.005:
+                        colour = "black" if rows[g, p] > 0.6 else "white"
+                        ax.text(p, g, f"{rows[g, p]:.2f}", ha="center", va="center", fontsize=6, color=colour)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth")
+        ax.set_title(label, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    _save(fig, path)

@@ -119,3 +119,27 @@ def metric_history(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list
         hist = client.get_metric_history(run_id, key)
         out[key] = sorted((m.step, m.value) for m in hist)
     return out
+
+
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_HASH_TAG = "pspnet.sweep_hash"
+TRIAL_TAG = "pspnet.trial_id"
+
+
+def find_run(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> str | None:
+    """The newest run carrying all ``tags`` (and ``status`` when given)."""
+    clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    runs = MlflowClient(uri).search_runs(
+        [experiment_id],
+        filter_string=" and ".join(clauses),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def log_table(uri: str, run_id: str, table, artifact_file: str) -> None:
+    """A pandas DataFrame as an MLflow table artifact (``.json`` or ``.parquet`` names only)."""
+    MlflowClient(uri).log_table(run_id, data=table, artifact_file=artifact_file)

@@ -28,7 +28,13 @@ from tests.conftest import tiny_params_dict, write_params
 pytestmark = pytest.mark.slow
 
 ITERATIONS = 40
-OVERRIDES = {"iterations": ITERATIONS, "checkpoint_every": 5, "log_every": 5, "val_every": 1000, "max_failures": 2}
+OVERRIDES = {
+    "iterations": ITERATIONS,
+    "checkpoint_every": 5,
+    "log_every": 5,
+    "val_every": 1000,
+    "max_failures": 2,
+}
 
 
 def _params():
@@ -81,16 +87,18 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_pat
 
     def run() -> None:
         try:
-            outcome["result"] = train("synthetic", _params(), data_dir=tiny_prepared,
-                                      out_dir=tmp_path / "models", root=tmp_path)
+            outcome["result"] = train(
+                "synthetic", _params(), data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
+            )
         except BaseException as exc:  # surfaced below
             outcome["error"] = exc
 
     thread = threading.Thread(target=run)
     thread.start()
     _wait_for_checkpoint(tmp_path / ".ray_results")
-    workers = [p for p in psutil.process_iter(["cmdline"])
-               if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = [
+        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
     thread.join(timeout=300)
@@ -108,11 +116,29 @@ def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, t
     ray.shutdown()  # the stage below starts its own local cluster, like `dvc repro` does
     try:
         params = write_params(tmp_path / "params.yaml", tiny_params_dict(**OVERRIDES))
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", "--params", str(params), "--benchmark",
-               "synthetic", "--data", str(tiny_prepared), "--out", str(tmp_path / "models")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            "--params",
+            str(params),
+            "--benchmark",
+            "synthetic",
+            "--data",
+            str(tiny_prepared),
+            "--out",
+            str(tmp_path / "models"),
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             _wait_for_checkpoint(tmp_path / ".ray_results")
         finally:

@@ -9,8 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import EvalConfig
-from pipeline.evaluation.inference import Protocol, predict, protocol_from_config
+from pipeline.config import EvalConfig, ModelConfig
+from pipeline.evaluation.inference import (
+    InferenceStats,
+    Protocol,
+    predict,
+    prepare_model,
+    protocol_from_config,
+    window_bytes,
+    windows_per_scale,
+)
+from pipeline.model.pspnet import build_model
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -160,3 +169,52 @@ def test_protocol_from_config() -> None:
     assert ss.scales == (1.0,) and ss.flip is False and ss.crop_size == 473 and ss.base_size == 512
     assert ms.scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and ms.flip is True
     assert ms.name == "ms6+flip/slide473"
+
+
+def test_paper_protocol_window_count_for_an_ade20k_image() -> None:
+    # the issue's count for a 512x683 image at base 512, crop 473: 18 crop pairs (36 crops)
+    ms = Protocol(scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75), flip=True, crop_size=473, base_size=512)
+    assert windows_per_scale(512, 683, ms) == [1, 1, 2, 4, 4, 6]
+
+
+def test_stats_count_passes_and_crops() -> None:
+    stats = InferenceStats()
+    common = {"scales": (1.0,), "base_size": 40, "crop_size": 16, "flip": True}
+    predict(ConvModel().eval(), image(40, 40), Protocol(**common), MEAN, STD, 4, batch_size=8, stats=stats)
+    assert (stats.forward_passes, stats.crops) == (4, 32)  # 16 windows + 16 mirrors, 8 per pass
+    assert 0 < stats.network_s <= stats.total_s
+
+
+def test_memory_budget_bounds_the_batch_and_the_buffers() -> None:
+    model, img = ConvModel().eval(), image(40, 40)
+    protocol = Protocol(scales=(1.0,), base_size=40, crop_size=16)
+    one = window_bytes(model, 16, 4, torch.device("cpu"), autocast=False)
+    buffers = 4 * 4 * (40 * 40 + 2 * 40 * 40)
+    budget_mb = (buffers + 3.5 * one) / 2**20  # room for 3 windows
+    ref = predict(model, img, protocol, MEAN, STD, 4, batch_size=16)
+    model.batches.clear()
+    out = predict(model, img, protocol, MEAN, STD, 4, batch_size=16, memory_budget_mb=budget_mb)
+    assert max(model.batches) == 3 and sum(model.batches) == 16
+    assert torch.allclose(out, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        predict(model, img, protocol, MEAN, STD, 4, memory_budget_mb=buffers / 2 / 2**20)
+
+
+def test_prepared_model_predicts_the_same() -> None:
+    """BatchNorm folded into the convs and channels-last weights: the same scores up to float rounding."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=18, width=0.25, stem_widths=(8, 8, 16), head_channels=16, aux=False)
+    model = build_model(cfg, 5).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so folding changes the weights
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = prepare_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the original is left as it is
+    protocol = Protocol(scales=(0.75, 1.0), flip=True, crop_size=33, base_size=48)
+    img = image(40, 48)
+    ref = predict(model, img, protocol, MEAN, STD, 5)
+    out = predict(fast, img, protocol, MEAN, STD, 5)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.equal(out.argmax(0), ref.argmax(0))

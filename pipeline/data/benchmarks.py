@@ -1,42 +1,67 @@
 """Each benchmark's archives -> verified, extracted, prepared splits (the fetch and prepare stages).
 
-    fetch:   synthetic: generate the archive       | real benchmarks: locate or download the release
-             -> data/archives/<name>/<archive> + checksums.json (the digests the prepare stage checks)
-    prepare: verify checksums -> safe extract -> Arrow shards + manifest -> data/prepared/<name>/{train,val}
+    fetch:   synthetic: generate the archive | ADE20K, VOC 2012 + SBD: download (resume, retries, checksum)
+             | Cityscapes: copy the two login-only packages from data.archive_dir
+             -> data/archives/<name>/<archives> + checksums.json (the digests the prepare stage checks)
+    prepare: verify checksums -> safe extract -> (VOC: build trainaug; Cityscapes: pair leftImg8bit/gtFine)
+             -> Arrow shards + manifest -> gates -> data/prepared/<name>/{train,val}
 
 The synthetic benchmark goes through exactly the code path the ADE20K release does (same folder layout,
-same label shift, same prepare).
+same label shift, same prepare). ``data.mirror`` (a base URL or folder) and ``data.archive_dir`` (archives
+already on disk) replace the official download hosts; the published digests still apply. The gates, each a
+``DataError`` naming the file and what was expected: split sizes as published (``data.expected_train`` /
+``expected_val`` override them, 0 = published), label values within ``{0..C-1, ignore}``, every image with
+its label at the same size, and the ground truth scored against itself giving mIoU 1.0 on a sample of rows.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from pipeline.config import BenchmarkConfig
-from pipeline.data import synthetic
+from pipeline.config import BenchmarkConfig, DataConfig
+from pipeline.data import ade20k, cityscapes, synthetic, voc
 from pipeline.data.archive import file_digest, safe_extract, verify_checksum
-from pipeline.data.prepare import DataError, prepare_ade_layout
+from pipeline.data.download import Release, download
+from pipeline.data.prepare import MANIFEST, DataError, prepare_ade_layout
 
 CHECKSUMS = "checksums.json"
 SYNTHETIC_ARCHIVE = "SyntheticScenes.zip"
+GATE_SAMPLE = 32  # rows per split scored against themselves
+
+# source -> (releases, num_classes, reduce_zero_label, published split sizes)
+SOURCES = {
+    "ade20k": (ade20k.RELEASES, ade20k.NUM_CLASSES, True, ade20k.SPLIT_SIZES),
+    "voc2012": (voc.RELEASES, voc.NUM_CLASSES, False, voc.SPLIT_SIZES),
+    "cityscapes": (cityscapes.RELEASES, cityscapes.NUM_CLASSES, False, cityscapes.SPLIT_SIZES),
+}
 
 
 def class_names(bench: BenchmarkConfig) -> list[str]:
-    if bench.data.source == "synthetic":
+    source = bench.data.source
+    if source == "synthetic":
         return list(synthetic.CLASS_NAMES)
+    if source == "voc2012":
+        return list(voc.CLASS_NAMES)
+    if source == "cityscapes":
+        return list(cityscapes.CLASS_NAMES)
+    # ADE20K: the names ship inside the archive (objectInfo150.txt); prepare writes them to the manifest.
     return [f"class_{i}" for i in range(bench.data.num_classes)]
 
 
 def palette(bench: BenchmarkConfig) -> list[tuple[int, int, int]]:
-    if bench.data.source == "synthetic":
+    source = bench.data.source
+    if source == "synthetic":
         return list(synthetic.PALETTE)
+    if source == "voc2012":
+        return voc.palette(bench.data.num_classes)
+    if source == "cityscapes":
+        return list(cityscapes.PALETTE)
     # A fixed, well-spread palette for any number of classes (golden-ratio hues).
-    import colorsys
-
     return [
         tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95))
         for i in range(bench.data.num_classes)
@@ -49,13 +74,58 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Fetch
+
+
+def _check_source(benchmark: str, d: DataConfig) -> None:
+    """The label conventions are the benchmark's, not a knob: a mismatch would silently shift every class."""
+    _, num_classes, reduce_zero_label, _ = SOURCES[d.source]
+    where = f"benchmarks.{benchmark}.data"
+    if d.num_classes != num_classes:
+        raise DataError(f"{where}.num_classes = {d.num_classes}, but {d.source} has {num_classes} classes")
+    if d.reduce_zero_label != reduce_zero_label:
+        raise DataError(
+            f"{where}.reduce_zero_label = {d.reduce_zero_label}; {d.source} needs {reduce_zero_label}"
+        )
+    if d.expected_train < 0 or d.expected_val < 0:
+        raise DataError(
+            f"{where}.expected_train/expected_val: expected counts >= 0 (0 = the published sizes)"
+        )
+
+
+def expected_digest(release: Release, d: DataConfig, benchmark: str = "?") -> tuple[str, str | None]:
+    """``(algo, hex)`` to verify ``release`` with: ``data.checksums[name]`` ("algo:hex") or the published one."""
+    override = d.checksums.get(release.name)
+    if override is None:
+        return release.algo, release.digest
+    algo, sep, digest = override.partition(":")
+    if not sep or algo not in ("md5", "sha1", "sha256") or not digest:
+        raise DataError(
+            f"benchmarks.{benchmark}.data.checksums.{release.name} = {override!r}: expected 'md5:<hex>', "
+            "'sha1:<hex>' or 'sha256:<hex>'"
+        )
+    return algo, digest
+
+
+def source_of(release: Release, d: DataConfig, benchmark: str = "?") -> str:
+    """Where to fetch ``release`` from: ``archive_dir/<name>`` if there, else ``mirror/<name>``, else its URL."""
+    if d.archive_dir and (Path(d.archive_dir) / release.name).is_file():
+        return str(Path(d.archive_dir) / release.name)
+    if d.mirror:
+        if "://" in d.mirror:
+            return f"{d.mirror.rstrip('/')}/{release.name}"
+        return str(Path(d.mirror) / release.name)
+    if d.source == "cityscapes":  # login-only: never downloaded; locate_archives says what to do
+        return str(cityscapes.locate_archives(d.archive_dir)[release.name])
+    return release.url
+
+
 def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bool = True) -> dict:
     """Put the benchmark's release archive(s) into ``out_dir`` with a ``checksums.json`` beside them."""
+    out_dir = Path(out_dir)
     if bench.data.source != "synthetic":
-        raise DataError(
-            f"benchmark {benchmark!r}: downloading the {bench.data.source} release is not built yet "
-            "(tracked in the datasets issue); only the synthetic benchmark can be fetched"
-        )
+        return _fetch_release(benchmark, bench.data, out_dir, progress=progress)
     s = bench.data.synthetic
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-work-") as work:
@@ -66,6 +136,7 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
             num_val=s.num_val,
             size=s.size,
             seed=s.seed,
+            context_distance=s.context_distance,
             progress=progress,
         )
     sums = {SYNTHETIC_ARCHIVE: {"sha256": sha}}
@@ -73,35 +144,130 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
     return sums
 
 
+def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bool) -> dict:
+    _check_source(benchmark, d)
+    releases = SOURCES[d.source][0]
+    if d.source == "cityscapes" and not d.mirror:
+        cityscapes.locate_archives(d.archive_dir)  # both packages there, or the download instructions
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for release in releases:
+        algo, digest = expected_digest(release, d, benchmark)
+        source = source_of(release, d, benchmark)
+        dest = download(source, out_dir / release.name, checksum=digest, algo=algo, progress=progress)
+        if digest is None:  # nothing published (Cityscapes): pin what we got for the prepare stage
+            algo, digest = "sha256", file_digest(dest, "sha256")
+        sums[release.name] = {algo: digest.lower()}
+    keep = set(sums) | {CHECKSUMS} | {f"{name}.part" for name in sums}
+    for stale in out_dir.iterdir():  # the folder is a DVC output: only what this fetch vouches for
+        if stale.name not in keep:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    _write_json(out_dir / CHECKSUMS, sums)
+    return sums
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prepare
+
+
+def expected_sizes(d: DataConfig) -> dict[str, int]:
+    """The split sizes the gates demand: the synthetic config's, else the published ones unless overridden."""
+    if d.source == "synthetic":
+        return {"train": d.synthetic.num_train, "val": d.synthetic.num_val}
+    published = SOURCES[d.source][3]
+    return {
+        "train": d.expected_train or published["train"],
+        "val": d.expected_val or published["val"],
+    }
+
+
+def check_prepared(out_dir: Path, *, num_classes: int, ignore_index: int, sample: int = GATE_SAMPLE) -> dict:
+    """Read back ``sample`` rows of each split and score their labels against themselves (mIoU must be 1.0).
+
+    This proves the shards decode, every image matches its label's size, and the labels pass through the
+    scorer the evaluate stage uses. Returns ``{split: {"rows_checked", "miou"}}``.
+    """
+    from pipeline.data.shards import ShardedSegmentation
+    from pipeline.evaluation.metrics import ConfusionMatrix
+
+    report = {}
+    for split in ("train", "val"):
+        rows = ShardedSegmentation(Path(out_dir) / split)
+        n = len(rows)
+        k = min(sample, n)
+        picks = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})
+        cm = ConfusionMatrix(num_classes, ignore_index)
+        for i in picks:
+            image, label, image_id = rows.read(i)
+            if image.shape[:2] != label.shape:
+                raise DataError(
+                    f"{out_dir}/{split}: row {image_id!r} image {image.shape[:2]} != label {label.shape}"
+                )
+            try:
+                cm.update(label, label)
+            except ValueError as exc:
+                raise DataError(f"{out_dir}/{split}: row {image_id!r}: {exc}") from exc
+        miou = cm.compute()["miou"]
+        if not miou == 1.0:  # NaN (no labelled pixel in the sample) fails too
+            raise DataError(
+                f"{out_dir}/{split}: the ground truth scored against itself gives mIoU {miou} on {len(picks)} "
+                "rows, expected 1.0 (labels do not survive the shards, or the sample has no labelled pixel)"
+            )
+        report[split] = {"rows_checked": len(picks), "miou": miou}
+    return report
+
+
 def prepare(
     benchmark: str, bench: BenchmarkConfig, archives: Path, out_dir: Path, *, progress: bool = True
 ) -> dict:
     """Verify every archive listed in ``archives/checksums.json``, extract it safely and write the shards."""
+    archives, out_dir = Path(archives), Path(out_dir)
+    d = bench.data
     sums_path = archives / CHECKSUMS
     if not sums_path.is_file():
         raise DataError(
             f"{sums_path}: missing; run `dvc repro fetch@{benchmark}` to fetch the archives first"
         )
     sums = json.loads(sums_path.read_text())
+    if d.source != "synthetic":
+        _check_source(benchmark, d)
+        wanted = sorted(r.name for r in SOURCES[d.source][0])
+        if sorted(sums) != wanted:
+            raise DataError(
+                f"{sums_path}: lists {sorted(sums)}, expected {wanted} for {d.source}; fetch again"
+            )
     for name, digests in sums.items():
         for algo, expected in digests.items():
             verify_checksum(archives / name, expected, algo)
-    if bench.data.source not in ("synthetic", "ade20k"):
-        raise DataError(f"benchmark {benchmark!r}: preparing {bench.data.source} is not built yet")
-    (archive,) = sums  # the ADE layout ships as one archive
-    d = bench.data
-    expected = None
-    if d.source == "synthetic":
-        expected = {"train": d.synthetic.num_train, "val": d.synthetic.num_val}
+    expected = expected_sizes(d)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-extract-") as tmp:
-        safe_extract(archives / archive, Path(tmp))
-        tops = [p for p in Path(tmp).iterdir() if p.is_dir()]
-        if len(tops) != 1:
-            raise DataError(f"{archives / archive}: expected one top folder, found {[p.name for p in tops]}")
+        work = Path(tmp) / "extracted"
+        for name in sums:
+            safe_extract(archives / name, work)
+        extra: dict = {}
+        kwargs: dict = {}
+        if d.source in ("synthetic", "ade20k"):
+            tops = [p for p in work.iterdir() if p.is_dir()]
+            if len(tops) != 1:
+                raise DataError(f"{archives}: expected one top folder, found {[p.name for p in tops]}")
+            root = tops[0]
+            if d.source == "ade20k":
+                extra["class_names"] = ade20k.read_class_names(root, d.num_classes)
+        elif d.source == "voc2012":
+            root = Path(tmp) / "layout"
+            extra["counts"] = voc.stage_trainaug(
+                work, root, expected_train=expected["train"], expected_val=expected["val"], progress=progress
+            )
+        else:  # cityscapes
+            root = Path(tmp) / "layout"
+            extra["counts"] = cityscapes.stage_fine(
+                work, root, expected_train=expected["train"], expected_val=expected["val"]
+            )
+            kwargs = {"image_suffix": ".png", "lut": cityscapes.label_lut(d.ignore_index)}
         staged = Path(tmp) / "prepared"
         manifest = prepare_ade_layout(
-            tops[0],
+            root,
             staged,
             num_classes=d.num_classes,
             reduce_zero_label=d.reduce_zero_label,
@@ -109,9 +275,18 @@ def prepare(
             shard_rows=d.shard_rows,
             expected=expected,
             progress=progress,
+            **kwargs,
         )
+        manifest["gates"] = check_prepared(staged, num_classes=d.num_classes, ignore_index=d.ignore_index)
+        manifest |= {
+            "source": d.source,
+            "archives": sums,
+            **{k: v for k, v in extra.items() if v is not None},
+        }
+        _write_json(staged / MANIFEST, manifest)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staged, out_dir)
-    manifest["archive_sha256"] = file_digest(archives / archive)
+    if len(sums) == 1:
+        manifest["archive_sha256"] = file_digest(archives / next(iter(sums)))
     return manifest

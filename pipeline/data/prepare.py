@@ -3,7 +3,7 @@
 Each split becomes a folder of Arrow IPC files ``shard-00000.arrow`` ... plus ``manifest.json``. A row holds:
 
     id            string          the file stem (``ADE_train_00000001``)
-    image         binary          the original JPEG bytes, untouched
+    image         binary          the original image bytes, untouched (JPEG; PNG for Cityscapes)
     label         binary          a PNG of the *mapped* labels: 0..C-1, ``ignore_index`` for ignored pixels
     height/width  int32
     class_pixels  list<int64>     C pixel counts of the mapped label (ignored pixels not counted)
@@ -66,8 +66,8 @@ def label_lut(num_classes: int, reduce_zero_label: bool, ignore_index: int) -> n
     return lut
 
 
-def _pairs(image_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
-    images = {p.stem: p for p in image_dir.glob("*.jpg")}
+def _pairs(image_dir: Path, label_dir: Path, image_suffix: str = ".jpg") -> list[tuple[str, Path, Path]]:
+    images = {p.stem: p for p in image_dir.glob(f"*{image_suffix}")}
     labels = {p.stem: p for p in label_dir.glob("*.png")}
     for stem in sorted(images):
         if stem not in labels:
@@ -76,7 +76,7 @@ def _pairs(image_dir: Path, label_dir: Path) -> list[tuple[str, Path, Path]]:
     if orphans:
         raise DataError(
             f"{label_dir}: {len(orphans)} label(s) without an image in {image_dir}, e.g. {labels[orphans[0]]} "
-            f"(expected {image_dir / (orphans[0] + '.jpg')})"
+            f"(expected {image_dir / (orphans[0] + image_suffix)})"
         )
     return [(stem, images[stem], labels[stem]) for stem in sorted(images)]
 
@@ -150,11 +150,15 @@ def prepare_split(
     shard_rows: int = 256,
     expected_count: int | None = None,
     progress: bool = False,
+    image_suffix: str = ".jpg",
+    lut: np.ndarray | None = None,
 ) -> dict:
     """Convert one split (``image_dir/*.jpg`` + ``label_dir/*.png``, paired by stem) into Arrow shards.
 
     Writes ``out_dir/shard-00000.arrow`` .. (``shard_rows`` rows each, record batches of ``BATCH_ROWS``) and
-    ``out_dir/manifest.json`` into a temporary folder that then replaces ``out_dir``.
+    ``out_dir/manifest.json`` into a temporary folder that then replaces ``out_dir``. ``image_suffix`` selects
+    the image files (``".png"`` for Cityscapes); ``lut`` (a (256,) uint8 table raw -> mapped, e.g. Cityscapes
+    labelId -> trainId) replaces the table built from ``reduce_zero_label``.
 
     Returns:
         The manifest: ``rows``, ``num_classes``, ``ignore_index``, ``reduce_zero_label``, ``class_pixels``
@@ -174,19 +178,22 @@ def prepare_split(
         )
     if shard_rows < 1:
         raise ValueError(f"shard_rows={shard_rows}: expected a positive number of rows per shard")
-    for folder, what in ((image_dir, "images (*.jpg)"), (label_dir, "labels (*.png)")):
+    if lut is not None and (lut.shape != (256,) or lut.dtype != np.uint8):
+        raise ValueError(f"lut: expected a (256,) uint8 table, got shape {lut.shape} dtype {lut.dtype}")
+    for folder, what in ((image_dir, f"images (*{image_suffix})"), (label_dir, "labels (*.png)")):
         if not folder.is_dir():
             raise DataError(f"{folder}: folder not found; expected the split's {what} there")
-    pairs = _pairs(image_dir, label_dir)
+    pairs = _pairs(image_dir, label_dir, image_suffix)
     if expected_count is not None and len(pairs) != expected_count:
         raise DataError(
             f"split {image_dir.name!r} ({image_dir}): expected {expected_count} image/label pairs, "
             f"found {len(pairs)}"
         )
     if not pairs:
-        raise DataError(f"{image_dir}: no *.jpg images found")
+        raise DataError(f"{image_dir}: no *{image_suffix} images found")
 
-    lut = label_lut(num_classes, reduce_zero_label, ignore_index)
+    if lut is None:
+        lut = label_lut(num_classes, reduce_zero_label, ignore_index)
     sch = schema(num_classes)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
@@ -239,12 +246,15 @@ def prepare_ade_layout(
     shard_rows: int = 256,
     expected: dict[str, int] | None = None,
     progress: bool = False,
+    image_suffix: str = ".jpg",
+    lut: np.ndarray | None = None,
 ) -> dict:
     """Prepare ``root/{images,annotations}/training`` -> ``out_dir/train`` and ``.../validation`` -> ``out_dir/val``.
 
     ``expected`` maps ``"train"``/``"val"`` to image counts (e.g. ADE20K: 20210 / 2000). Writes
     ``out_dir/manifest.json`` with each split's rows, shard count and ``split_hash``, the class totals of the
-    training split and a ``dataset_hash`` over both splits.
+    training split and a ``dataset_hash`` over both splits. ``image_suffix`` and ``lut`` are passed to
+    :func:`prepare_split`.
 
     Returns:
         That summary manifest.
@@ -276,6 +286,8 @@ def prepare_ade_layout(
             shard_rows=shard_rows,
             expected_count=expected.get(split),
             progress=progress,
+            image_suffix=image_suffix,
+            lut=lut,
         )
     summary = {
         "num_classes": num_classes,

@@ -53,6 +53,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (160, 40, 200),  # pole
 )
 ARCHIVE_TOP = "SyntheticScenes"  # the folder inside the archive, like ADE's ``ADEChallengeData2016/``
+BAND_AREA = (0.12, 0.16)  # fraction of the image covered by the water/road band
 CONTEXT_MIN_DISTANCE = 0.3  # boats/cars keep at least this fraction of the image size from water/road pixels
 JPEG_QUALITY = 90
 MIN_SIZE, MAX_SIZE = 96, 256
@@ -152,7 +153,11 @@ def _object_patch(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray,
 
 
 def render_scene(
-    size: int, seed: int | Sequence[int], *, scene: str | None = None
+    size: int,
+    seed: int | Sequence[int],
+    *,
+    scene: str | None = None,
+    context_distance: float = CONTEXT_MIN_DISTANCE,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Draw one synthetic image before noise-free JPEG encoding.
 
@@ -162,6 +167,7 @@ def render_scene(
         scene: force ``"water"`` or ``"road"``; ``None`` draws it (50/50). Forcing the other scene with the same
             seed changes only the band's pixels and the boat/car labels: everything else comes from a stream
             that never sees the scene type.
+        context_distance: boats/cars keep at least ``context_distance * size`` px from every water/road pixel.
 
     Returns:
         ``(image (S, S, 3) uint8 RGB, label (S, S) uint8 raw values 0..8, scene)``.
@@ -181,7 +187,7 @@ def render_scene(
     # Layout: sky band, then the scene band along one edge of the remaining area.
     sky_h = int(round(rng.uniform(0.14, 0.22) * s))
     side = ("bottom", "top", "left", "right")[rng.integers(4)]
-    area = rng.uniform(0.18, 0.22) * s * s
+    area = rng.uniform(BAND_AREA[0], BAND_AREA[1]) * s * s
     amp, wavelength, phase = rng.uniform(0, s / 40), rng.uniform(0.3, 0.8) * s, rng.uniform(0, 2 * np.pi)
     below_sky = rows >= sky_h
     if side in ("bottom", "top"):
@@ -253,7 +259,7 @@ def render_scene(
     # Context objects (boat in water scenes, car in road scenes), far from every water/road pixel.
     not_band = np.where(band, 0, 255).astype(np.uint8)
     dist = cv2.distanceTransform(not_band, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    free = (ground & (dist >= np.ceil(CONTEXT_MIN_DISTANCE * s))).astype(np.uint8)
+    free = (ground & (dist >= np.ceil(context_distance * s))).astype(np.uint8)
     cls = RAW["boat"] if scene == "water" else RAW["car"]
     for _ in range(int(rng.integers(1, 5))):
         long_side = float(np.exp(rng.uniform(np.log(6), np.log(s / 5))))
@@ -308,7 +314,14 @@ def _write_bytes(path: Path, data: bytes) -> None:
 
 
 def generate(
-    root: Path, *, num_train: int, num_val: int, size: int, seed: int, progress: bool = False
+    root: Path,
+    *,
+    num_train: int,
+    num_val: int,
+    size: int,
+    seed: int,
+    context_distance: float = CONTEXT_MIN_DISTANCE,
+    progress: bool = False,
 ) -> None:
     """Write the benchmark in the ADE20K release layout under ``root``.
 
@@ -330,7 +343,7 @@ def generate(
 
         jobs = tqdm(jobs, desc="synthetic", unit="img")
     for folder, prefix, stream, index in jobs:
-        image, label, _ = render_scene(size, (seed, stream, index))
+        image, label, _ = render_scene(size, (seed, stream, index), context_distance=context_distance)
         stem = f"SYN_{prefix}_{index:08d}"
         ok_jpg, jpg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         ok_png, png = cv2.imencode(".png", label)
@@ -348,6 +361,7 @@ def build_archive(
     num_val: int,
     size: int,
     seed: int,
+    context_distance: float = CONTEXT_MIN_DISTANCE,
     progress: bool = False,
 ) -> str:
     """Generate the benchmark and pack it as ``archive_path`` (a ZIP with top folder ``SyntheticScenes/``).
@@ -364,7 +378,15 @@ def build_archive(
     archive_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix=".synthetic-") as tmp:
         top = Path(tmp) / ARCHIVE_TOP
-        generate(top, num_train=num_train, num_val=num_val, size=size, seed=seed, progress=progress)
+        generate(
+            top,
+            num_train=num_train,
+            num_val=num_val,
+            size=size,
+            seed=seed,
+            context_distance=context_distance,
+            progress=progress,
+        )
         entries = sorted(
             p.relative_to(tmp).as_posix() + ("/" if p.is_dir() else "") for p in [top, *top.rglob("*")]
         )

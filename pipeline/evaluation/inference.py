@@ -2,25 +2,43 @@
 
 For each scale ``s`` of the protocol:
 
-    1. resize the image so that its long side is round(base_size * s) (bilinear, aspect kept);
+    1. resize the float image so that its long side is round(base_size * s) (bilinear, aspect kept; semseg
+       resizes the float image, Caffe uses base_size * s + 1 for its 8k+1 input sizes);
     2. normalise with the training mean/std (so padding with 0 afterwards pads with the mean colour);
     3. "whole": one forward pass of the resized image;
        "slide": pad symmetrically with 0 up to crop_size where smaller, cut crop_size windows every
        ceil(crop_size * stride_rate) pixels (the last window aligned to the border), average the softmax of
        overlapping windows, crop the padding off;
-    4. with ``flip``, each forward pass also sees the mirrored input and the mirrored-back softmax is averaged in;
+    4. with ``flip``, each window also goes through the network mirrored and the mirrored-back softmax is
+       averaged in;
     5. resize the scores to the original (H, W) bilinearly.
 
-The scores of all scales are averaged. ``predict`` returns softmax scores (C, H, W); argmax gives the labels.
+The scores of all scales are averaged at the original resolution; ``predict`` returns them (C, H, W) and the
+argmax is the label map scored against the original-resolution ground truth.
+
+Speed without changing the arithmetic's meaning (``benchmarks/eval_protocol.py`` measures it):
+
+* ``prepare_model`` folds every BatchNorm into the convolution before it and stores the weights channels-last
+  (oneDNN's preferred layout on CPU, tensor cores on GPU); the result equals the unfolded model up to float
+  rounding.
+* The windows of one scale (and their mirrors) go through the network in as few batches as ``batch_size``
+  and ``memory_budget_mb`` allow; softmax, flip-average and accumulation happen in place in float32, in the
+  network's channels-last layout (no float64, no per-window host copies).
+* bf16 autocast on CUDA (``precision="bf16"``); CPU always runs float32.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import math
+import time
+import warnings
+import weakref
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +52,7 @@ if TYPE_CHECKING:
     from pipeline.config import EvalConfig
 
 _MODES = ("whole", "slide")
+_MB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -101,31 +120,121 @@ def protocol_from_config(cfg: EvalConfig, multi_scale: bool) -> Protocol:
     )
 
 
+@dataclass
+class InferenceStats:
+    """What ``predict`` did, accumulated over calls (pass one instance to several calls to sum them).
+
+    Attributes:
+        forward_passes: calls of the network.
+        crops: images through the network, mirrored copies included.
+        network_s: seconds inside the network's forward (synchronised on CUDA).
+        total_s: seconds inside ``predict``; ``total_s - network_s`` is resizing, padding, softmax, flip
+            and accumulation.
+    """
+
+    forward_passes: int = 0
+    crops: int = 0
+    network_s: float = 0.0
+    total_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model, made fast for inference
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with each BatchNorm2d folded into the Conv2d that feeds only it.
+
+    ``y = bn(conv(x))`` becomes one convolution with rescaled weights and a bias: the same function up to float
+    rounding, one pass over memory fewer per block. Uses ``torch.fx`` tracing; a model that cannot be traced is
+    copied unchanged (with a warning).
+    """
+    with warnings.catch_warnings():  # the module imports deprecated torch.jit helpers that are not used here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.fx.experimental.optimization import fuse
+
+    model = model.eval()
+    try:
+        return fuse(model, inplace=False)
+    except Exception as exc:  # tracing fails on data-dependent control flow: keep the model as it is
+        warnings.warn(
+            f"BatchNorm folding skipped, {type(model).__name__} is not traceable: {exc}", stacklevel=2
+        )
+        return copy.deepcopy(model)
+
+
+def prepare_model(
+    model: nn.Module, device: str | torch.device = "cpu", *, fold_bn: bool = True, channels_last: bool = True
+) -> nn.Module:
+    """A copy of ``model`` ready for :func:`predict`: eval mode, BatchNorm folded, on ``device``, channels-last.
+
+    ``model`` itself is put in eval mode and moved to ``device``, and otherwise left as it is.
+    """
+    model = model.eval().to(device)
+    if fold_bn:
+        model = fold_batchnorm(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's convolution weights are stored channels-last (then so are its inputs)."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[-2:] != (1, 1):
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
+_WINDOW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
+
+
+def window_bytes(model: nn.Module, crop: int, num_classes: int, device: torch.device, autocast: bool) -> int:
+    """Estimated peak memory of one crop_size window in a forward pass (cached per model and settings).
+
+    A probe pass at a small size records the largest tensor any module returns; the estimate is four such
+    tensors alive at once (input, output, residual, one spare), scaled to the crop area, plus the
+    full-resolution logits, their float32 softmax and the mirrored copy (3 x C x crop^2 float32).
+    """
+    key = (crop, num_classes, str(device), autocast)
+    cache = _WINDOW_BYTES.setdefault(model, {})
+    if key not in cache:
+        probe = min(crop, 97)
+        largest = 0
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            nonlocal largest
+            if isinstance(output, Tensor):
+                largest = max(largest, output.numel() * output.element_size())
+
+        leaves = [m for m in model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.inference_mode(), _autocast(device, autocast):
+                model(torch.zeros(1, 3, probe, probe, device=device))
+        finally:
+            for h in handles:
+                h.remove()
+        features = 4 * largest * (crop / probe) ** 2
+        cache[key] = int(features + 3 * 4 * num_classes * crop * crop)
+    return cache[key]
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One image
+
+
 def _resized_size(h: int, w: int, long_side: int) -> tuple[int, int]:
     """(h, w) with the long side equal to ``long_side`` and the aspect ratio kept (semseg's rounding)."""
     if h > w:
         return long_side, max(1, round(long_side / h * w))
     return max(1, round(long_side / w * h)), long_side
-
-
-def _forward_softmax(model: nn.Module, batch: Tensor, num_classes: int, flip: bool) -> Tensor:
-    """Softmax of a batch (B, 3, h, w) -> (B, C, h, w); with ``flip`` averaged with the mirrored pass."""
-    if flip:
-        batch = torch.cat([batch, batch.flip(-1)], dim=0)  # (2B, 3, h, w)
-    probs = model(batch)["out"].float().softmax(dim=1)  # (B or 2B, C, h, w)
-    if probs.shape[1] != num_classes or probs.shape[-2:] != batch.shape[-2:]:
-        raise ValueError(
-            f"model output {tuple(probs.shape)} does not match the input {tuple(batch.shape)}; "
-            f"expected (N, {num_classes}, h, w) logits at the input size"
-        )
-    if flip:
-        b = batch.shape[0] // 2
-        probs = (probs[:b] + probs[b:].flip(-1)) / 2  # (B, C, h, w)
-    return probs
-
-
-def _predict_whole(model: nn.Module, x: Tensor, num_classes: int, flip: bool) -> Tensor:
-    return _forward_softmax(model, x[None], num_classes, flip)[0]  # (C, h, w)
 
 
 def _window_starts(size: int, crop: int, stride: int) -> list[int]:
@@ -134,9 +243,53 @@ def _window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(n)]
 
 
-def _predict_slide(
-    model: nn.Module, x: Tensor, num_classes: int, crop: int, stride_rate: float, flip: bool, batch_size: int
-) -> Tensor:
+def _scores_buffer(num_classes: int, h: int, w: int, device: torch.device) -> Tensor:
+    """Zeros (C, h, w) float32 laid out channels-last (the layout the network's softmax comes in)."""
+    return torch.zeros(1, num_classes, h, w, device=device).contiguous(memory_format=torch.channels_last)[0]
+
+
+@dataclass
+class _Runner:
+    """Forward passes of one ``predict`` call: softmax, flip-average, statistics."""
+
+    model: nn.Module
+    num_classes: int
+    flip: bool
+    device: torch.device
+    autocast: bool
+    channels_last: bool
+    stats: InferenceStats | None
+
+    def softmax(self, batch: Tensor) -> Tensor:
+        """Softmax of a batch (B, 3, h, w) -> (B, C, h, w) float32; with ``flip`` averaged with the mirror."""
+        b = batch.shape[0]
+        if self.flip:
+            batch = torch.cat([batch, batch.flip(-1)], dim=0)  # (2B, 3, h, w)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        started = time.perf_counter()
+        with _autocast(self.device, self.autocast):
+            logits = self.model(batch)["out"]  # (B or 2B, C, h, w)
+        if self.stats is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stats.network_s += time.perf_counter() - started
+            self.stats.forward_passes += 1
+            self.stats.crops += batch.shape[0]
+        if logits.shape[1] != self.num_classes or logits.shape[-2:] != batch.shape[-2:]:
+            raise ValueError(
+                f"model output {tuple(logits.shape)} does not match the input {tuple(batch.shape)}; "
+                f"expected (N, {self.num_classes}, h, w) logits at the input size"
+            )
+        probs = torch.softmax(logits, dim=1, dtype=torch.float32)  # (B or 2B, C, h, w)
+        del logits
+        if self.flip:
+            probs = probs[:b].add_(probs[b:].flip(-1)).mul_(0.5)  # (B, C, h, w)
+        return probs
+
+
+def _predict_slide(run: _Runner, x: Tensor, crop: int, stride_rate: float, per_pass: int) -> Tensor:
+    """Sliding-window scores (C, h, w) of a normalised image ``x`` (3, h, w)."""
     _, h, w = x.shape  # (3, h, w)
     pad_h, pad_w = max(crop - h, 0), max(crop - w, 0)
     top, left = pad_h // 2, pad_w // 2
@@ -145,18 +298,34 @@ def _predict_slide(
     stride = math.ceil(crop * stride_rate)
     windows = [(y, xx) for y in _window_starts(hp, crop, stride) for xx in _window_starts(wp, crop, stride)]
 
-    scores = x.new_zeros(num_classes, hp, wp)  # (C, H', W')
-    counts = x.new_zeros(1, hp, wp)  # (1, H', W')
-    per_pass = max(1, batch_size // 2 if flip else batch_size)  # images per forward, flipped copies included
+    scores = _scores_buffer(run.num_classes, hp, wp, x.device)  # (C, H', W')
+    counts = torch.zeros(hp, wp, device=x.device)  # (H', W')
     for i in range(0, len(windows), per_pass):
         chunk = windows[i : i + per_pass]
         batch = torch.stack([x[:, y : y + crop, xx : xx + crop] for y, xx in chunk])  # (B, 3, crop, crop)
-        probs = _forward_softmax(model, batch, num_classes, flip)  # (B, C, crop, crop)
+        probs = run.softmax(batch)  # (B, C, crop, crop)
         for (y, xx), p in zip(chunk, probs, strict=True):
             scores[:, y : y + crop, xx : xx + crop] += p
-            counts[:, y : y + crop, xx : xx + crop] += 1
-    scores = scores / counts  # (C, H', W')
+            counts[y : y + crop, xx : xx + crop] += 1
+    scores /= counts  # (C, H', W')
     return scores[:, top : top + h, left : left + w]  # (C, h, w)
+
+
+def windows_per_scale(h: int, w: int, protocol: Protocol) -> list[int]:
+    """Number of sliding windows (1 in whole mode) at each scale of ``protocol`` for an (h, w) image."""
+    counts = []
+    for scale in protocol.scales:
+        sh, sw = _resized_size(h, w, round(protocol.base_size * scale))
+        if protocol.mode == "whole":
+            counts.append(1)
+            continue
+        stride = math.ceil(protocol.crop_size * protocol.stride_rate)
+        hp, wp = max(sh, protocol.crop_size), max(sw, protocol.crop_size)
+        counts.append(
+            len(_window_starts(hp, protocol.crop_size, stride))
+            * len(_window_starts(wp, protocol.crop_size, stride))
+        )
+    return counts
 
 
 def predict(
@@ -168,48 +337,104 @@ def predict(
     num_classes: int,
     device: str | torch.device = "cpu",
     batch_size: int = 4,
+    *,
+    memory_budget_mb: float | None = None,
+    precision: str = "fp32",
+    stats: InferenceStats | None = None,
 ) -> Tensor:
     """Softmax scores of one image under ``protocol``.
 
     Args:
         model: returns ``{"out": logits (N, C, h, w)}`` at its input size; putting it in eval mode and on
-            ``device`` is the caller's job.
+            ``device`` is the caller's job (:func:`prepare_model` also makes it faster).
         image: (H, W, 3) uint8 RGB.
         protocol: scales, flip, whole/slide and window settings.
         mean, std: per-channel RGB normalisation on the 0-255 scale (the training values).
         num_classes: ``C``.
-        device: where the forward passes run.
-        batch_size: images per forward pass in slide mode (mirrored copies included when ``flip``).
+        device: where the forward passes and the accumulation run.
+        batch_size: most images per forward pass in slide mode (mirrored copies included when ``flip``).
+        memory_budget_mb: bound on the score buffers plus the largest forward batch (estimated by
+            :func:`window_bytes`); ``None``: only ``batch_size`` bounds the batch.
+        precision: "bf16" autocasts the network on CUDA (``eval.precision``); CPU always runs float32.
+        stats: filled with forward passes, crops and time in the network.
 
     Returns:
-        float32 scores (C, H, W) on the CPU, each pixel a probability distribution.
+        float32 scores (C, H, W) on the CPU (channels-last strides), each pixel a probability distribution.
+
+    Raises:
+        ValueError: a malformed image or setting, or score buffers larger than ``memory_budget_mb``.
     """
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"image must be an (H, W, 3) uint8 RGB array, got {desc}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    started = time.perf_counter()
     h, w = image.shape[:2]
     device = torch.device(device)
+    run = _Runner(
+        model=model,
+        num_classes=num_classes,
+        flip=protocol.flip,
+        device=device,
+        autocast=precision == "bf16" and device.type == "cuda",
+        channels_last=_is_channels_last(model),
+        stats=stats,
+    )
+    sizes = [_resized_size(h, w, round(protocol.base_size * s)) for s in protocol.scales]
+    per_pass = _images_per_pass(run, protocol, sizes, (h, w), batch_size, memory_budget_mb)
+
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
-
-    total = torch.zeros(num_classes, h, w, dtype=torch.float32, device=device)  # (C, H, W)
+    pixels = image.astype(np.float32)  # (H, W, 3): resized as floats, as semseg does
+    total = _scores_buffer(num_classes, h, w, device)  # (C, H, W)
     with torch.inference_mode():
-        for scale in protocol.scales:
-            sh, sw = _resized_size(h, w, round(protocol.base_size * scale))
+        for sh, sw in sizes:
             resized = (
-                image if (sh, sw) == (h, w) else cv2.resize(image, (sw, sh), interpolation=cv2.INTER_LINEAR)
+                pixels if (sh, sw) == (h, w) else cv2.resize(pixels, (sw, sh), interpolation=cv2.INTER_LINEAR)
             )
-            x = torch.from_numpy(np.ascontiguousarray(resized)).to(device)  # (sh, sw, 3) uint8
-            x = (x.permute(2, 0, 1).float() - mean_t) / std_t  # (3, sh, sw)
+            x = torch.from_numpy(resized).to(device).permute(2, 0, 1)  # (3, sh, sw)
+            x = (x - mean_t) / std_t
             if protocol.mode == "whole":
-                probs = _predict_whole(model, x, num_classes, protocol.flip)  # (C, sh, sw)
+                probs = run.softmax(x[None])[0]  # (C, sh, sw)
             else:
                 probs = _predict_slide(
-                    model, x, num_classes, protocol.crop_size, protocol.stride_rate, protocol.flip, batch_size
+                    run, x, protocol.crop_size, protocol.stride_rate, per_pass
                 )  # (C, sh, sw)
             if (sh, sw) != (h, w):
                 probs = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             total += probs  # (C, H, W)
-    return (total / len(protocol.scales)).cpu()
+            del probs
+        total /= len(protocol.scales)
+    if stats is not None:
+        stats.total_s += time.perf_counter() - started
+    return total.cpu()
+
+
+def _images_per_pass(
+    run: _Runner,
+    protocol: Protocol,
+    sizes: list[tuple[int, int]],
+    original: tuple[int, int],
+    batch_size: int,
+    memory_budget_mb: float | None,
+) -> int:
+    """Windows per forward pass: ``batch_size`` (flipped copies included), lowered to fit the memory budget."""
+    copies = 2 if protocol.flip else 1
+    per_pass = max(1, batch_size // copies)
+    if memory_budget_mb is None or protocol.mode == "whole":
+        return per_pass
+    c, crop = run.num_classes, protocol.crop_size
+    h, w = original
+    largest = max(max(sh, crop) * max(sw, crop) for sh, sw in sizes)
+    buffers = 4 * c * (largest + 2 * h * w)  # one scale's padded scores, the running total, the resized copy
+    budget = memory_budget_mb * _MB
+    if buffers > budget:
+        raise ValueError(
+            f"score buffers for a {h}x{w} image under {protocol.name} need {buffers / _MB:.0f} MB "
+            f"({c} classes, float32), more than memory_budget_mb={memory_budget_mb}; raise the budget"
+        )
+    one = copies * window_bytes(run.model, crop, c, run.device, run.autocast)
+    return max(1, min(per_pass, int((budget - buffers) // one)))

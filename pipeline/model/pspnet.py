@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.config import ModelConfig
 
 _POOLS: dict[str, type[nn.Module]] = {"avg": nn.AdaptiveAvgPool2d, "max": nn.AdaptiveMaxPool2d}
+_PPM_ORDERS = ("bins", "reversed")
 
 
 class PPM(nn.Module):
@@ -36,9 +37,11 @@ class PPM(nn.Module):
     Args:
         in_channels: channels of the input feature map (2048 for ResNet-50).
         branch_channels: output channels of each branch's 1x1 conv (512 in the paper: in_channels / 4).
-        bins: output sizes of the adaptive pooling, concatenated in this order after the input.
+        bins: output sizes of the adaptive pooling; ``features[i]`` pools to ``bins[i]``.
         pooling: "avg" (the paper's default) or "max".
         align_corners: passed to the bilinear upsampling.
+        order: "bins" concatenates ``[x, bins[0], bins[1], ...]`` (semseg, mmseg, CSAIL: [x, 1, 2, 3, 6]);
+            "reversed" concatenates ``[x, bins[-1], ..., bins[0]]`` (Caffe: [x, 6, 3, 2, 1]).
 
     Attributes:
         out_channels: ``in_channels + len(bins) * branch_channels``.
@@ -51,13 +54,17 @@ class PPM(nn.Module):
         bins: tuple[int, ...],
         pooling: str = "avg",
         align_corners: bool = False,
+        order: str = "bins",
     ) -> None:
         super().__init__()
         if pooling not in _POOLS:
             raise ValueError(f"unknown PPM pooling {pooling!r}; expected one of {sorted(_POOLS)}")
         if len(bins) == 0 or any(int(b) < 1 for b in bins):
             raise ValueError(f"bins must be a non-empty sequence of positive ints, got {bins!r}")
+        if order not in _PPM_ORDERS:
+            raise ValueError(f"unknown PPM order {order!r}; expected one of {list(_PPM_ORDERS)}")
         pool = _POOLS[pooling]
+        self.order = order
         self.bins = tuple(int(b) for b in bins)
         self.align_corners = align_corners
         # Keys: features.{i}.1.weight (conv), features.{i}.2.* (BN), as semseg.
@@ -74,8 +81,9 @@ class PPM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]  # (h, w) = (H/8, W/8)
+        branches = list(self.features) if self.order == "bins" else list(self.features)[::-1]
         outs = [x]  # (N, Cin, h, w)
-        for branch in self.features:
+        for branch in branches:
             y = branch(x)  # (N, Cb, bin, bin)
             outs.append(F.interpolate(y, size=size, mode="bilinear", align_corners=self.align_corners))
         return torch.cat(outs, dim=1)  # (N, Cin + len(bins) * Cb, h, w)
@@ -109,7 +117,8 @@ class PSPNet(nn.Module):
         aux: build the auxiliary head on layer3 (deep supervision, Sec. 4).
         aux_channels: width of the auxiliary 3x3 conv (256, as semseg and mmseg).
         dropout: Dropout2d probability before both classifiers.
-        align_corners: for every bilinear upsampling inside the model.
+        align_corners: for every bilinear upsampling inside the model (semseg True; mmseg, CSAIL False).
+        ppm_order: PPM concatenation order, "bins" or "reversed" (see :class:`PPM`).
     """
 
     def __init__(
@@ -126,6 +135,7 @@ class PSPNet(nn.Module):
         aux_channels: int = 256,
         dropout: float = 0.1,
         align_corners: bool = False,
+        ppm_order: str = "bins",
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -145,7 +155,9 @@ class PSPNet(nn.Module):
         if use_ppm:
             ratio = 1.0 / len(bins) if reduction is None else reduction
             branch_channels = max(1, round(in_channels * ratio))
-            self.ppm: PPM | None = PPM(in_channels, branch_channels, bins, pooling, align_corners)
+            self.ppm: PPM | None = PPM(
+                in_channels, branch_channels, bins, pooling, align_corners, order=ppm_order
+            )
             in_channels = self.ppm.out_channels
         else:
             self.ppm = None
@@ -187,7 +199,11 @@ class PSPNet(nn.Module):
 def build_model(cfg: ModelConfig, num_classes: int) -> PSPNet:
     """Build PSPNet from the ``model`` section of ``params.yaml`` (the only place that reads it)."""
     backbone = DilatedResNet(
-        cfg.depth, width=cfg.width, stem_widths=tuple(cfg.stem_widths), output_stride=cfg.output_stride
+        cfg.depth,
+        width=cfg.width,
+        stem_widths=tuple(cfg.stem_widths),
+        output_stride=cfg.output_stride,
+        contract_dilation=cfg.contract_dilation,
     )
     return PSPNet(
         backbone,
@@ -201,4 +217,5 @@ def build_model(cfg: ModelConfig, num_classes: int) -> PSPNet:
         aux_channels=cfg.aux_channels,
         dropout=cfg.dropout,
         align_corners=cfg.align_corners,
+        ppm_order=cfg.ppm_order,
     )

@@ -12,8 +12,10 @@ Module names follow semseg so that a semseg checkpoint maps 1:1 onto ours (``lay
 
 ``e`` is the block expansion (1 for BasicBlock, 4 for Bottleneck). The downsampling stride sits on the 3x3
 conv ("pytorch style", as semseg and torchvision). In a dilated stage *every* block is dilated, the first one
-included, and the first block's 1x1 downsample has stride 1 -- semseg's convention (CSAIL and mmseg halve
-the first block's dilation instead; see pspnet_reference.yaml ``conventions_for_weight_parity``).
+included, and the first block's 1x1 downsample has stride 1 -- semseg's convention. With
+``contract_dilation=True`` the first block of a dilated stage uses half the dilation instead (layer3: 1 then
+2, layer4: 2 then 4), as CSAIL's ``_nostride_dilate`` and mmseg's ResNetV1c ``contract_dilation`` do (see
+pspnet_reference.yaml ``conventions_for_weight_parity``). The switch changes no parameter, only the forward.
 """
 
 from __future__ import annotations
@@ -113,6 +115,8 @@ class DilatedResNet(nn.Module):
         width: multiplier on the stage widths (64, 128, 256, 512); 1.0 is the paper's network.
         stem_widths: output channels of the stem's three 3x3 convs; semseg uses (64, 64, 128).
         output_stride: 8 (layer3 and layer4 dilated by 2 and 4, the paper), 16 (layer4 dilated by 2) or 32.
+        contract_dilation: the first block of a dilated stage uses ``dilation // 2`` (CSAIL, mmseg); False
+            dilates every block fully (semseg).
 
     Attributes:
         out_channels_layer3: channels of the layer3 output (1024 for ResNet-50 at width 1).
@@ -125,6 +129,7 @@ class DilatedResNet(nn.Module):
         width: float = 1.0,
         stem_widths: tuple[int, int, int] = (64, 64, 128),
         output_stride: int = 8,
+        contract_dilation: bool = False,
     ) -> None:
         super().__init__()
         if depth not in BLOCKS_PER_STAGE:
@@ -143,6 +148,7 @@ class DilatedResNet(nn.Module):
         s0, s1, s2 = (int(c) for c in stem_widths)
         self.depth = depth
         self.output_stride = output_stride
+        self.contract_dilation = contract_dilation
 
         # Indices 0, 1, 3, 4, 6, 7 carry parameters, as semseg's layer0.
         self.layer0 = nn.Sequential(
@@ -160,14 +166,15 @@ class DilatedResNet(nn.Module):
         (stride3, dilation3), (stride4, dilation4) = _STAGE_SETTINGS[output_stride]
         blocks = BLOCKS_PER_STAGE[depth]
         in_channels = s2
+        contract = contract_dilation
         self.layer1, in_channels = self._make_layer(block, in_channels, planes[0], blocks[0], 1, 1)
         self.layer2, in_channels = self._make_layer(block, in_channels, planes[1], blocks[1], 2, 1)
         self.layer3, in_channels = self._make_layer(
-            block, in_channels, planes[2], blocks[2], stride3, dilation3
+            block, in_channels, planes[2], blocks[2], stride3, dilation3, contract
         )
         self.out_channels_layer3 = in_channels
         self.layer4, in_channels = self._make_layer(
-            block, in_channels, planes[3], blocks[3], stride4, dilation4
+            block, in_channels, planes[3], blocks[3], stride4, dilation4, contract
         )
         self.out_channels_layer4 = in_channels
 
@@ -186,8 +193,10 @@ class DilatedResNet(nn.Module):
         num_blocks: int,
         stride: int,
         dilation: int,
+        contract_dilation: bool = False,
     ) -> tuple[nn.Sequential, int]:
-        """One stage; every block gets ``dilation`` and only block 0 gets ``stride`` (semseg style)."""
+        """One stage; only block 0 gets ``stride``; every block gets ``dilation`` (semseg style), except
+        block 0 gets ``dilation // 2`` when ``contract_dilation`` and the stage is dilated (CSAIL, mmseg)."""
         out_channels = planes * block.expansion
         downsample = None
         if stride != 1 or in_channels != out_channels:
@@ -195,7 +204,8 @@ class DilatedResNet(nn.Module):
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
-        layers = [block(in_channels, planes, stride, dilation, downsample)]
+        first_dilation = dilation // 2 if contract_dilation and dilation > 1 else dilation
+        layers = [block(in_channels, planes, stride, first_dilation, downsample)]
         layers += [block(out_channels, planes, 1, dilation) for _ in range(1, num_blocks)]
         return nn.Sequential(*layers), out_channels
 

@@ -32,7 +32,8 @@ from pipeline.training.worker import (
     train_loop_per_worker,
 )
 
-PAPER_BN_BATCH = 16  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
+PAPER_BN_BATCH = 16
+TRIAL_SLOT = "trial_slot"  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
 
 
 class ScalingError(ValueError):
@@ -95,7 +96,9 @@ def init_ray(address: str = "") -> None:
     if address:
         ray.init(address=address, runtime_env=env)
     else:
-        ray.init(runtime_env=env)
+        # "trial_slot": a logical resource that Tune trial drivers hold instead of a CPU, so that a trial's
+        # Train workers can use every core (see pipeline.sweeps.tune).
+        ray.init(runtime_env=env, resources={TRIAL_SLOT: 1000})
 
 
 def train(
@@ -170,6 +173,7 @@ def train(
             "val_dir": str(data_dir / "val"),
             "mlflow_uri": uri,
             "run_id": run_id,
+            "root": str(root),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources

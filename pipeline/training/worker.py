@@ -38,6 +38,7 @@ from pipeline.data.transforms import TrainTransform
 from pipeline.evaluation.inference import Protocol, predict
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.model.pspnet import build_model
+from pipeline.model.weights import init_from_pretrained
 from pipeline.training.losses import pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
 from pipeline.training.sampler import IterationSampler
@@ -180,6 +181,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     log = rank == 0
 
     model = build_model(bench.model, bench.data.num_classes)
+    # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one.
+    init_from_pretrained(model, bench.model, cfg.get("root"))
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)

@@ -1,0 +1,89 @@
+"""Finished evaluations, kept on disk by what determines them, so an unchanged evaluation is never recomputed.
+
+The key of one (model, protocol, split) evaluation is the sha256 of
+
+    the checkpoint file's bytes, the protocol hash, the split hash from the prepared manifest, the scoring
+    settings (classes, ignore index, mean/std, precision) and the source of the inference and metric code.
+
+An entry is ``<cache_dir>/<key>.npz``: the confusion matrix, the predicted label maps of the rows kept for
+the figures, and a JSON record (protocol, seconds, images). Entries are written to a temporary name and
+renamed, so a killed run leaves no half-written entry. An entry that lacks a label map the figures now ask for
+(``eval.num_vis`` grew) counts as a miss. The default folder ``<project>/.cache/evaluate`` lies
+outside every DVC output (DVC deletes a stage's outputs before running it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_CODE = [Path(__file__).with_name("inference.py"), Path(__file__).with_name("metrics.py")]
+
+
+def default_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / ".cache" / "evaluate"
+
+
+def code_hash() -> str:
+    """Hash of the inference and metric source: a changed protocol implementation invalidates the cache."""
+    digest = hashlib.sha256()
+    for path in _CODE:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def evaluation_key(
+    checkpoint_sha256: str, protocol_hash: str, split_hash: str, scoring: dict[str, Any]
+) -> str:
+    blob = json.dumps(
+        {
+            "checkpoint": checkpoint_sha256,
+            "protocol": protocol_hash,
+            "split": split_hash,
+            "scoring": scoring,
+            "code": code_hash(),
+        },
+        sort_keys=True,
+    ).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def load(cache_dir: Path, key: str) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, Any]] | None:
+    """``(matrix, samples, record)`` of a cached evaluation, or ``None`` when there is none (or it is unreadable)."""
+    path = cache_dir / f"{key}.npz"
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            record = json.loads(str(z["record"]))
+            matrix = z["matrix"]
+            samples = {int(name[len("row_") :]): z[name] for name in z.files if name.startswith("row_")}
+    except (OSError, ValueError, KeyError):
+        return None  # a damaged entry is a miss; it is overwritten by the recomputation
+    return matrix, samples, record
+
+
+def save(
+    cache_dir: Path, key: str, matrix: np.ndarray, samples: dict[int, np.ndarray], record: dict[str, Any]
+) -> Path:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"matrix": matrix, "record": np.array(json.dumps(record, sort_keys=True))}
+    arrays |= {f"row_{row}": pred for row, pred in samples.items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = cache_dir / f"{key}.npz"
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def split_fingerprint(manifest: dict[str, Any]) -> str:
+    """A split's hash from its shard manifest when the manifest carries no ``split_hash`` (older prepares)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,148 @@
+"""The validation split sharded over Ray tasks; their confusion matrices are summed on the driver.
+
+    driver: ray.put(model) --> chunks of rows --> at most `num_workers` tasks in flight (CPU, or 1 GPU each)
+    task:   prepare_model -> evaluate_rows(chunk, every protocol) -> (matrix, kept label maps, seconds) per protocol
+    driver: sum the int64 matrices as tasks finish (any order gives the same sum), progress bar with an ETA
+
+Why tasks rather than a Ray Train ``TorchTrainer`` with an all-reduce: evaluation is embarrassingly parallel.
+Tasks need no gang scheduling or process group, balance uneven images dynamically (a free worker takes the
+next chunk), and a lost task is simply retried (``max_retries``) instead of restarting a whole worker group;
+summing integer matrices on the driver is exact, so the result equals a single-process run bit for bit
+whenever each image's forward passes are (same model, same thread count per process).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.evaluation.inference import Protocol
+from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.evaluation.split import SplitResult
+
+CHUNKS_PER_WORKER = 4  # smaller chunks balance the load and make the ETA smoother; each costs one model copy
+
+
+def _evaluate_chunk(
+    model: nn.Module,
+    split_dir: str,
+    protocols: dict[str, Protocol],
+    rows: list[int],
+    keep: list[int],
+    kw: dict,
+) -> dict[str, tuple[Any, dict, float, int]]:
+    """Ray task: one chunk of rows under every protocol -> ``{key: (matrix, samples, seconds, images)}``."""
+    from pipeline.data.shards import ShardedSegmentation
+    from pipeline.evaluation.inference import prepare_model
+    from pipeline.evaluation.split import evaluate_rows
+
+    kw = dict(kw)
+    torch.set_num_threads(kw.pop("threads"))
+    device = "cuda" if kw.pop("use_gpu") and torch.cuda.is_available() else "cpu"
+    model = prepare_model(model, device)
+    results = evaluate_rows(
+        model, ShardedSegmentation(split_dir), protocols, rows, keep=keep, device=device, **kw
+    )
+    return {k: (r.matrix.mat.numpy(), r.samples, r.seconds, r.images) for k, r in results.items()}
+
+
+def _chunks(rows: Sequence[int], n: int) -> list[list[int]]:
+    """``rows`` cut into at most ``n`` contiguous, nearly equal, non-empty chunks."""
+    n = max(1, min(n, len(rows)))
+    bounds = [round(i * len(rows) / n) for i in range(n + 1)]
+    return [list(rows[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+def init_ray() -> bool:
+    """Attach to ``$RAY_ADDRESS`` or start a local cluster unless Ray is up; True when this call started it."""
+    if ray.is_initialized():
+        return False
+    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env=env, include_dashboard=False)
+    return True
+
+
+def evaluate_distributed(
+    model: nn.Module,
+    split_dir: str | Path,
+    protocols: Mapping[str, Protocol],
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+    rows: Sequence[int],
+    keep: Sequence[int] = (),
+    num_classes: int,
+    ignore_index: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 4,
+    memory_budget_mb: float | None = None,
+    precision: str = "fp32",
+    threads_per_worker: int = 1,
+    progress: bool = True,
+) -> dict[str, SplitResult]:
+    """Every protocol over ``rows`` of the split at ``split_dir``, sharded over ``num_workers`` Ray tasks.
+
+    ``split_dir`` must be readable from every node (a shared filesystem or a URI). The model travels through
+    the object store. Returns one merged :class:`SplitResult` per protocol key.
+    """
+    started_ray = init_ray()
+    try:
+        model_ref = ray.put(model.cpu().eval())
+        remote = ray.remote(_evaluate_chunk).options(
+            num_cpus=threads_per_worker, num_gpus=1 if use_gpu else 0, max_retries=2
+        )
+        kw = {
+            "num_classes": num_classes,
+            "ignore_index": ignore_index,
+            "mean": list(mean),
+            "std": list(std),
+            "batch_size": batch_size,
+            "memory_budget_mb": memory_budget_mb,
+            "precision": precision,
+            "threads": threads_per_worker,
+            "use_gpu": use_gpu,
+        }
+        split = str(split_dir)
+        protocols = dict(protocols)
+        pending = _chunks(rows, num_workers * CHUNKS_PER_WORKER)
+        keep_set = set(keep)
+        merged = {
+            k: SplitResult(p, ConfusionMatrix(num_classes, ignore_index), 0.0, {}, 0)
+            for k, p in protocols.items()
+        }
+        in_flight: dict[ray.ObjectRef, int] = {}
+        desc = "evaluate [" + ", ".join(p.name for p in protocols.values()) + f"] x{num_workers}"
+        wall = time.perf_counter()
+        with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
+            while pending or in_flight:
+                while pending and len(in_flight) < num_workers:
+                    chunk = pending.pop(0)
+                    ref = remote.remote(
+                        model_ref, split, protocols, chunk, [r for r in chunk if r in keep_set], kw
+                    )
+                    in_flight[ref] = len(chunk)
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    bar.update(in_flight.pop(ref))
+                    for key, (mat, samples, seconds, images) in ray.get(ref).items():
+                        part = ConfusionMatrix(num_classes, ignore_index)
+                        part.mat = torch.from_numpy(mat)
+                        merged[key].merge(SplitResult(protocols[key], part, seconds, samples, images))
+        # seconds: each protocol's share of the wall-clock time, by its share of the workers' time
+        busy = sum(r.seconds for r in merged.values()) or 1.0
+        elapsed = time.perf_counter() - wall
+        for r in merged.values():
+            r.seconds = elapsed * r.seconds / busy
+        return merged
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,659 @@
+"""Released weights into our layout: PSPNet checkpoints of semseg, mmseg and CSAIL, and ImageNet backbones.
+
+    pspnet import-weights --source semseg train_epoch_100.pth models/semseg-psp50-ade20k.pt
+    pspnet import-weights --source mmseg  pspnet_r50-d8_512x512_80k_ade20k_....pth models/mmseg-psp50.pt
+    pspnet import-weights --source csail  encoder_epoch_20.pth,decoder_epoch_20.pth models/csail-psp50.pt
+
+An imported checkpoint is an ordinary self-describing model file (:func:`pipeline.model.checkpoint.save_model`)
+whose ``model_config`` reproduces the source's forward pass (``align_corners``, first-block dilation, stem and
+head widths) and whose ``conventions`` say how to feed it (mean/std, channel order, input-size rule).
+
+Source layouts (pspnet_reference.yaml ``semseg_hszhao``, ``mmsegmentation``,
+``csail_semantic_segmentation_pytorch``) and where each key lands:
+
+    semseg  {"state_dict": {"module.layer0.0.weight", ...}}  -> the same names (our model follows semseg)
+    mmseg   backbone.stem.{i}.*               -> layer0.{i}.*        (ResNetV1c stem, 32-32-64)
+            backbone.layer{n}.*               -> layer{n}.*
+            decode_head.psp_modules.{i}.1.conv.weight / .bn.*  -> ppm.features.{i}.1.weight / .2.*
+            decode_head.bottleneck.conv.weight / .bn.*         -> cls.0.weight / cls.1.*
+            decode_head.conv_seg.*            -> cls.4.*
+            auxiliary_head.convs.0.conv.weight / .bn.*         -> aux.0.weight / aux.1.*
+            auxiliary_head.conv_seg.*         -> aux.4.*
+    csail   encoder: conv{1,2,3}.weight, bn{1,2,3}.*  -> layer0.{0,3,6}.weight, layer0.{1,4,7}.*
+                     layer{n}.*               -> layer{n}.*
+            decoder: ppm.{i}.1.weight / ppm.{i}.2.*    -> ppm.features.{i}.1.weight / .2.*
+                     conv_last.{0,1,4}.*      -> cls.{0,1,4}.*
+                     cbr_deepsup.{0,1}.*      -> aux.{0,1}.*   (deep supervision: 1024 -> 512, 3x3)
+                     conv_last_deepsup.*      -> aux.4.*
+    ImageNet backbones: "imagenet-deep" (CSAIL resnet*-imagenet.pth, semseg resnet*_v2.pth: conv1..bn3,
+            layer1..4, fc) and "imagenet-v1c" (mmseg resnet*_v1c: stem.*, layer1..4, fc) -> layer0..layer4;
+            the ImageNet classifier ``fc.*`` is the one key family dropped on purpose.
+
+Every source key lands somewhere (or is one of the named drops) and every target key is filled, or the import
+fails naming the leftovers / the missing keys. Nothing is written under the output name on any failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.config import ModelConfig, to_dict
+from pipeline.model.checkpoint import save_model
+from pipeline.model.pspnet import PSPNet, build_model
+from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE, DilatedResNet
+
+BACKBONE_FORMAT = "pspnet-repro-backbone/1"
+PRETRAINED_DIR = Path("data/pretrained")  # relative to the project root; the `pretrained` stage's output
+SOURCES = ("semseg", "mmseg", "csail")
+BACKBONE_LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
+
+# RGB on 0-255: mean [0.485, 0.456, 0.406] * 255, std [0.229, 0.224, 0.225] * 255 (all three PyTorch sources;
+# CSAIL divides by 255 first and uses the 0-1 values, which is the same map).
+IMAGENET_MEAN = [123.675, 116.28, 103.53]
+IMAGENET_STD = [58.395, 57.12, 57.375]
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable, of an unexpected layout, or does not fit the model it must fill."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The sources' forward conventions (pspnet_reference.yaml conventions_for_weight_parity)
+
+_SOURCE_CONVENTIONS: dict[str, dict[str, Any]] = {
+    "semseg": {
+        "reference": "hszhao/semseg model/pspnet.py + model/resnet.py (4f274c3)",
+        "align_corners": True,  # PPM and the final zoom-8 upsampling
+        "contract_dilation": False,  # every block of layer3/layer4 at dilation 2/4
+        "input_size_rule": "(H - 1) % 8 == 0 and (W - 1) % 8 == 0 (logits upsampled to (h - 1) * 8 + 1)",
+    },
+    "mmseg": {
+        "reference": "open-mmlab/mmsegmentation ResNetV1c + PSPHead + FCNHead (configs pspnet_r50-d8)",
+        "align_corners": False,  # true only in the 769x769 Cityscapes configs: --align-corners true
+        "contract_dilation": True,  # ResNetV1c contract_dilation=True: first block at dilation // 2
+        "input_size_rule": "any",
+    },
+    "csail": {
+        "reference": "CSAILVision/semantic-segmentation-pytorch ResnetDilated + PPMDeepsup (8f27c9b)",
+        "align_corners": False,
+        "contract_dilation": True,  # _nostride_dilate: the former stride-2 conv gets dilation / 2
+        "input_size_rule": "any (the source pads to a multiple of 8 in its data loader)",
+    },
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key rules: (source pattern, target template); the first full match wins. A target of None drops the key.
+
+Rule = tuple[str, str | None]
+_BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
+_STAGES = (
+    r"(layer[1-4]\.\d+\.(?:conv[1-3]\.weight|bn[1-3]\." + _BN + r"|downsample\.0\.weight|downsample\.1\."
+)
+_STAGES += _BN + r"))"
+
+_RULES: dict[str, list[Rule]] = {
+    "semseg": [
+        (r"(layer0\.[0-9]\.(?:weight|" + _BN + "))", r"\1"),
+        (_STAGES, r"\1"),
+        (r"(ppm\.features\.\d+\.1\.weight)", r"\1"),
+        (r"(ppm\.features\.\d+\.2\." + _BN + ")", r"\1"),
+        (r"((?:cls|aux)\.[014]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))", r"\1"),
+    ],
+    "mmseg": [
+        (r"backbone\.stem\.([0-9])\.(weight|" + _BN + ")", r"layer0.\1.\2"),
+        (r"backbone\." + _STAGES, r"\1"),
+        (r"decode_head\.psp_modules\.(\d+)\.1\.conv\.weight", r"ppm.features.\1.1.weight"),
+        (r"decode_head\.psp_modules\.(\d+)\.1\.bn\." + _BN, r"ppm.features.\1.2.\2"),
+        (r"decode_head\.bottleneck\.conv\.weight", "cls.0.weight"),
+        (r"decode_head\.bottleneck\.bn\." + _BN, r"cls.1.\1"),
+        (r"decode_head\.conv_seg\.(weight|bias)", r"cls.4.\1"),
+        (r"auxiliary_head\.convs\.0\.conv\.weight", "aux.0.weight"),
+        (r"auxiliary_head\.convs\.0\.bn\." + _BN, r"aux.1.\1"),
+        (r"auxiliary_head\.conv_seg\.(weight|bias)", r"aux.4.\1"),
+    ],
+    "csail-encoder": [
+        (r"conv1\.weight", "layer0.0.weight"),
+        (r"bn1\." + _BN, r"layer0.1.\1"),
+        (r"conv2\.weight", "layer0.3.weight"),
+        (r"bn2\." + _BN, r"layer0.4.\1"),
+        (r"conv3\.weight", "layer0.6.weight"),
+        (r"bn3\." + _BN, r"layer0.7.\1"),
+        (_STAGES, r"\1"),
+    ],
+    "csail-decoder": [
+        (r"ppm\.(\d+)\.1\.weight", r"ppm.features.\1.1.weight"),
+        (r"ppm\.(\d+)\.2\." + _BN, r"ppm.features.\1.2.\2"),
+        (r"conv_last\.([014])\.(weight|bias|running_mean|running_var|num_batches_tracked)", r"cls.\1.\2"),
+        (r"cbr_deepsup\.0\.weight", "aux.0.weight"),
+        (r"cbr_deepsup\.1\." + _BN, r"aux.1.\1"),
+        (r"conv_last_deepsup\.(weight|bias)", r"aux.4.\1"),
+    ],
+}
+# ImageNet backbones: CSAIL's and semseg's deep-stem ResNet share the CSAIL encoder's names; fc is dropped.
+_RULES["imagenet-deep"] = [*_RULES["csail-encoder"], (r"fc\.(weight|bias)", None)]
+_RULES["imagenet-v1c"] = [(r"stem\.([0-9])\.(weight|" + _BN + ")", r"layer0.\1.\2"), (_STAGES, r"\1")]
+_RULES["imagenet-v1c"] += [(r"fc\.(weight|bias)", None)]
+
+_EXAMPLE_KEYS = {
+    "semseg": "layer0.0.weight, layer4.2.bn3.running_var, ppm.features.0.1.weight, cls.4.bias",
+    "mmseg": "backbone.stem.0.weight, decode_head.psp_modules.0.1.conv.weight, decode_head.conv_seg.bias",
+    "csail-encoder": "conv1.weight, bn3.running_mean, layer4.2.conv3.weight",
+    "csail-decoder": "ppm.0.1.weight, conv_last.4.bias, cbr_deepsup.0.weight, conv_last_deepsup.bias",
+    "imagenet-deep": "conv1.weight, bn3.running_mean, layer4.2.conv3.weight, fc.weight",
+    "imagenet-v1c": "stem.0.weight, stem.7.running_var, layer4.2.conv3.weight, fc.weight",
+}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path, sha256: str | None) -> str:
+    """The file's SHA-256; raises :class:`WeightsError` naming the file when ``sha256`` (full hex digest or
+    a prefix such as a torch.hub filename suffix) does not match."""
+    actual = file_sha256(path)
+    if sha256 and not actual.startswith(sha256.lower()):
+        raise WeightsError(f"{path}: checksum mismatch: sha256 is {actual}, expected {sha256}")
+    return actual
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.pth`` file: unwraps ``{"state_dict": ...}`` and strips DDP's ``module.`` prefix.
+
+    Loads with ``weights_only=True``: a file that needs arbitrary unpickling is refused.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{path}: refusing to load with weights_only=True (the file is damaged or holds objects that "
+            f"need arbitrary unpickling): {exc}"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise WeightsError(f"{path}: not a readable torch file (truncated or damaged?): {exc}") from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj:
+        raise WeightsError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj)}")
+    out: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(value, Tensor):
+            raise WeightsError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        out[key.removeprefix("module.")] = value
+    return out
+
+
+def remap(state: dict[str, Tensor], layout: str, where: str) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename ``state`` from ``layout`` to our keys by :data:`_RULES`.
+
+    Returns:
+        The renamed state and the source keys dropped on purpose (the ImageNet ``fc``).
+
+    Raises:
+        WeightsError: the keys are not of this layout at all (unknown layout), some keys match no rule
+            (named), or two source keys land on the same target.
+    """
+    rules = [(re.compile(pattern), target) for pattern, target in _RULES[layout]]
+    out: dict[str, Tensor] = {}
+    dropped, leftovers = [], []
+    for key, value in state.items():
+        for pattern, target in rules:
+            m = pattern.fullmatch(key)
+            if m is None:
+                continue
+            if target is None:
+                dropped.append(key)
+            else:
+                new = m.expand(target)
+                if new in out:
+                    raise WeightsError(f"{where}: two source keys land on {new!r} (second: {key!r})")
+                out[new] = value
+            break
+        else:
+            leftovers.append(key)
+    if len(leftovers) > len(state) // 2:
+        raise WeightsError(
+            f"{where}: unknown layout: this is not a {layout} state dict ({len(leftovers)} of {len(state)} keys "
+            f"unrecognised, e.g. {sorted(leftovers)[:4]}); expected keys like {_EXAMPLE_KEYS[layout]}"
+        )
+    if leftovers:
+        raise WeightsError(
+            f"{where}: {len(leftovers)} source key(s) of the {layout} layout have no place in our model: "
+            f"{sorted(leftovers)[:20]}"
+        )
+    return out, dropped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Architecture from the weights
+
+
+def _count(state: dict[str, Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := rx.match(k))})
+
+
+def _shape(state: dict[str, Tensor], key: str, where: str) -> torch.Size:
+    if key not in state:
+        raise WeightsError(f"{where}: missing {key!r}, needed to tell the architecture")
+    return state[key].shape
+
+
+def infer_backbone(state: dict[str, Tensor], where: str) -> dict[str, Any]:
+    """``depth``, ``width`` and ``stem_widths`` of a state dict in our ``layer0..layer4`` names."""
+    stem = tuple(int(_shape(state, f"layer0.{i}.weight", where)[0]) for i in (0, 3, 6))
+    blocks = tuple(_count(state, rf"layer{n}\.(\d+)\.") for n in (1, 2, 3, 4))
+    bottleneck = "layer1.0.conv3.weight" in state
+    depths = [d for d, b in BLOCKS_PER_STAGE.items() if b == blocks and (d >= 50) == bottleneck]
+    if not depths:
+        kind = "bottleneck" if bottleneck else "basic"
+        raise WeightsError(f"{where}: blocks per stage {blocks} ({kind}) are no ResNet depth we build")
+    planes = [int(_shape(state, f"layer{n}.0.conv1.weight", where)[0]) for n in (1, 2, 3, 4)]
+    width = planes[0] / BASE_WIDTHS[0]
+    if [max(1, round(b * width)) for b in BASE_WIDTHS] != planes:
+        raise WeightsError(f"{where}: stage widths {planes} are not a multiple of {list(BASE_WIDTHS)}")
+    return {"depth": depths[0], "width": width, "stem_widths": stem}
+
+
+def infer_model_config(
+    state: dict[str, Tensor],
+    where: str,
+    *,
+    align_corners: bool,
+    contract_dilation: bool,
+    bins: tuple[int, ...] = (1, 2, 3, 6),
+    ppm_order: str = "bins",
+) -> tuple[ModelConfig, int]:
+    """The :class:`ModelConfig` and class count that a PSPNet state dict (our names) was trained with.
+
+    The weights do not record the PPM bin sizes, only their number: ``bins`` (the paper's 1, 2, 3, 6 for all
+    three sources) must have as many entries as there are ``ppm.features``.
+    """
+    backbone = infer_backbone(state, where)
+    n_branches = _count(state, r"ppm\.features\.(\d+)\.")
+    reduction = None
+    if n_branches:
+        if n_branches != len(bins):
+            raise WeightsError(f"{where}: {n_branches} pyramid branches, but bins {bins} has {len(bins)}")
+        branch, c4 = (int(s) for s in _shape(state, "ppm.features.0.1.weight", where)[:2])
+        if max(1, round(c4 / len(bins))) != branch:
+            reduction = branch / c4
+    cls = _shape(state, "cls.0.weight", where)
+    num_classes = int(_shape(state, "cls.4.weight", where)[0])
+    aux = "aux.0.weight" in state
+    cfg = ModelConfig(
+        depth=backbone["depth"],
+        width=backbone["width"],
+        stem_widths=backbone["stem_widths"],
+        output_stride=8,
+        use_ppm=n_branches > 0,
+        bins=tuple(bins),
+        pooling="avg",
+        reduction=reduction,
+        head_channels=int(cls[0]),
+        aux=aux,
+        aux_channels=int(state["aux.0.weight"].shape[0]) if aux else ModelConfig.aux_channels,
+        dropout=0.1,
+        align_corners=align_corners,
+        contract_dilation=contract_dilation,
+        ppm_order=ppm_order,
+    )
+    return cfg, num_classes
+
+
+def fill(module: torch.nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """Load ``state`` into ``module``, failing with the names of missing, unexpected or misshapen keys.
+
+    A missing ``num_batches_tracked`` (files saved before PyTorch 0.4.1) is filled with 0: it only counts
+    training steps and plays no part in an eval-mode forward pass.
+    """
+    target = module.state_dict()
+    state = dict(state)
+    for key in target:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros((), dtype=torch.long)
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{where}: the weights do not fill the model: missing {missing[:20]} ({len(missing)}), "
+            f"without a place {unexpected[:20]} ({len(unexpected)})"
+        )
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in target.items()
+        if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise WeightsError(f"{where}: shape mismatch (file vs model) for {wrong[:10]}")
+    module.load_state_dict(state, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Released PSPNet checkpoints
+
+
+def convert_checkpoint(
+    source: str, inputs: Sequence[str | Path]
+) -> tuple[dict[str, Tensor], list[dict[str, str]]]:
+    """Read a released checkpoint (``inputs``: one file, or CSAIL's encoder and decoder) into our names.
+
+    Returns:
+        The state dict in our names and ``[{"file", "sha256", "role"}]`` for the provenance record.
+    """
+    if source not in SOURCES:
+        raise WeightsError(f"unknown source {source!r}; expected one of {list(SOURCES)}")
+    inputs = [Path(p) for p in inputs]
+    roles = ["encoder", "decoder"] if source == "csail" else ["checkpoint"]
+    if len(inputs) != len(roles):
+        raise WeightsError(
+            f"--source {source} takes {len(roles)} file(s) ({' + '.join(roles)}), got {inputs}"
+        )
+    state: dict[str, Tensor] = {}
+    files = []
+    for path, role in zip(inputs, roles, strict=True):
+        layout = f"csail-{role}" if source == "csail" else source
+        part, _ = remap(read_state_dict(path), layout, str(path))
+        state.update(part)
+        files.append({"file": path.name, "sha256": file_sha256(path), "role": role})
+    return state, files
+
+
+def import_checkpoint(
+    source: str,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    num_classes: int | None = None,
+    align_corners: bool | None = None,
+    checksums: Sequence[str | None] = (),
+) -> dict[str, Any]:
+    """Convert a released PSPNet checkpoint into our self-describing model file at ``out``.
+
+    Args:
+        source: "semseg", "mmseg" or "csail".
+        inputs: the checkpoint file; for CSAIL the encoder and the decoder file.
+        out: destination (written atomically, and only when everything fits).
+        num_classes: when given (the benchmark's), a checkpoint predicting another number is refused.
+        align_corners: override the source's default (mmseg's 769x769 Cityscapes configs use True).
+        checksums: expected SHA-256 (or a prefix) per input; None or "" skips one.
+
+    Returns:
+        The metadata written: ``model_config``, ``num_classes``, ``conventions``, ``extra``.
+    """
+    inputs = [Path(p) for p in inputs]
+    for path, expected in zip(inputs, checksums, strict=False):
+        if expected:
+            if not path.is_file():
+                raise WeightsError(f"{path}: weights file not found")
+            verify_checksum(path, expected)
+    state, files = convert_checkpoint(source, inputs)
+    where = ", ".join(str(p) for p in inputs)
+    conv = _SOURCE_CONVENTIONS[source]
+    ac = conv["align_corners"] if align_corners is None else bool(align_corners)
+    cfg, n = infer_model_config(state, where, align_corners=ac, contract_dilation=conv["contract_dilation"])
+    if num_classes is not None and n != num_classes:
+        raise WeightsError(
+            f"{where}: the checkpoint predicts {n} classes, the benchmark expects {num_classes}"
+        )
+    model = build_model(cfg, n)
+    fill(model, state, where)
+    conventions = {
+        "source": source,
+        "reference": conv["reference"],
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "channel_order": "RGB",
+        "align_corners": ac,
+        "contract_dilation": cfg.contract_dilation,
+        "stem_widths": list(cfg.stem_widths),
+        "ppm_concat_order": ["x", *(cfg.bins if cfg.ppm_order == "bins" else cfg.bins[::-1])],
+        "head_channels": cfg.head_channels,
+        "aux_channels": cfg.aux_channels if cfg.aux else None,
+        "num_classes": n,
+        "input_size_rule": conv["input_size_rule"],
+    }
+    extra = {"imported_from": files}
+    save_model(out, model, model_config=cfg, num_classes=n, conventions=conventions, extra=extra)
+    return {"model_config": to_dict(cfg), "num_classes": n, "conventions": conventions, "extra": extra}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ImageNet backbones: the table, the conversion, and loading into a model
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One ImageNet-pretrained ResNet we can start training from.
+
+    Attributes:
+        name: the value of ``model.pretrained`` in params.yaml; the converted file is ``<name>.pt``.
+        depth, stem_widths: the architecture it fits (``model.depth``, ``model.stem_widths``; width 1.0).
+        layout: key layout of the file, "imagenet-deep" or "imagenet-v1c".
+        url: http(s)/file URL, or a path relative to the project root for files with no public URL.
+        sha256: the full SHA-256 to verify, or a published prefix; None where nothing is published or pinned.
+        note: where the URL and checksum come from.
+        width: the width multiplier it was trained at (1.0 for every released file).
+    """
+
+    name: str
+    depth: int
+    stem_widths: tuple[int, int, int]
+    layout: str
+    url: str
+    sha256: str | None
+    note: str
+    width: float = 1.0
+
+
+_CSAIL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet"
+_MMSEG = "https://download.openmmlab.com/pretrain/third_party"
+# Sources: pspnet_reference.yaml csail_semantic_segmentation_pytorch.urls, mmsegmentation.pretrained_backbone
+# (mmcv model_zoo/open_mmlab.json), semseg_hszhao.downloads. No full SHA-256 is published for any of them and
+# none could be pinned here (no network): CSAIL's and semseg's are verified against nothing until pinned
+# (the stage prints the digest to pin and records it in data/pretrained/manifest.json); mmseg's are verified
+# against the 8-hex SHA-256 prefix in their file names (torch.hub convention).
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("csail-resnet50", 50, (64, 64, 128), "imagenet-deep", f"{_CSAIL}/resnet50-imagenet.pth", None,
+                 "CSAIL deep-stem ResNet-50 (same architecture as the authors'); no checksum published"),
+        Backbone("csail-resnet101", 101, (64, 64, 128), "imagenet-deep", f"{_CSAIL}/resnet101-imagenet.pth",
+                 None, "CSAIL deep-stem ResNet-101; no checksum published"),
+        Backbone("mmseg-resnet50-v1c", 50, (32, 32, 64), "imagenet-v1c", f"{_MMSEG}/resnet50_v1c-2cccc1ad.pth",
+                 "2cccc1ad", "mmseg ResNetV1c-50 (open-mmlab://resnet50_v1c); sha256 prefix from file name"),
+        Backbone("mmseg-resnet101-v1c", 101, (32, 32, 64), "imagenet-v1c",
+                 f"{_MMSEG}/resnet101_v1c-e67eebb6.pth", "e67eebb6",
+                 "mmseg ResNetV1c-101 (open-mmlab://resnet101_v1c); sha256 prefix from file name"),
+        Backbone("semseg-resnet50-v2", 50, (64, 64, 128), "imagenet-deep", "initmodel/resnet50_v2.pth", None,
+                 "the authors' ImageNet ResNet-50 (semseg README Google Drive folder): place it locally"),
+        Backbone("semseg-resnet101-v2", 101, (64, 64, 128), "imagenet-deep", "initmodel/resnet101_v2.pth", None,
+                 "the authors' ImageNet ResNet-101 (semseg README Google Drive folder): place it locally"),
+        Backbone("semseg-resnet152-v2", 152, (64, 64, 128), "imagenet-deep", "initmodel/resnet152_v2.pth", None,
+                 "the authors' ImageNet ResNet-152 (semseg README Google Drive folder): place it locally"),
+    )
+}  # fmt: skip
+
+
+def backbone_for(name: str, cfg: ModelConfig, where: str = "model.pretrained") -> Backbone:
+    """The table entry ``name``, checked to fit the model section ``cfg`` (depth, stem widths, width 1)."""
+    if name not in BACKBONES:
+        raise WeightsError(f"{where}: unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
+    b = BACKBONES[name]
+    if (b.depth, tuple(b.stem_widths), b.width) != (cfg.depth, tuple(cfg.stem_widths), cfg.width):
+        raise WeightsError(
+            f"{where}: {name} is a ResNet-{b.depth} with stem {list(b.stem_widths)} at width {b.width}; the model is "
+            f"depth {cfg.depth}, stem_widths {list(cfg.stem_widths)}, width {cfg.width}"
+        )
+    return b
+
+
+def backbones_in_params(params: Any) -> list[Backbone]:
+    """The distinct backbones that the benchmarks of ``params`` (a :class:`pipeline.config.Params`) name in
+    ``model.pretrained``, each checked to fit its benchmark's model section."""
+    chosen: dict[str, Backbone] = {}
+    for bench_name, bench in params.benchmarks.items():
+        if bench.model.pretrained:
+            where = f"benchmarks.{bench_name}.model.pretrained"
+            chosen[bench.model.pretrained] = backbone_for(bench.model.pretrained, bench.model, where)
+    return list(chosen.values())
+
+
+def convert_backbone(path: str | Path, layout: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An ImageNet ResNet file into our ``layer0..layer4`` names, checked to fill a :class:`DilatedResNet`.
+
+    Returns:
+        The state dict and ``{"depth", "width", "stem_widths", "dropped"}``.
+    """
+    if layout not in ("imagenet-deep", "imagenet-v1c"):
+        raise WeightsError(f"unknown backbone layout {layout!r}; expected imagenet-deep or imagenet-v1c")
+    path = Path(path)
+    state, dropped = remap(read_state_dict(path), layout, str(path))
+    arch = infer_backbone(state, str(path))
+    net = DilatedResNet(arch["depth"], width=arch["width"], stem_widths=arch["stem_widths"])
+    fill(net, state, str(path))  # every key of the backbone filled, none left over
+    return net.state_dict(), {**arch, "stem_widths": list(arch["stem_widths"]), "dropped": dropped}
+
+
+def save_backbone(path: str | Path, state: dict[str, Tensor], info: dict[str, Any]) -> None:
+    """Write a converted backbone (``{"format", "backbone", "state_dict"}``) atomically."""
+    payload = {"format": BACKBONE_FORMAT, "backbone": to_dict(dict(info)), "state_dict": dict(state)}
+    _atomic(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
+    """Load a converted backbone file into ``model.layer0..layer4`` (strictly); returns its ``backbone`` info."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(
+            f"{path}: converted backbone not found (run the `pretrained` stage: dvc repro pretrained)"
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise WeightsError(f"{path}: not a readable backbone file (truncated or damaged?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
+        raise WeightsError(f"{path}: not a converted backbone (expected format {BACKBONE_FORMAT!r})")
+    state = payload["state_dict"]
+    for name in BACKBONE_LAYERS:
+        prefix = f"{name}."
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        fill(getattr(model, name), part, f"{path} [{name}]")
+    leftover = sorted(k for k in state if k.split(".")[0] not in BACKBONE_LAYERS)
+    if leftover:
+        raise WeightsError(f"{path}: keys outside layer0..layer4: {leftover[:10]}")
+    return payload["backbone"]
+
+
+def pretrained_file(name: str, root: str | Path | None = None) -> Path:
+    """``<root>/data/pretrained/<name>.pt``; ``root`` defaults to the project holding this package."""
+    base = Path(root) if root else Path(__file__).resolve().parents[2]
+    return base / PRETRAINED_DIR / f"{name}.pt"
+
+
+def init_from_pretrained(model: PSPNet, cfg: ModelConfig, root: str | Path | None = None) -> Path | None:
+    """Start ``model`` from the converted ImageNet backbone that ``cfg.pretrained`` names (no-op when empty).
+
+    The one call the training worker makes after ``build_model``.
+    """
+    if not cfg.pretrained:
+        return None
+    backbone_for(cfg.pretrained, cfg)
+    path = pretrained_file(cfg.pretrained, root)
+    load_backbone(model, path)
+    return path
+
+
+Downloader = Callable[..., Path]
+
+
+def fetch_pretrained(
+    backbones: Iterable[Backbone],
+    out_dir: str | Path,
+    *,
+    root: str | Path,
+    cache_dir: str | Path,
+    download: Downloader | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Download, verify and convert each backbone to ``out_dir/<name>.pt``; write ``out_dir/manifest.json``.
+
+    Raw downloads stay in ``cache_dir`` (outside the stage's output, so an interrupted download resumes on the
+    next run). A URL without a scheme is a path relative to ``root`` (the authors' files, kept locally).
+
+    Returns:
+        ``{name: {"url", "sha256", "pinned", "depth", "stem_widths", "dropped", "file"}}`` (the manifest).
+    """
+    if download is None:
+        from pipeline.data.download import download
+    out_dir, cache_dir, root = Path(out_dir), Path(cache_dir), Path(root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: dict[str, dict[str, Any]] = {}
+    for b in backbones:
+        url = b.url if "://" in b.url else str(root / b.url)
+        if "://" not in b.url and not Path(url).is_file():
+            raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
+        raw = cache_dir / Path(b.url).name
+        full = b.sha256 if b.sha256 and len(b.sha256) == 64 else None
+        try:
+            download(url, raw, checksum=full, algo="sha256", progress=progress)
+            digest = verify_checksum(raw, b.sha256)
+        except (ValueError, OSError) as exc:  # ChecksumError, DownloadError, WeightsError
+            raw.unlink(missing_ok=True)  # wrong bytes are not kept (a partial .part is, for resuming)
+            raise WeightsError(f"{b.name} ({b.url}): {exc}") from exc
+        if not b.sha256:
+            print(
+                f"[pretrained] WARNING {b.name}: no published checksum; sha256 {digest} recorded in the "
+                f"manifest -- pin it in pipeline/model/weights.py BACKBONES",
+                file=sys.stderr,
+            )
+        state, info = convert_backbone(raw, b.layout)
+        if (info["depth"], tuple(info["stem_widths"]), info["width"]) != (
+            b.depth,
+            tuple(b.stem_widths),
+            b.width,
+        ):
+            raise WeightsError(
+                f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
+                f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
+            )
+        entry = {"name": b.name, "url": b.url, "sha256": digest, "pinned": bool(b.sha256), **info}
+        save_backbone(out_dir / f"{b.name}.pt", state, entry)
+        manifest[b.name] = entry | {"file": f"{b.name}.pt"}
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    _atomic(out_dir / "manifest.json", lambda f: f.write(text.encode()))
+    return manifest
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

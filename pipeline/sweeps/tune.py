@@ -1,0 +1,348 @@
+"""Ray Tune sweeps over the auxiliary-loss weight, the base learning rate and the PPM reduction ratio.
+
+Each trial is a function trainable (the "driver") that builds a distributed ``TorchTrainer`` running the
+ordinary training loop; rank 0's reports (validation mIoU every ``report_every`` iterations, all-reduced over
+the workers) reach Tune through ``TuneReportCallback`` and ASHA stops hopeless trials. MLflow gets one parent
+run per sweep and one child run per trial; the driver writes the results table, the plots and the best
+configuration (``tune_best.yaml``: promoting it into params.yaml is a human step).
+
+Resuming: the sweep's Tune experiment is named after a hash of its configuration; re-running the stage after
+the driver died restores it (``Tuner.restore``): finished trials are kept, unfinished ones continue from
+their Ray Train checkpoints, and the MLflow parent and child runs are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import ray
+import ray.train
+import ray.tune
+import yaml
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from pipeline import plots, tracking
+from pipeline.config import (
+    BenchmarkConfig,
+    ConfigError,
+    Params,
+    SweepConfig,
+    benchmark_from_dict,
+    config_hash,
+    flatten,
+    replace,
+    to_dict,
+)
+from pipeline.training.launcher import TRIAL_SLOT, check_scaling, init_ray
+from pipeline.training.worker import train_loop_per_worker
+
+METRIC = "val/miou"
+SEARCHED = ("aux_weight", "base_lr", "reduction")
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    table: pd.DataFrame
+    best: dict
+    summary: dict
+    parent_run_id: str
+
+
+def trial_benchmark(base: BenchmarkConfig, sweep: SweepConfig, point: dict) -> BenchmarkConfig:
+    """The benchmark config of one trial: the searched values, the sweep's budget, validation at each report."""
+    iterations = sweep.iterations or base.train.iterations
+    every = sweep.report_every or base.train.checkpoint_every
+    return replace(
+        base,
+        **{
+            "train.aux_weight": float(point["aux_weight"]),
+            "model.aux": float(point["aux_weight"]) > 0,
+            "train.base_lr": float(point["base_lr"]),
+            "model.reduction": float(point["reduction"]),
+            "train.iterations": iterations,
+            "train.checkpoint_every": every,
+            "train.val_every": every,
+        },
+    )
+
+
+def param_space(sweep: SweepConfig) -> dict:
+    if sweep.search == "grid":
+        return {
+            "aux_weight": ray.tune.grid_search(list(sweep.aux_weight)),
+            "base_lr": ray.tune.grid_search(list(sweep.base_lr)),
+            "reduction": ray.tune.grid_search(list(sweep.reduction)),
+        }
+    return {
+        "aux_weight": ray.tune.choice(list(sweep.aux_weight)),
+        "base_lr": ray.tune.loguniform(sweep.lr_min, sweep.lr_max),
+        "reduction": ray.tune.choice(list(sweep.reduction)),
+    }
+
+
+def max_concurrent_trials(bench: BenchmarkConfig, sweep: SweepConfig, resources: dict) -> int:
+    """How many trials the cluster holds at once (Tune does not count the Train workers' resources)."""
+    t = bench.train
+    cpus = resources.get("CPU", 0) - (0 if resources.get(TRIAL_SLOT) else 1)  # drivers' CPU slivers
+    fits = [int(cpus // (t.num_workers * t.cpus_per_worker))]
+    if t.use_gpu:
+        fits.append(int(resources.get("GPU", 0) // t.num_workers))
+    fit = min(fits)
+    if fit < 1:
+        raise ConfigError(
+            f"one trial needs {t.num_workers} workers x {t.cpus_per_worker} CPU"
+            f"{' + 1 GPU' if t.use_gpu else ''}; the cluster has {resources.get('CPU', 0):g} CPU and "
+            f"{resources.get('GPU', 0):g} GPU"
+        )
+    return min(fit, sweep.max_concurrent) if sweep.max_concurrent else fit
+
+
+def _trial(config: dict) -> None:
+    """One trial: a Ray Train run of the training loop with this trial's values, logged as an MLflow child run."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    base = benchmark_from_dict(config["bench"])
+    sweep = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["sweep"].items()})
+    bench = trial_benchmark(base, sweep, config)
+    uri, parent = config["mlflow_uri"], config["parent_run_id"]
+    exp_id = config["experiment_id"]
+    run_id = tracking.find_run(uri, exp_id, {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial_id})
+    if run_id is None:
+        run_id = tracking.start_run(
+            uri,
+            exp_id,
+            run_name=f"trial-{trial_id}",
+            tags={
+                tracking.PARENT_TAG: parent,
+                tracking.TRIAL_TAG: trial_id,
+                tracking.CONFIG_HASH_TAG: config_hash(bench),
+                tracking.BENCHMARK_TAG: config["benchmark"],
+            },
+            params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
+        )
+    t = bench.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "bench": to_dict(bench),
+            "benchmark": config["benchmark"],
+            "train_dir": config["train_dir"],
+            "val_dir": config["val_dir"],
+            "mlflow_uri": uri,
+            "run_id": run_id,
+            "root": config["root"],
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers,
+            use_gpu=t.use_gpu,
+            resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"{config['sweep_name']}-trial={trial_id}",
+            storage_path=config["storage_path"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    trainer.fit()
+    tracking.finish_run(uri, run_id)
+
+
+def _results_table(results, sweep: SweepConfig, max_reports: int, report_every: int) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        cfg = r.config or {}
+        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        miou = hist[METRIC].max() if METRIC in hist else float("nan")
+        reports = int(hist["training_iteration"].max()) if "training_iteration" in hist else 0
+        if r.error is not None:
+            why = f"error: {type(r.error).__name__}"
+        elif reports < max_reports:
+            why = "stopped early (ASHA)"
+        else:
+            why = "completed"
+        rows.append(
+            {
+                "trial_id": (r.metrics or {}).get("trial_id", ""),
+                **{k: cfg.get(k) for k in SEARCHED},
+                "best_miou": miou,
+                "reports": reports,
+                "iterations": reports * report_every,
+                "stop_reason": why,
+            }
+        )
+    return pd.DataFrame(rows).sort_values("best_miou", ascending=False, na_position="last")
+
+
+def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Path) -> SweepResult:
+    """Run (or resume) the sweep ``name`` and write ``tune_results.csv``, ``tune_best.yaml``,
+    ``tune_summary.json`` and the plots into ``out_dir``."""
+    cfg = params.sweep(name)
+    base = params.benchmark(cfg.benchmark)
+    data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
+    probe = trial_benchmark(
+        base, cfg, {"aux_weight": cfg.aux_weight[0], "base_lr": cfg.base_lr[0], "reduction": cfg.reduction[0]}
+    )
+    check_scaling(probe)
+    iterations, every = probe.train.iterations, probe.train.checkpoint_every
+    max_reports = math.ceil(iterations / every)
+
+    init_ray(params.ray.address)
+    concurrent = max_concurrent_trials(base, cfg, ray.cluster_resources())
+
+    uri = tracking.tracking_uri(params.mlflow, root)
+    exp_name = f"{tracking.experiment_name(params.mlflow, cfg.benchmark)}-tune"
+    exp_id = tracking.ensure_experiment(uri, exp_name, root)
+    shash = config_hash({"sweep": to_dict(cfg), "bench": to_dict(base)})
+    sweep_name = f"tune-{name}-{shash}"
+    parent = tracking.find_run(uri, exp_id, {tracking.SWEEP_HASH_TAG: shash}, status="RUNNING")
+    if parent is None:
+        parent = tracking.start_run(
+            uri,
+            exp_id,
+            run_name=sweep_name,
+            tags={
+                tracking.SWEEP_HASH_TAG: shash,
+                tracking.BENCHMARK_TAG: cfg.benchmark,
+                "git_commit": tracking.git_commit(root),
+                "pspnet.stage": "tune",
+            },
+            params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
+        )
+    storage = params.ray.storage_path or str(root / ".ray_results")
+    exp_path = f"{storage.rstrip('/')}/{sweep_name}"
+    # A trial's driver only waits on its TorchTrainer: it holds a logical slot (local clusters) or a sliver
+    # of a CPU (clusters started elsewhere), never a whole core its workers need.
+    resources = ray.cluster_resources()
+    driver = {TRIAL_SLOT: 1} if resources.get(TRIAL_SLOT) else {"CPU": 0.01}
+    trainable = ray.tune.with_resources(_trial, driver)
+    constants = {
+        "bench": to_dict(base),
+        "sweep": to_dict(cfg),
+        "benchmark": cfg.benchmark,
+        "train_dir": str(data_dir / "train"),
+        "val_dir": str(data_dir / "val"),
+        "mlflow_uri": uri,
+        "parent_run_id": parent,
+        "experiment_id": exp_id,
+        "root": str(root),
+        "sweep_name": sweep_name,
+        "storage_path": storage,
+    }
+    if ray.tune.Tuner.can_restore(exp_path):
+        print(f"[tune] resuming {exp_path}", flush=True)
+        tuner = ray.tune.Tuner.restore(
+            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        search_alg = None
+        if cfg.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(metric=METRIC, mode="max", seed=cfg.seed)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=param_space(cfg) | constants,
+            tune_config=ray.tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                num_samples=cfg.num_samples,
+                search_alg=search_alg,
+                max_concurrent_trials=concurrent,
+                scheduler=ASHAScheduler(
+                    max_t=max_reports, grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor
+                ),
+            ),
+            run_config=ray.tune.RunConfig(name=sweep_name, storage_path=storage),
+        )
+    results = tuner.fit()
+
+    table = _results_table(results, cfg, max_reports, every)
+    done = table.dropna(subset=["best_miou"])
+    if done.empty:
+        tracking.finish_run(uri, parent, "FAILED")
+        raise RuntimeError(f"sweep {name}: no trial reported {METRIC}")
+    best_row = done.iloc[0]
+    best = {k: (float(best_row[k])) for k in SEARCHED} | {"best_miou": float(best_row["best_miou"])}
+    full = len(table) * iterations
+    ran = int(table["iterations"].sum())
+    summary = {
+        "sweep": name,
+        "benchmark": cfg.benchmark,
+        "search": cfg.search,
+        "trials": len(table),
+        "stopped_early": int((table["stop_reason"] == "stopped early (ASHA)").sum()),
+        "iterations_run": ran,
+        "iterations_full": full,
+        "compute_saved_frac": 1 - ran / full if full else 0.0,
+        "best": best,
+        "parent_run_id": parent,
+        "max_concurrent_trials": concurrent,
+    }
+    _write_outputs(out_dir, table, best, summary, base, cfg)
+
+    for _, row in table.iterrows():
+        child = tracking.find_run(
+            uri, exp_id, {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: row["trial_id"]}
+        )
+        if child:
+            tracking.set_tags(
+                uri,
+                child,
+                {"pspnet.stop_reason": row["stop_reason"], "pspnet.iterations_run": row["iterations"]},
+            )
+            status = "FAILED" if row["stop_reason"].startswith("error") else "FINISHED"
+            if row["stop_reason"] != "completed":
+                tracking.finish_run(uri, child, status)
+    tracking.log_table(uri, parent, table, "tune_results.json")
+    tracking.log_metrics(
+        uri,
+        parent,
+        {
+            "best_miou": best["best_miou"],
+            "compute_saved_frac": summary["compute_saved_frac"],
+            "trials_stopped_early": summary["stopped_early"],
+        },
+    )
+    tracking.log_artifacts(uri, parent, sorted(out_dir.glob("tune_*")))
+    tracking.finish_run(uri, parent)
+    return SweepResult(table, best, summary, parent)
+
+
+def _write_outputs(
+    out_dir: Path, table: pd.DataFrame, best: dict, summary: dict, base: BenchmarkConfig, cfg: SweepConfig
+) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def atomic(path: Path, text: str) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    atomic(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
+    promote = {
+        "benchmark": cfg.benchmark,
+        "best_val_miou": best["best_miou"],
+        "note": "Copy these into params.yaml by hand to adopt them (tune does not edit params.yaml).",
+        "params": {
+            f"benchmarks.{cfg.benchmark}.train.aux_weight": best["aux_weight"],
+            f"benchmarks.{cfg.benchmark}.model.aux": best["aux_weight"] > 0,
+            f"benchmarks.{cfg.benchmark}.train.base_lr": best["base_lr"],
+            f"benchmarks.{cfg.benchmark}.model.reduction": best["reduction"],
+        },
+    }
+    atomic(out_dir / "tune_best.yaml", yaml.safe_dump(promote, sort_keys=False))
+    plots.sweep_scatter(
+        table,
+        list(SEARCHED),
+        out_dir / "tune_miou.png",
+        f"sweep {summary['sweep']}: best validation mIoU per trial",
+    )

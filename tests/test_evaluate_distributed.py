@@ -1,0 +1,128 @@
+"""Evaluation sharded over a real local Ray cluster (2 CPU workers) against one process, and the result cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray
+import torch
+
+from pipeline.config import ModelConfig, params_from_dict, replace
+from pipeline.data.shards import ShardedSegmentation
+from pipeline.evaluation import split as split_module
+from pipeline.evaluation.distributed import _chunks, evaluate_distributed
+from pipeline.evaluation.evaluate import evaluate_benchmark, protocols
+from pipeline.evaluation.inference import prepare_model
+from pipeline.evaluation.split import evaluate_rows
+from pipeline.model.checkpoint import save_model
+from pipeline.model.pspnet import build_model
+from tests.conftest import tiny_params_dict
+
+pytestmark = pytest.mark.slow
+
+CFG = ModelConfig(depth=18, width=0.25, stem_widths=(8, 8, 16), head_channels=16, aux=False)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bench():
+    b = params_from_dict(tiny_params_dict()).benchmark("synthetic")
+    return replace(b, **{"eval.ms_scales": (0.75, 1.25), "eval.crop_size": 64, "eval.num_vis": 2})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, bench):
+    torch.manual_seed(0)
+    model = build_model(CFG, bench.data.num_classes)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    d = bench.data
+    save_model(
+        path, model, model_config=CFG, num_classes=d.num_classes, conventions={"mean": d.mean, "std": d.std}
+    )
+    return path, model.eval()
+
+
+def test_chunks_cover_the_rows_once() -> None:
+    rows = list(range(10))
+    for n in (1, 3, 8, 25):
+        parts = _chunks(rows, n)
+        assert sum(parts, []) == rows and len(parts) == min(n, 10) and all(parts)
+
+
+def test_sharded_equals_single_process_bit_for_bit(local_ray, tiny_prepared, bench, checkpoint) -> None:
+    _, model = checkpoint
+    d = bench.data
+    shards = ShardedSegmentation(tiny_prepared / "val")
+    rows = list(range(len(shards)))
+    settings = {"num_classes": d.num_classes, "ignore_index": d.ignore_index, "mean": d.mean, "std": d.std}
+    chosen = protocols(bench)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray task (1 CPU) runs, so each image's arithmetic is the same
+    try:
+        single = evaluate_rows(prepare_model(model), shards, chosen, rows, keep=[0, 5], **settings)
+    finally:
+        torch.set_num_threads(threads)
+    sharded = evaluate_distributed(
+        model,
+        tiny_prepared / "val",
+        chosen,
+        num_workers=2,
+        rows=rows,
+        keep=[0, 5],
+        progress=False,
+        **settings,
+    )
+    for key in chosen:
+        assert torch.equal(sharded[key].matrix.mat, single[key].matrix.mat)
+        assert int(sharded[key].matrix.mat.sum()) > 0 and sharded[key].images == len(rows)
+        assert sorted(sharded[key].samples) == [0, 5]
+        for row in (0, 5):
+            assert (sharded[key].samples[row] == single[key].samples[row]).all()
+
+
+def test_evaluate_benchmark_caches_and_shards(
+    local_ray, tiny_prepared, bench, checkpoint, tmp_path, monkeypatch
+):
+    path, _ = checkpoint
+    cache_dir = tmp_path / "cache"
+    kw = {"model_path": path, "data_dir": tiny_prepared, "cache_dir": cache_dir, "progress": False}
+
+    first = evaluate_benchmark("synthetic", bench, out_dir=tmp_path / "a", num_workers=2, **kw)
+    assert not first["ss"]["cached"] and not first["ms"]["cached"]
+    assert first["ms"]["protocol"] == "ms2+flip/slide64" and first["ss"]["images"] == 8
+    assert len(list(cache_dir.glob("*.npz"))) == 2
+    for name in (
+        "metrics.json",
+        "per_class.csv",
+        "predictions.png",
+        "per_class_iou.png",
+        "confusion_matrix.png",
+    ):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    header = (tmp_path / "a" / "per_class.csv").read_text().splitlines()[0]
+    assert f"iou ms ms2+flip/slide64 {first['ms']['protocol_hash']}" in header
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("an unchanged evaluation ran a forward pass")
+
+    monkeypatch.setattr(split_module, "predict", no_forward)
+    second = evaluate_benchmark("synthetic", bench, out_dir=tmp_path / "b", num_workers=1, **kw)
+    assert second["ss"]["cached"] and second["ms"]["cached"]
+    for key in ("ss", "ms"):
+        assert second[key]["miou"] == first[key]["miou"]
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["ms"]["cached"] is True
+
+    # a changed protocol field is a miss for that protocol only
+    monkeypatch.undo()
+    changed = replace(bench, **{"eval.ms_scales": (0.75, 1.0)})
+    third = evaluate_benchmark("synthetic", changed, out_dir=tmp_path / "c", num_workers=1, **kw)
+    assert third["ss"]["cached"] and not third["ms"]["cached"]
+    assert third["ms"]["protocol_hash"] != first["ms"]["protocol_hash"]
