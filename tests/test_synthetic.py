@@ -163,6 +163,8 @@ def test_context_distance_is_respected_at_the_demo_setting() -> None:
         _, label, scene = render_scene(160, (0, 0, i), context_distance=0.4)
         obj = RAW["boat"] if scene == "water" else RAW["car"]
         band = np.isin(label, [RAW["water"], RAW["road"]])
-        dist = cv2.distanceTransform(np.where(band, 0, 255).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+        dist = cv2.distanceTransform(
+            np.where(band, 0, 255).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE
+        )
         if np.any(label == obj):
             assert dist[label == obj].min() >= 0.4 * 160
