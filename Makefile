@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.5
 
-.PHONY: install demo test test-fast lint mlflow-ui clean
+.PHONY: install demo study tune test test-fast lint mlflow-ui clean
 
 install: $(STAMP)
 
@@ -20,12 +20,20 @@ $(STAMP): pyproject.toml
 
 ## The whole pipeline on the embedded synthetic benchmark: CPU, a local Ray cluster, MLflow in ./mlflow.db.
 demo: $(STAMP)
-	dvc repro report@synthetic
+	dvc repro summary
 	@echo
 	@dvc metrics show
 	@echo
-	@echo "Report:       reports/synthetic/report.md (figures beside it)"
+	@echo "Report:       reports/README.md (benchmark: reports/synthetic/report.md; studies: reports/studies/)"
 	@echo "MLflow UI:    .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
+
+## The full synthetic Tables 1 and 2 (7 + 5 cells x 3 seeds; about an hour on 2 cores).
+study: $(STAMP)
+	dvc repro study@synthetic-table1 study@synthetic-table2
+
+## A Ray Tune sweep over alpha, the learning rate and the reduction ratio on the synthetic benchmark.
+tune: $(STAMP)
+	dvc repro tune@synthetic
 
 ## The test suite (what CI runs through .ci/run).
 test: $(STAMP)

@@ -284,6 +284,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from pipeline.sweeps.study import run_study
+
+    params = load_params(args.params)
+    summary = run_study(args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
+    print(summary["markdown"])
+    print(f"[study] {args.out}/study.md (MLflow parent run {summary['parent_run_id']})")
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    from pipeline.report import write_summary
+
+    path = write_summary(Path(args.out), [Path(p) for p in args.benchmark], [Path(p) for p in args.study])
+    print(f"[summary] {path}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.evaluation.metrics import score_dirs
 
@@ -367,6 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", required=True)
     p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
     p.add_argument("--out", required=True)
+    p = sub.add_parser("study", help="an ablation study (params.yaml `studies`)")
+    p.set_defaults(fn=cmd_study)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--study", required=True)
+    p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("summary", help="reports/README.md from the benchmarks' and studies' outputs")
+    p.set_defaults(fn=cmd_summary)
+    p.add_argument("--out", default="reports")
+    p.add_argument("--benchmark", action="append", default=[], help="a reports/NAME folder (repeatable)")
+    p.add_argument("--study", action="append", default=[], help="a reports/studies/NAME folder (repeatable)")
     p = add("score", cmd_score, "score PNG predictions against PNG ground truth")
     p.add_argument("pred_dir")
     p.add_argument("gt_dir")

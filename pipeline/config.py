@@ -200,6 +200,26 @@ class SweepConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """An ablation study: named cells (dotted overrides of one benchmark's config), each trained with every
+    seed through the sweep machinery (a Tune grid), evaluated, and aggregated as mean +- std per cell.
+
+    ``table`` names the paper table the cells mirror (``table1`` pooling/bins/DR, ``table2`` aux weight,
+    ``table3`` depth, ``table4`` steps); each cell's ``paper`` row key maps it onto a row of that table.
+    """
+
+    benchmark: str = "synthetic"
+    table: Literal["table1", "table2", "table3", "table4"] = "table1"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # Applied to every cell before the cell's own overrides (the study's training budget).
+    common: dict[str, Any] = field(default_factory=dict)
+    cells: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Which paper row each cell stands for (cell name -> the row's method/alpha/depth label).
+    paper_rows: dict[str, str] = field(default_factory=dict)
+    protocols: tuple[Literal["ss", "ms"], ...] = ("ss",)
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
     experiment_prefix: str = "pspnet"
@@ -215,8 +235,14 @@ class RayConfig:
 class Params:
     benchmarks: dict[str, BenchmarkConfig]
     sweeps: dict[str, SweepConfig] = field(default_factory=dict)
+    studies: dict[str, StudyConfig] = field(default_factory=dict)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def study(self, name: str) -> StudyConfig:
+        if name not in self.studies:
+            raise ConfigError(f"unknown study {name!r}; params define {sorted(self.studies)}")
+        return self.studies[name]
 
     def sweep(self, name: str) -> SweepConfig:
         if name not in self.sweeps:
@@ -241,6 +267,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return _build(tp, value, where)
+    if tp is Any:
+        if not isinstance(value, (bool, int, float, str, list, type(None))):
+            raise ConfigError(f"{where}: expected a scalar or a list, got {value!r}")
+        return value
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
@@ -342,6 +372,24 @@ def _validate(obj: Any, where: str) -> None:
         need(0 < obj.lr_min <= obj.lr_max, "lr_min", "0 < lr_min <= lr_max")
         need(obj.reduction_factor >= 2, "reduction_factor", "an integer >= 2")
     elif isinstance(obj, Params):
+        for name, study in obj.studies.items():
+            if study.benchmark not in obj.benchmarks:
+                raise ConfigError(
+                    f"{where}.studies.{name}.benchmark: {study.benchmark!r} is not one of {sorted(obj.benchmarks)}"
+                )
+            if not study.cells or not study.seeds:
+                raise ConfigError(f"{where}.studies.{name}: needs at least one cell and one seed")
+            unknown = sorted(set(study.paper_rows) - set(study.cells))
+            if unknown:
+                raise ConfigError(f"{where}.studies.{name}.paper_rows: {unknown} are not cells")
+            for cell in study.cells:
+                study_cell_config(
+                    obj.benchmarks[study.benchmark],
+                    study,
+                    cell,
+                    seed=study.seeds[0],
+                    where=f"{where}.studies.{name}.cells.{cell}",
+                )
         for name, sweep in obj.sweeps.items():
             if sweep.benchmark not in obj.benchmarks:
                 raise ConfigError(
@@ -421,3 +469,16 @@ def replace(obj: Any, **changes: Any) -> Any:
 def benchmark_from_dict(raw: dict, where: str = "benchmark") -> BenchmarkConfig:
     """Rebuild a :class:`BenchmarkConfig` from its ``to_dict`` form (e.g. inside a Ray worker)."""
     return _build(BenchmarkConfig, raw, where)
+
+
+def study_cell_config(
+    base: BenchmarkConfig, study: StudyConfig, cell: str, *, seed: int, where: str = "study"
+) -> BenchmarkConfig:
+    """One cell's benchmark config: the study's common overrides, the cell's own, then the seed. The result is
+    rebuilt through the schema, so a mistyped override key or value fails with its dotted name."""
+    overrides = {**study.common, **study.cells[cell], "train.seed": seed}
+    try:
+        changed = replace(base, **overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+    return benchmark_from_dict(to_dict(changed), where)

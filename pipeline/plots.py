@@ -139,3 +139,18 @@ def confusion_matrices(
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title)
     _save(fig, path)
+
+
+def study_bars(cells: pd.DataFrame, metric: str, path: Path, title: str) -> None:
+    """One bar per cell: mean with a +-std error bar (over seeds)."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(cells)), 3.4))
+    means = 100 * cells[f"{metric}_mean"].to_numpy(float)
+    stds = 100 * np.nan_to_num(cells[f"{metric}_std"].to_numpy(float))
+    ax.bar(range(len(cells)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(cells)), cells["cell"], rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (%)")
+    low = float(np.nanmin(means - stds)) if len(means) else 0.0
+    ax.set_ylim(max(0.0, low - 5), min(100.0, float(np.nanmax(means + stds)) + 3))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    _save(fig, path)

@@ -143,3 +143,61 @@ def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, m
     tmp.write_text(render(benchmark, bench, metrics, per_class, train_info))
     os.replace(tmp, path)
     return path
+
+
+def machine_description() -> str:
+    import platform
+
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Path:
+    """``reports/README.md``: every benchmark's headline numbers with their protocols, every study's table
+    beside the paper, the machine and the wall times. Reads only the stages' recorded outputs."""
+    lines = [
+        "# Reproduction report",
+        "",
+        f"Machine: {machine_description()}.",
+        "",
+        "## Benchmarks",
+        "",
+        "| benchmark | protocol | mIoU % | mAcc % | aAcc % | protocol hash | train wall s | report |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for bdir in benchmarks:
+        metrics = json.loads((bdir / "metrics.json").read_text())
+        info_path = Path("models") / bdir.name / "train_info.json"
+        seconds = json.loads(info_path.read_text()).get("seconds", "?") if info_path.is_file() else "?"
+        for key in ("ss", "ms"):
+            s = metrics[key]
+            lines.append(
+                f"| {bdir.name} | `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | "
+                f"{_pct(s['aacc'])} | `{s['protocol_hash']}` | {seconds} | "
+                f"[{bdir.name}/report.md]({bdir.name}/report.md) |"
+            )
+        if "context" in metrics:
+            c = metrics["context"]
+            lines.append("")
+            lines.append(
+                f"`{bdir.name}` context ({'/'.join(c['classes'])} pair accuracy, 50 % = chance): "
+                + ", ".join(f"{k} {_pct(c[k]['pair_accuracy'])} %" for k in ("ss", "ms") if k in c)
+            )
+    lines.append("")
+    for sdir in studies:
+        text = (sdir / "study.md").read_text()
+        lines += [
+            text.replace("## Study", "## Study", 1),
+            f"![{sdir.name}](studies/{sdir.name}/study.png)",
+            "",
+        ]
+    path = out / "README.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path

@@ -53,3 +53,10 @@ def tiny_prepared(tmp_path_factory) -> Path:
     fetch("synthetic", bench, base / "archives", progress=False)
     prepare("synthetic", bench, base / "archives", base / "prepared", progress=False)
     return base / "prepared"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri(monkeypatch):
+    """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which the pipeline honours: keep one
+    test's store from leaking into the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -65,5 +65,5 @@ def test_dvc_repro_synthetic(tmp_path):
     # Nothing changed: every stage is up to date and nothing runs again.
     again = _run([*dvc, "repro", "report@synthetic"], repo, env).stdout
     assert "Running stage" not in again
-    status = _run([*dvc, "status"], repo, env).stdout
+    status = _run([*dvc, "status", "--with-deps", "report@synthetic"], repo, env).stdout
     assert "up to date" in status

@@ -57,8 +57,9 @@ def test_train_evaluate_report_end_to_end(local_ray, tiny_prepared, tmp_path):
     assert runs.loc[0, "params.train.iterations"] == "6"
     assert runs.loc[0, "status"] == "FINISHED"
     curve = write_train_curve(uri, result.run_id, tmp_path / "reports" / "train_curve.csv")
-    assert list(curve["iteration"]) == [2, 4, 6]
-    assert curve["loss"].map(math.isfinite).all() and curve["val_miou"].notna().sum() == 2
+    logged = curve.dropna(subset=["loss"])
+    assert list(logged["iteration"]) == [2, 4, 6] and logged["loss"].map(math.isfinite).all()
+    assert list(curve.dropna(subset=["val_miou"])["iteration"]) == [3, 6]
 
     # the exported model is self-describing and predicts at the input size
     model, meta = load_model(result.model_path)

@@ -104,16 +104,18 @@ def test_sweep_resumes_after_driver_killed(tiny_prepared, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 400
         finished: list = []
         while time.time() < deadline and not finished:
             time.sleep(1)
             if (tmp_path / "mlflow.db").exists():
-                try:
+                try:  # a trial is done when its last validation report (iteration 20) is logged
+                    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
                     finished = [
                         r
                         for r in _runs(tmp_path)
-                        if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags
+                        if "mlflow.parentRunId" in r.data.tags
+                        and any(m.step == 20 for m in client.get_metric_history(r.info.run_id, "val/miou"))
                     ]
                 except Exception:  # the experiment may not exist yet
                     finished = []
@@ -121,6 +123,8 @@ def test_sweep_resumes_after_driver_killed(tiny_prepared, tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    parents = [r for r in _runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "RUNNING", "the sweep ended before the kill"
     done_id = finished[0].info.run_id
     done_points = len(mlflow.MlflowClient().get_metric_history(done_id, "train/loss"))
 

@@ -87,6 +87,30 @@ def param_space(sweep: SweepConfig) -> dict:
     }
 
 
+def trial_driver_resources() -> dict:
+    """A trial's driver only waits on its TorchTrainer: it holds a logical slot (local clusters) or a sliver of a
+    CPU (clusters started elsewhere), never a whole core its workers need."""
+    return {TRIAL_SLOT: 1} if ray.cluster_resources().get(TRIAL_SLOT) else {"CPU": 0.01}
+
+
+def scaling_and_run_config(bench: BenchmarkConfig, name: str, storage: str, callbacks: list) -> tuple:
+    """The ``ScalingConfig`` and ``RunConfig`` of one trial's Ray Train run."""
+    t = bench.train
+    scaling = ray.train.ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
+    )
+    run = ray.train.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=callbacks,
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+    )
+    return scaling, run
+
+
 def max_concurrent_trials(bench: BenchmarkConfig, sweep: SweepConfig, resources: dict) -> int:
     """How many trials the cluster holds at once (Tune does not count the Train workers' resources)."""
     t = bench.train
@@ -126,7 +150,9 @@ def _trial(config: dict) -> None:
             },
             params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
         )
-    t = bench.train
+    scaling, run = scaling_and_run_config(
+        bench, f"{config['sweep_name']}-trial={trial_id}", config["storage_path"], [TuneReportCallback()]
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -138,18 +164,8 @@ def _trial(config: dict) -> None:
             "run_id": run_id,
             "root": config["root"],
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"{config['sweep_name']}-trial={trial_id}",
-            storage_path=config["storage_path"],
-            callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-        ),
+        scaling_config=scaling,
+        run_config=run,
     )
     trainer.fit()
     tracking.finish_run(uri, run_id)
@@ -218,11 +234,7 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         )
     storage = params.ray.storage_path or str(root / ".ray_results")
     exp_path = f"{storage.rstrip('/')}/{sweep_name}"
-    # A trial's driver only waits on its TorchTrainer: it holds a logical slot (local clusters) or a sliver
-    # of a CPU (clusters started elsewhere), never a whole core its workers need.
-    resources = ray.cluster_resources()
-    driver = {TRIAL_SLOT: 1} if resources.get(TRIAL_SLOT) else {"CPU": 0.01}
-    trainable = ray.tune.with_resources(_trial, driver)
+    trainable = ray.tune.with_resources(_trial, trial_driver_resources())
     constants = {
         "bench": to_dict(base),
         "sweep": to_dict(cfg),
@@ -298,9 +310,11 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
                 child,
                 {"pspnet.stop_reason": row["stop_reason"], "pspnet.iterations_run": row["iterations"]},
             )
-            status = "FAILED" if row["stop_reason"].startswith("error") else "FINISHED"
-            if row["stop_reason"] != "completed":
-                tracking.finish_run(uri, child, status)
+            # Tune ends a trial's actor at ASHA's max_t or when it stops it early, often before the trial
+            # function closes its run: the driver closes every child here.
+            tracking.finish_run(
+                uri, child, "FAILED" if row["stop_reason"].startswith("error") else "FINISHED"
+            )
     tracking.log_table(uri, parent, table, "tune_results.json")
     tracking.log_metrics(
         uri,

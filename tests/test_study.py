@@ -1,0 +1,137 @@
+"""A study of two cells x two seeds end to end on the synthetic benchmark (real Ray, real MLflow), then the
+study's runs and tables read back through a real MLflow server's REST API on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+
+from pipeline.config import params_from_dict
+from pipeline.sweeps.study import run_study
+from pipeline.training.launcher import init_ray
+from tests.conftest import tiny_params_dict
+
+pytestmark = pytest.mark.slow
+
+
+def study_params() -> dict:
+    raw = tiny_params_dict()
+    raw["studies"] = {
+        "tiny": {
+            "benchmark": "synthetic",
+            "table": "table1",
+            "seeds": [0, 1],
+            "common": {"train.iterations": 4, "train.checkpoint_every": 4, "train.val_every": 4},
+            "cells": {"baseline": {"model.use_ppm": False}, "pyramid": {}},
+            "paper_rows": {"baseline": "ResNet50-Baseline", "pyramid": "ResNet50+B1236+AVE+DR"},
+            "protocols": ["ss"],
+        }
+    }
+    return raw
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return r.read()
+
+
+def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
+    params = params_from_dict(study_params())
+    init_ray()
+    try:
+        summary = run_study("tiny", params, data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path)
+    finally:
+        ray.shutdown()
+    cells = summary["cells"]
+    assert cells["cell"].tolist() == ["baseline", "pyramid"] and cells["n"].tolist() == [2, 2]
+    assert cells["ss/miou_mean"].between(0, 1).all() and cells["ss/miou_std"].notna().all()
+    runs = pd.read_csv(tmp_path / "out" / "runs.csv")
+    assert sorted(zip(runs["cell"], runs["seed"], strict=True)) == [
+        ("baseline", 0),
+        ("baseline", 1),
+        ("pyramid", 0),
+        ("pyramid", 1),
+    ]
+    text = (tmp_path / "out" / "study.md").read_text()
+    assert "ResNet50+B1236+AVE+DR" in text and "pyramid > baseline" in text
+
+    port = _free_port()
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if _get(f"{base}/health").strip() == b"OK":
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+        exp = json.loads(
+            _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=pspnet-synthetic-studies")
+        )
+        exp_id = exp["experiment"]["experiment_id"]
+        found = _post(
+            f"{base}/api/2.0/mlflow/runs/search",
+            {"experiment_ids": [exp_id], "filter": "tags.`pspnet.study` = 'tiny'", "max_results": 50},
+        )
+        children = [
+            r
+            for r in found["runs"]
+            if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))
+        ]
+        assert len(children) == 4
+        assert all(any(m["key"] == "ss/miou" for m in r["data"]["metrics"]) for r in children)
+        parent = summary["parent_run_id"]
+        listed = json.loads(_get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={parent}"))
+        paths = {f["path"] for f in listed.get("files", [])}
+        assert {"study_cells.json", "study.md"} <= paths
+        table = json.loads(_get(f"{base}/get-artifact?path=study_cells.json&run_uuid={parent}"))
+        assert sorted(table["columns"])[:2] == ["cell", "n"] or "cell" in table["columns"]
+        assert len(table["data"]) == 2
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
