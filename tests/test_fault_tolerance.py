@@ -50,9 +50,11 @@ def _history(root: Path, key: str) -> tuple[str, list[tuple[int, float]]]:
 
 
 def _wait_for_checkpoint(storage: Path, timeout: float = 180) -> None:
+    """Until a checkpoint is surely registered with Ray Train: the second one is on disk (the first was
+    reported before the second was written)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if list(storage.glob("*/checkpoint_*/state.pt")):
+        if len(list(storage.glob("*/checkpoint_*/state.pt"))) >= 2:
             return
         time.sleep(0.05)
     raise TimeoutError(f"no checkpoint appeared under {storage}")

@@ -171,16 +171,17 @@ def _trial(config: dict) -> None:
     tracking.finish_run(uri, run_id)
 
 
-def _results_table(results, sweep: SweepConfig, max_reports: int, report_every: int) -> pd.DataFrame:
+def _results_table(results, iterations: int) -> pd.DataFrame:
     rows = []
     for r in results:
         cfg = r.config or {}
         hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         miou = hist[METRIC].max() if METRIC in hist else float("nan")
         reports = int(hist["training_iteration"].max()) if "training_iteration" in hist else 0
+        ran = int(hist["iteration"].max()) if "iteration" in hist and hist["iteration"].notna().any() else 0
         if r.error is not None:
             why = f"error: {type(r.error).__name__}"
-        elif reports < max_reports:
+        elif ran < iterations:
             why = "stopped early (ASHA)"
         else:
             why = "completed"
@@ -190,7 +191,7 @@ def _results_table(results, sweep: SweepConfig, max_reports: int, report_every: 
                 **{k: cfg.get(k) for k in SEARCHED},
                 "best_miou": miou,
                 "reports": reports,
-                "iterations": reports * report_every,
+                "iterations": ran,
                 "stop_reason": why,
             }
         )
@@ -276,7 +277,7 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         )
     results = tuner.fit()
 
-    table = _results_table(results, cfg, max_reports, every)
+    table = _results_table(results, iterations)
     done = table.dropna(subset=["best_miou"])
     if done.empty:
         tracking.finish_run(uri, parent, "FAILED")

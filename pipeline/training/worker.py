@@ -180,6 +180,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
     log = rank == 0
 
+    torch.manual_seed(t.seed)  # the same initial weights on every rank and in every run
     model = build_model(bench.model, bench.data.num_classes)
     # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one.
     init_from_pretrained(model, bench.model, cfg.get("root"))
@@ -205,7 +206,6 @@ def train_loop_per_worker(cfg: dict) -> None:
         if log:
             print(f"[train] resumed from iteration {start} ({checkpoint.path})", flush=True)
             tracking.log_metrics(uri, run_id, {"train/resumed_from": start}, step=start)
-    _reseed_torch(t.seed, rank, start)
 
     cuda = device.type == "cuda"
     autocast_dtype = torch.bfloat16 if cuda and t.precision == "bf16" else None
@@ -225,9 +225,22 @@ def train_loop_per_worker(cfg: dict) -> None:
         pin=device.type == "cuda",
     )
 
+    if start >= t.iterations:
+        # Resumed from the final checkpoint (the driver died after training ended): report the final
+        # validation once more, so a Tune trial restored at this point still delivers its metric.
+        val = validate(model, bench, Path(cfg["val_dir"]), rank=rank, world=world, device=device)
+        ray.train.report(
+            {"iteration": start, "val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]},
+            checkpoint=None,
+        )
+        return
+
     window = {"loss": 0.0, "loss_main": 0.0, "loss_aux": 0.0, "n": 0, "wait": 0.0}
     tick = time.perf_counter()
     batches = iter(loader)
+    # After the loader's iterator (which draws its base seed from torch's RNG), so that a run resumed at
+    # `start` draws exactly the dropout masks an uninterrupted run draws after its checkpoint at `start`.
+    _reseed_torch(t.seed, rank, start)
     for it in range(start, t.iterations):
         t0 = time.perf_counter()
         images, labels = next(batches)
