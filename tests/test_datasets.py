@@ -453,3 +453,47 @@ def test_dvc_repro_fetches_and_prepares_the_three_benchmarks(tmp_path):
         manifest = json.loads((repo / "data" / "prepared" / name / "manifest.json").read_text())
         assert (manifest["splits"]["train"]["rows"], manifest["splits"]["val"]["rows"]) == rows, name
         assert manifest["gates"]["train"]["miou"] == 1.0
+
+
+@pytest.mark.slow
+def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
+    """The prepared real-layout data feeds the real training (Ray, 2 CPU workers) and evaluation paths."""
+    import yaml
+
+    import ray
+
+    from pipeline.config import replace
+    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.training.launcher import train
+
+    _ade_run(tmp_path, ade_files(n_train=4, n_val=2), expected_train=4)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    entry = raw["benchmarks"]["ade20k"]
+    entry["data"].update({"expected_train": 4, "expected_val": 2})
+    params = params_from_dict({"benchmarks": {"ade20k": entry}})
+    small = {
+        "model.depth": 18, "model.width": 0.125, "model.stem_widths": (8, 8, 16), "model.head_channels": 16,
+        "model.aux_channels": 8, "train.iterations": 2, "train.batch_size": 2, "train.num_workers": 2,
+        "train.use_gpu": False, "train.checkpoint_every": 2, "train.val_every": 2, "train.log_every": 1,
+        "train.augment.crop_size": 24, "eval.base_size": 28, "eval.crop_size": 24, "eval.ms_scales": (0.75, 1.0),
+    }  # fmt: skip
+    bench = replace(params.benchmark("ade20k"), **small)
+    params = replace(params, benchmarks={"ade20k": bench})
+    ray.init(num_cpus=2)
+    try:
+        result = train(
+            "ade20k", params, data_dir=tmp_path / "prepared", out_dir=tmp_path / "models", root=tmp_path
+        )
+    finally:
+        ray.shutdown()
+    assert result.iterations == 2
+    metrics = evaluate_benchmark(
+        "ade20k",
+        bench,
+        model_path=result.model_path,
+        data_dir=tmp_path / "prepared",
+        out_dir=tmp_path / "reports",
+        progress=False,
+    )
+    assert metrics["ss"]["images"] == 2 and 0.0 <= metrics["ms"]["miou"] <= 1.0
+    assert metrics["ms"]["protocol"].startswith("ms2+flip")

@@ -35,7 +35,7 @@ from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.evaluate import evaluate_split, pair_accuracy, protocols
 from pipeline.model.pspnet import build_model
-from pipeline.sweeps.tune import scaling_and_run_config, trial_driver_resources
+from pipeline.sweeps.tune import ReleaseOrphanedWorkerGroups, scaling_and_run_config, trial_driver_resources
 from pipeline.training.launcher import check_scaling, init_ray
 from pipeline.training.worker import load_training_state, train_loop_per_worker
 
@@ -243,7 +243,9 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
             tune_config=ray.tune.TuneConfig(
                 max_concurrent_trials=max_concurrent_trials(t0, _no_limit(), ray.cluster_resources())
             ),
-            run_config=ray.tune.RunConfig(name=study_dir, storage_path=storage),
+            run_config=ray.tune.RunConfig(
+                name=study_dir, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
+            ),
         )
     results = tuner.fit()
     errors = [r.error for r in results if r.error is not None]

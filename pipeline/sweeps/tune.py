@@ -87,6 +87,33 @@ def param_space(sweep: SweepConfig) -> dict:
     }
 
 
+class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
+    """Frees the worker placement groups of trials that Tune stopped.
+
+    A stopped trial's Ray Train controller dies with it; Ray's own cleaner removes its workers' placement group,
+    but it relies on the state API and was seen to miss it on a loaded machine, leaving the next trial waiting
+    forever for CPUs. When no other trial is running, every worker group still holding resources is an orphan.
+    """
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._release(trials, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._release(trials, trial)
+
+    @staticmethod
+    def _release(trials, ended) -> None:
+        from ray.util.placement_group import PlacementGroup, PlacementGroupID
+
+        if any(t is not ended and t.status == "RUNNING" for t in trials):
+            return
+        for pg_id, pg in ray.util.placement_group_table().items():
+            bundles = list(pg["bundles"].values())
+            is_driver = any(TRIAL_SLOT in b or b.get("CPU", 0) < 1 and "GPU" not in b for b in bundles)
+            if pg["state"] == "CREATED" and not is_driver:
+                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+
+
 def trial_driver_resources() -> dict:
     """A trial's driver only waits on its TorchTrainer: it holds a logical slot (local clusters) or a sliver of a
     CPU (clusters started elsewhere), never a whole core its workers need."""
@@ -273,7 +300,9 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
                     max_t=max_reports, grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor
                 ),
             ),
-            run_config=ray.tune.RunConfig(name=sweep_name, storage_path=storage),
+            run_config=ray.tune.RunConfig(
+                name=sweep_name, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
+            ),
         )
     results = tuner.fit()
 
