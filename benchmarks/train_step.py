@@ -86,8 +86,16 @@ def main() -> None:
     model, opt = fresh()
     counter = FlopCounterMode(display=False)
     with counter:
-        make_step(model, opt, images[:1], labels[:1], bf16=False, channels_last=False)()
-    flops_per_image = counter.get_total_flops()
+        # two images: the pyramid's 1x1 bin cannot batch-normalise a single image in training mode
+        make_step(
+            model,
+            opt,
+            images[:2].expand(2, -1, -1, -1).contiguous(),
+            labels[:2].expand(2, -1, -1).contiguous(),
+            bf16=False,
+            channels_last=False,
+        )()
+    flops_per_image = counter.get_total_flops() / 2
 
     model, opt = fresh()
     ref = time_step(make_step(model, opt, images, labels, bf16=False, channels_last=False), 1, iters, device)

@@ -458,9 +458,8 @@ def test_dvc_repro_fetches_and_prepares_the_three_benchmarks(tmp_path):
 @pytest.mark.slow
 def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     """The prepared real-layout data feeds the real training (Ray, 2 CPU workers) and evaluation paths."""
-    import yaml
-
     import ray
+    import yaml
 
     from pipeline.config import replace
     from pipeline.evaluation.evaluate import evaluate_benchmark
