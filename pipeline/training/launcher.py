@@ -130,7 +130,19 @@ def train(
         )
 
     init_ray(params.ray.address)
-    check_scaling(bench, gpus_available=ray.cluster_resources().get("GPU", 0.0), force=force)
+    resources = ray.cluster_resources()
+    check_scaling(bench, gpus_available=resources.get("GPU", 0.0), force=force)
+    cpus_needed = t.num_workers * t.cpus_per_worker
+    if (
+        cpus_needed > resources.get("CPU", 0.0)
+        and not os.environ.get("RAY_ADDRESS")
+        and not params.ray.address
+    ):
+        # A local cluster cannot grow: waiting for the workers would hang forever.
+        raise ScalingError(
+            f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker} needs "
+            f"{cpus_needed:g} CPUs; this local Ray cluster has {resources.get('CPU', 0.0):g}"
+        )
 
     uri = tracking.tracking_uri(params.mlflow, root)
     exp_id = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, benchmark), root)
