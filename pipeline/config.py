@@ -41,6 +41,10 @@ class SyntheticConfig:
     # Boats/cars keep at least this fraction of the image size from every water/road pixel, so that the
     # scene lies beyond the backbone's effective receptive field (the no-pyramid baseline is then near chance).
     context_distance: float = 0.4
+    # Boats/cars per image (fewest, most) and the largest long side as a fraction of the size: more and larger
+    # objects make the two context classes common enough to be learnt within a CPU budget.
+    objects: tuple[int, int] = (1, 4)
+    max_object: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,10 @@ class EvalConfig:
     num_vis: int = 6  # validation images drawn in the prediction panel
     # Bound on one image's score buffers plus its largest forward batch (pipeline/evaluation/inference.py).
     memory_budget_mb: float = 4096.0
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU always runs fp32
+    precision: Literal["fp32", "bf16"] = "bf16"  # the network's precision on CUDA (bf16 autocast)
+    # ... and on CPU: "bf16" needs native bf16 (AVX512-BF16 or AMX; about 2x faster there, measured in
+    # benchmarks/eval_protocol.py) and is refused where it would be emulated. The default keeps CPU numbers exact.
+    cpu_precision: Literal["fp32", "bf16"] = "fp32"
     # Ray tasks the validation split is sharded over; 1 = in the calling process, no Ray.
     num_workers: int = 1
     use_gpu: bool = False  # one GPU per Ray task (a cluster with GPUs); CPU tasks otherwise

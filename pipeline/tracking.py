@@ -140,6 +140,25 @@ def find_run(uri: str, experiment_id: str, tags: Mapping[str, str], status: str 
     return runs[0].info.run_id if runs else None
 
 
+def open_parent_run(
+    uri: str,
+    experiment_id: str,
+    sweep_hash: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any],
+) -> str:
+    """The parent run of a sweep or study: the RUNNING one with this ``sweep_hash`` (its driver died and the
+    sweep resumes), else a new one carrying ``tags`` and ``params``."""
+    found = find_run(uri, experiment_id, {SWEEP_HASH_TAG: sweep_hash}, status="RUNNING")
+    if found is not None:
+        return found
+    return start_run(
+        uri, experiment_id, run_name=run_name, tags={SWEEP_HASH_TAG: sweep_hash, **tags}, params=params
+    )
+
+
 def log_table(uri: str, run_id: str, table, artifact_file: str) -> None:
     """A pandas DataFrame as an MLflow table artifact (``.json`` or ``.parquet`` names only)."""
     MlflowClient(uri).log_table(run_id, data=table, artifact_file=artifact_file)

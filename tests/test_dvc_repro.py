@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, tiny_params_dict, write_params
 
@@ -35,7 +36,11 @@ def test_dvc_repro_synthetic(tmp_path):
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, repo / item)
-    write_params(repo / "params.yaml", tiny_params_dict())
+    raw = tiny_params_dict()
+    raw["sweeps"]["synthetic"].update(  # a 2-point grid of 6-iteration trials: the tune stage in seconds
+        {"aux_weight": [0.0, 0.4], "base_lr": [0.01], "reduction": [0.25], "iterations": 6, "report_every": 3}
+    )
+    write_params(repo / "params.yaml", raw)
     bin_dir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env |= {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "PYTHONPATH": str(repo)}
@@ -67,3 +72,13 @@ def test_dvc_repro_synthetic(tmp_path):
     assert "Running stage" not in again
     status = _run([*dvc, "status", "--with-deps", "report@synthetic"], repo, env).stdout
     assert "up to date" in status
+
+    # The sweep stage reuses the prepared data and writes its DVC-tracked outputs.
+    out = _run([*dvc, "repro", "tune@synthetic"], repo, env).stdout
+    assert "Running stage 'prepare@synthetic'" not in out
+    tune_dir = repo / "reports/tune-synthetic"
+    best = yaml.safe_load((tune_dir / "tune_best.yaml").read_text())
+    assert best["params"]["benchmarks.synthetic.train.aux_weight"] in (0.0, 0.4)
+    summary = json.loads((tune_dir / "tune_summary.json").read_text())
+    assert summary["trials"] == 2 and summary["iterations_full"] == 12
+    assert "up to date" in _run([*dvc, "status", "tune@synthetic"], repo, env).stdout

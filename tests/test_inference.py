@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from pipeline.config import EvalConfig, ModelConfig
+from pipeline.evaluation import inference
 from pipeline.evaluation.inference import (
     InferenceStats,
     Protocol,
+    cpu_has_native_bf16,
     predict,
     prepare_model,
     protocol_from_config,
@@ -218,3 +220,30 @@ def test_prepared_model_predicts_the_same() -> None:
     out = predict(fast, img, protocol, MEAN, STD, 5)
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.equal(out.argmax(0), ref.argmax(0))
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_cpu_bf16_is_close_to_fp32_and_really_runs_bf16() -> None:
+    """eval.cpu_precision: bf16 autocasts the convolutions (their outputs are bf16) and stays near fp32."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=18, width=0.25, stem_widths=(8, 8, 16), head_channels=16, aux=False)
+    fast = prepare_model(build_model(cfg, 5), channels_last=True)
+    dtypes: set[torch.dtype] = set()
+    last_conv = [m for m in fast.modules() if isinstance(m, nn.Conv2d)][-1]  # the classifier
+    last_conv.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+    protocol = Protocol(scales=(0.75, 1.0), flip=True, crop_size=33, base_size=48)
+    img = image(40, 48)
+    ref = predict(fast, img, protocol, MEAN, STD, 5)
+    assert dtypes == {torch.float32}
+    out = predict(fast, img, protocol, MEAN, STD, 5, precision="bf16")
+    assert torch.bfloat16 in dtypes
+    assert out.dtype == torch.float32 and torch.allclose(out.sum(0), torch.ones(40, 48), atol=1e-4)
+    assert not torch.equal(out, ref)  # really a different arithmetic ...
+    assert (out - ref).abs().max() < 0.05  # ... and close to the exact one
+    assert (out.argmax(0) == ref.argmax(0)).float().mean() > 0.95
+
+
+def test_cpu_bf16_is_refused_where_it_would_be_emulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="cpu_precision: fp32"):
+        predict(ConvModel(), image(8, 8), Protocol(crop_size=8, base_size=8), MEAN, STD, 4, precision="bf16")

@@ -168,3 +168,19 @@ def test_context_distance_is_respected_at_the_demo_setting() -> None:
         )
         if np.any(label == obj):
             assert dist[label == obj].min() >= 0.4 * 160
+
+
+def test_objects_and_max_object_set_the_context_classes_share() -> None:
+    """More and larger boats/cars cover more pixels; the settings are checked."""
+
+    def share(**kw) -> float:
+        labels = [render_scene(160, (0, 0, i), context_distance=0.4, **kw)[1] for i in range(12)]
+        return float(np.mean([np.isin(lab, (RAW["boat"], RAW["car"])).mean() for lab in labels]))
+
+    few, many = share(objects=(1, 1), max_object=0.1), share(objects=(4, 6), max_object=0.3)
+    assert 0 < few < many / 3
+    assert share(objects=(0, 0)) == 0
+    with pytest.raises(ValueError, match="objects"):
+        render_scene(160, 0, objects=(3, 1))
+    with pytest.raises(ValueError, match="max_object"):
+        render_scene(160, 0, max_object=0.9)

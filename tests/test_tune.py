@@ -137,3 +137,36 @@ def test_sweep_resumes_after_driver_killed(tiny_prepared, tmp_path):
     # the finished trial was not trained again
     assert len(mlflow.MlflowClient().get_metric_history(done_id, "train/loss")) == done_points
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_optuna_search_draws_from_the_space(tiny_prepared, tmp_path):
+    """search: optuna draws num_samples points: learning rates log-uniform in [lr_min, lr_max], the other
+    two from their lists, each a real trial with its own MLflow child run."""
+    raw = sweep_params(
+        search="optuna",
+        num_samples=3,
+        aux_weight=[0.0, 0.4],
+        reduction=[0.25, 0.5],
+        lr_min=0.002,
+        lr_max=0.03,
+        iterations=6,
+        report_every=3,
+        seed=7,
+    )
+    init_ray()
+    try:
+        result = sweep(
+            "tiny", params_from_dict(raw), data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path
+        )
+    finally:
+        ray.shutdown()
+    table = result.table
+    assert len(table) == 3 and result.summary["search"] == "optuna"
+    assert table["base_lr"].between(0.002, 0.03).all()
+    assert table["base_lr"].nunique() == 3  # drawn from the continuous range, not a grid
+    assert set(table["aux_weight"]) <= {0.0, 0.4} and set(table["reduction"]) <= {0.25, 0.5}
+    children = [r for r in _runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert len(children) == 3
+    assert sorted(float(r.data.params["train.base_lr"]) for r in children) == pytest.approx(
+        sorted(table["base_lr"])
+    )

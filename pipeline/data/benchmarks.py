@@ -137,6 +137,8 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
             size=s.size,
             seed=s.seed,
             context_distance=s.context_distance,
+            objects=s.objects,
+            max_object=s.max_object,
             progress=progress,
         )
     sums = {SYNTHETIC_ARCHIVE: {"sha256": sha}}

@@ -55,6 +55,8 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 ARCHIVE_TOP = "SyntheticScenes"  # the folder inside the archive, like ADE's ``ADEChallengeData2016/``
 BAND_AREA = (0.12, 0.16)  # fraction of the image covered by the water/road band
 CONTEXT_MIN_DISTANCE = 0.3  # boats/cars keep at least this fraction of the image size from water/road pixels
+OBJECTS = (1, 4)  # boats/cars per image, inclusive range
+MAX_OBJECT = 0.2  # an object's long side is log-uniform in [6 px, MAX_OBJECT * size]
 JPEG_QUALITY = 90
 MIN_SIZE, MAX_SIZE = 96, 256
 
@@ -158,6 +160,8 @@ def render_scene(
     *,
     scene: str | None = None,
     context_distance: float = CONTEXT_MIN_DISTANCE,
+    objects: tuple[int, int] = OBJECTS,
+    max_object: float = MAX_OBJECT,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Draw one synthetic image before noise-free JPEG encoding.
 
@@ -168,6 +172,8 @@ def render_scene(
             seed changes only the band's pixels and the boat/car labels: everything else comes from a stream
             that never sees the scene type.
         context_distance: boats/cars keep at least ``context_distance * size`` px from every water/road pixel.
+        objects: ``(fewest, most)`` boats/cars tried per image (an object that finds no room is skipped).
+        max_object: the largest long side of an object as a fraction of ``size`` (the smallest is 6 px).
 
     Returns:
         ``(image (S, S, 3) uint8 RGB, label (S, S) uint8 raw values 0..8, scene)``.
@@ -176,6 +182,10 @@ def render_scene(
         raise ValueError(f"synthetic image size {size!r}: expected an integer in {MIN_SIZE}..{MAX_SIZE}")
     if scene is not None and scene not in SCENES:
         raise ValueError(f"scene {scene!r}: expected one of {SCENES} or None")
+    if not (len(objects) == 2 and 0 <= objects[0] <= objects[1]):
+        raise ValueError(f"synthetic objects {objects!r}: expected (fewest, most) with 0 <= fewest <= most")
+    if not 6 / size < max_object <= 0.5:
+        raise ValueError(f"synthetic max_object {max_object!r}: expected a fraction in ({6 / size:.3f}, 0.5]")
     scene_seq, band_seq, main_seq = np.random.SeedSequence(seed).spawn(3)
     if scene is None:
         scene = SCENES[int(np.random.default_rng(scene_seq).integers(2))]
@@ -261,8 +271,8 @@ def render_scene(
     dist = cv2.distanceTransform(not_band, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     free = (ground & (dist >= np.ceil(context_distance * s))).astype(np.uint8)
     cls = RAW["boat"] if scene == "water" else RAW["car"]
-    for _ in range(int(rng.integers(1, 5))):
-        long_side = float(np.exp(rng.uniform(np.log(6), np.log(s / 5))))
+    for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
+        long_side = float(np.exp(rng.uniform(np.log(6), np.log(max_object * s))))
         short_side = max(4.0, long_side * rng.uniform(0.45, 1.0))
         h, w = (short_side, long_side) if rng.random() < 0.5 else (long_side, short_side)
         h, w = int(round(h)), int(round(w))
@@ -321,6 +331,8 @@ def generate(
     size: int,
     seed: int,
     context_distance: float = CONTEXT_MIN_DISTANCE,
+    objects: tuple[int, int] = OBJECTS,
+    max_object: float = MAX_OBJECT,
     progress: bool = False,
 ) -> None:
     """Write the benchmark in the ADE20K release layout under ``root``.
@@ -343,7 +355,13 @@ def generate(
 
         jobs = tqdm(jobs, desc="synthetic", unit="img")
     for folder, prefix, stream, index in jobs:
-        image, label, _ = render_scene(size, (seed, stream, index), context_distance=context_distance)
+        image, label, _ = render_scene(
+            size,
+            (seed, stream, index),
+            context_distance=context_distance,
+            objects=objects,
+            max_object=max_object,
+        )
         stem = f"SYN_{prefix}_{index:08d}"
         ok_jpg, jpg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         ok_png, png = cv2.imencode(".png", label)
@@ -362,6 +380,8 @@ def build_archive(
     size: int,
     seed: int,
     context_distance: float = CONTEXT_MIN_DISTANCE,
+    objects: tuple[int, int] = OBJECTS,
+    max_object: float = MAX_OBJECT,
     progress: bool = False,
 ) -> str:
     """Generate the benchmark and pack it as ``archive_path`` (a ZIP with top folder ``SyntheticScenes/``).
@@ -385,6 +405,8 @@ def build_archive(
             size=size,
             seed=seed,
             context_distance=context_distance,
+            objects=objects,
+            max_object=max_object,
             progress=progress,
         )
         entries = sorted(

@@ -100,7 +100,7 @@ def evaluate_benchmark(
         "ignore_index": d.ignore_index,
         "mean": mean,
         "std": std,
-        "precision": e.precision if on_gpu else "fp32",  # CPU always runs float32
+        "precision": e.precision if on_gpu else e.cpu_precision,
         "batch_size": e.batch_size,
         "memory_budget_mb": e.memory_budget_mb,
     }

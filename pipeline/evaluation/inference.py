@@ -23,7 +23,9 @@ Speed without changing the arithmetic's meaning (``benchmarks/eval_protocol.py``
 * The windows of one scale (and their mirrors) go through the network in as few batches as ``batch_size``
   and ``memory_budget_mb`` allow; softmax, flip-average and accumulation happen in place in float32 on the
   device (no float64, no per-window host copies).
-* bf16 autocast on CUDA (``precision="bf16"``); CPU always runs float32.
+* ``precision="bf16"``: bf16 autocast of the network, on CUDA or on a CPU with native bf16 (AVX512-BF16 or
+  AMX; refused where oneDNN would emulate it). Softmax and accumulation stay float32. Not bit-exact: the label
+  maps move on pixels whose two best classes are within bf16 rounding.
 """
 
 from __future__ import annotations
@@ -229,9 +231,12 @@ def window_bytes(model: nn.Module, crop: int, num_classes: int, device: torch.de
 
 
 def _autocast(device: torch.device, enabled: bool):
-    return (
-        torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else nullcontext()
-    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512-BF16 or AMX), not emulated."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -289,7 +294,8 @@ class _Runner:
                 f"model output {tuple(logits.shape)} does not match the input {tuple(batch.shape)}; "
                 f"expected (N, {self.num_classes}, h, w) logits at the input size"
             )
-        probs = torch.softmax(logits, dim=1, dtype=torch.float32)  # (B or 2B, C, h, w)
+        # float32 NCHW: the score buffers are NCHW, and adding channels-last tiles into them is twice as slow
+        probs = torch.softmax(logits.contiguous(), dim=1, dtype=torch.float32)  # (B or 2B, C, h, w)
         del logits
         if self.flip:
             probs = probs[:b].add_(probs[b:].flip(-1)).mul_(0.5)  # (B, C, h, w)
@@ -363,7 +369,8 @@ def predict(
         batch_size: most images per forward pass in slide mode (mirrored copies included when ``flip``).
         memory_budget_mb: bound on the score buffers plus the largest forward batch (estimated by
             :func:`window_bytes`); ``None``: only ``batch_size`` bounds the batch.
-        precision: "bf16" autocasts the network on CUDA (``eval.precision``); CPU always runs float32.
+        precision: "bf16" autocasts the network (``eval.precision`` on CUDA, ``eval.cpu_precision`` on CPU;
+            a CPU without native bf16 is refused).
         stats: filled with forward passes, crops and time in the network.
 
     Returns:
@@ -379,15 +386,20 @@ def predict(
         raise ValueError(f"batch_size must be positive, got {batch_size!r}")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    device = torch.device(device)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError(
+            "precision 'bf16' on this CPU would be emulated (no AVX512-BF16/AMX) and slower than fp32; "
+            "set eval.cpu_precision: fp32"
+        )
     started = time.perf_counter()
     h, w = image.shape[:2]
-    device = torch.device(device)
     run = _Runner(
         model=model,
         num_classes=num_classes,
         flip=protocol.flip,
         device=device,
-        autocast=precision == "bf16" and device.type == "cuda",
+        autocast=precision == "bf16",
         channels_last=_is_channels_last(model),
         stats=stats,
     )

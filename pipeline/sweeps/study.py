@@ -24,6 +24,7 @@ from pipeline import ablation, plots, tracking
 from pipeline.config import (
     Params,
     StudyConfig,
+    SweepConfig,
     _build,
     benchmark_from_dict,
     config_hash,
@@ -35,8 +36,13 @@ from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.evaluate import evaluate_split, pair_accuracy, protocols
 from pipeline.model.pspnet import build_model
-from pipeline.sweeps.tune import ReleaseOrphanedWorkerGroups, scaling_and_run_config, trial_driver_resources
-from pipeline.training.launcher import check_scaling, init_ray
+from pipeline.sweeps.tune import (
+    ReleaseOrphanedWorkerGroups,
+    max_concurrent_trials,
+    restore_or_build,
+    trial_driver_resources,
+)
+from pipeline.training.launcher import check_scaling, init_ray, scaling_and_run_config
 from pipeline.training.worker import load_training_state, train_loop_per_worker
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
@@ -98,11 +104,12 @@ def _study_trial(config: dict) -> None:
     base = benchmark_from_dict(config["bench"])
     bench = study_cell_config(base, study, config["cell"], seed=int(config["seed"]))
     uri, parent, exp_id = config["mlflow_uri"], config["parent_run_id"], config["experiment_id"]
-    tags = {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial_id}
-    reuse = _finished_cell_run(uri, exp_id, config_hash(bench), study.protocols)
-    if reuse is not None:  # the same configuration and seed was trained and scored by another study
-        metrics, source = reuse
-        run_id = tracking.find_run(uri, exp_id, tags) or tracking.start_run(
+    chash = config_hash(bench)
+
+    def child_run(extra_tags: dict) -> str:
+        """This trial's child run: found again after a restart, else created with the cell's tags."""
+        tags = {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial_id}
+        return tracking.find_run(uri, exp_id, tags) or tracking.start_run(
             uri,
             exp_id,
             run_name=f"{config['study_name']}/{config['cell']}/seed{config['seed']}",
@@ -111,32 +118,22 @@ def _study_trial(config: dict) -> None:
                 STUDY_TAG: config["study_name"],
                 CELL_TAG: config["cell"],
                 SEED_TAG: str(config["seed"]),
-                tracking.CONFIG_HASH_TAG: config_hash(bench),
+                tracking.CONFIG_HASH_TAG: chash,
                 tracking.BENCHMARK_TAG: study.benchmark,
-                "pspnet.reused_from": source,
-            },
+            }
+            | extra_tags,
             params=flatten(bench),
         )
+
+    reuse = _finished_cell_run(uri, exp_id, chash, study.protocols)
+    if reuse is not None:  # the same configuration and seed was trained and scored by another study
+        metrics, source = reuse
+        run_id = child_run({"pspnet.reused_from": source})
         tracking.log_metrics(uri, run_id, metrics, step=bench.train.iterations)
         tracking.finish_run(uri, run_id)
         ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
         return
-    run_id = tracking.find_run(uri, exp_id, tags)
-    if run_id is None:
-        run_id = tracking.start_run(
-            uri,
-            exp_id,
-            run_name=f"{config['study_name']}/{config['cell']}/seed{config['seed']}",
-            tags=tags
-            | {
-                STUDY_TAG: config["study_name"],
-                CELL_TAG: config["cell"],
-                SEED_TAG: str(config["seed"]),
-                tracking.CONFIG_HASH_TAG: config_hash(bench),
-                tracking.BENCHMARK_TAG: study.benchmark,
-            },
-            params=flatten(bench),
-        )
+    run_id = child_run({})
     scaling, run = scaling_and_run_config(
         bench, f"{config['study_dir']}-trial={trial_id}", config["storage_path"], []
     )
@@ -195,35 +192,27 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
     shash = config_hash({"study": to_dict(study), "bench": to_dict(base)})
     study_dir = f"study-{name}-{shash}"
-    parent = tracking.find_run(uri, exp_id, {tracking.SWEEP_HASH_TAG: shash}, status="RUNNING")
-    if parent is None:
-        parent = tracking.start_run(
-            uri,
-            exp_id,
-            run_name=study_dir,
-            tags={
-                tracking.SWEEP_HASH_TAG: shash,
-                STUDY_TAG: name,
-                "pspnet.table": study.table,
-                tracking.BENCHMARK_TAG: study.benchmark,
-                "git_commit": tracking.git_commit(root),
-                "pspnet.stage": "study",
-            },
-            params={f"study.{k}": v for k, v in flatten(study).items()},
-        )
+    parent = tracking.open_parent_run(
+        uri,
+        exp_id,
+        shash,
+        run_name=study_dir,
+        tags={
+            STUDY_TAG: name,
+            "pspnet.table": study.table,
+            tracking.BENCHMARK_TAG: study.benchmark,
+            "git_commit": tracking.git_commit(root),
+            "pspnet.stage": "study",
+        },
+        params={f"study.{k}": v for k, v in flatten(study).items()},
+    )
     storage = params.ray.storage_path or str(root / ".ray_results")
     exp_path = f"{storage.rstrip('/')}/{study_dir}"
     trainable = ray.tune.with_resources(_study_trial, trial_driver_resources())
-    if ray.tune.Tuner.can_restore(exp_path):
-        print(f"[study] resuming {exp_path}", flush=True)
-        tuner = ray.tune.Tuner.restore(
-            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        from pipeline.sweeps.tune import max_concurrent_trials
 
+    def build() -> ray.tune.Tuner:
         t0 = study_cell_config(base, study, next(iter(study.cells)), seed=study.seeds[0])
-        tuner = ray.tune.Tuner(
+        return ray.tune.Tuner(
             trainable,
             param_space={
                 "cell": ray.tune.grid_search(list(study.cells)),
@@ -241,12 +230,14 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
                 "root": str(root),
             },
             tune_config=ray.tune.TuneConfig(
-                max_concurrent_trials=max_concurrent_trials(t0, _no_limit(), ray.cluster_resources())
+                max_concurrent_trials=max_concurrent_trials(t0, SweepConfig(), ray.cluster_resources())
             ),
             run_config=ray.tune.RunConfig(
                 name=study_dir, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
             ),
         )
+
+    tuner = restore_or_build(exp_path, trainable, build, "study")
     results = tuner.fit()
     errors = [r.error for r in results if r.error is not None]
     if errors:
@@ -267,12 +258,6 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     tracking.log_artifacts(uri, parent, sorted(out_dir.iterdir()))
     tracking.finish_run(uri, parent)
     return summary | {"parent_run_id": parent}
-
-
-def _no_limit():
-    from pipeline.config import SweepConfig
-
-    return SweepConfig()
 
 
 def metric_columns(study: StudyConfig, runs: pd.DataFrame) -> list[str]:

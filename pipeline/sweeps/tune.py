@@ -40,7 +40,7 @@ from pipeline.config import (
     replace,
     to_dict,
 )
-from pipeline.training.launcher import TRIAL_SLOT, check_scaling, init_ray
+from pipeline.training.launcher import TRIAL_SLOT, check_scaling, init_ray, scaling_and_run_config
 from pipeline.training.worker import train_loop_per_worker
 
 METRIC = "val/miou"
@@ -120,22 +120,15 @@ def trial_driver_resources() -> dict:
     return {TRIAL_SLOT: 1} if ray.cluster_resources().get(TRIAL_SLOT) else {"CPU": 0.01}
 
 
-def scaling_and_run_config(bench: BenchmarkConfig, name: str, storage: str, callbacks: list) -> tuple:
-    """The ``ScalingConfig`` and ``RunConfig`` of one trial's Ray Train run."""
-    t = bench.train
-    scaling = ray.train.ScalingConfig(
-        num_workers=t.num_workers,
-        use_gpu=t.use_gpu,
-        resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
-    )
-    run = ray.train.RunConfig(
-        name=name,
-        storage_path=storage,
-        callbacks=callbacks,
-        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-    )
-    return scaling, run
+def restore_or_build(exp_path: str, trainable, build, label: str) -> ray.tune.Tuner:
+    """The Tune experiment at ``exp_path`` restored (its driver died: finished trials are kept, unfinished and
+    errored ones continue from their checkpoints), else ``build()``'s new one."""
+    if ray.tune.Tuner.can_restore(exp_path):
+        print(f"[{label}] resuming {exp_path}", flush=True)
+        return ray.tune.Tuner.restore(
+            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    return build()
 
 
 def max_concurrent_trials(bench: BenchmarkConfig, sweep: SweepConfig, resources: dict) -> int:
@@ -246,20 +239,18 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
     shash = config_hash({"sweep": to_dict(cfg), "bench": to_dict(base)})
     sweep_name = f"tune-{name}-{shash}"
-    parent = tracking.find_run(uri, exp_id, {tracking.SWEEP_HASH_TAG: shash}, status="RUNNING")
-    if parent is None:
-        parent = tracking.start_run(
-            uri,
-            exp_id,
-            run_name=sweep_name,
-            tags={
-                tracking.SWEEP_HASH_TAG: shash,
-                tracking.BENCHMARK_TAG: cfg.benchmark,
-                "git_commit": tracking.git_commit(root),
-                "pspnet.stage": "tune",
-            },
-            params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
-        )
+    parent = tracking.open_parent_run(
+        uri,
+        exp_id,
+        shash,
+        run_name=sweep_name,
+        tags={
+            tracking.BENCHMARK_TAG: cfg.benchmark,
+            "git_commit": tracking.git_commit(root),
+            "pspnet.stage": "tune",
+        },
+        params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
+    )
     storage = params.ray.storage_path or str(root / ".ray_results")
     exp_path = f"{storage.rstrip('/')}/{sweep_name}"
     trainable = ray.tune.with_resources(_trial, trial_driver_resources())
@@ -276,18 +267,14 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         "sweep_name": sweep_name,
         "storage_path": storage,
     }
-    if ray.tune.Tuner.can_restore(exp_path):
-        print(f"[tune] resuming {exp_path}", flush=True)
-        tuner = ray.tune.Tuner.restore(
-            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
+
+    def build() -> ray.tune.Tuner:
         search_alg = None
         if cfg.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch(metric=METRIC, mode="max", seed=cfg.seed)
-        tuner = ray.tune.Tuner(
+        return ray.tune.Tuner(
             trainable,
             param_space=param_space(cfg) | constants,
             tune_config=ray.tune.TuneConfig(
@@ -304,6 +291,8 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
                 name=sweep_name, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
             ),
         )
+
+    tuner = restore_or_build(exp_path, trainable, build, "tune")
     results = tuner.fit()
 
     table = _results_table(results, iterations)

@@ -101,6 +101,28 @@ def init_ray(address: str = "") -> None:
         ray.init(runtime_env=env, resources={TRIAL_SLOT: 1000})
 
 
+def scaling_and_run_config(
+    bench: BenchmarkConfig, name: str, storage: str, callbacks: list | None = None, keep: int = 1
+) -> tuple[ray.train.ScalingConfig, ray.train.RunConfig]:
+    """The ``ScalingConfig`` and ``RunConfig`` of one Ray Train run (``pspnet train``, a sweep trial, a study
+    cell): ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs (and a GPU each with ``use_gpu``),
+    up to ``train.max_failures`` restarts from the newest of the ``keep`` checkpoints kept."""
+    t = bench.train
+    scaling = ray.train.ScalingConfig(
+        num_workers=t.num_workers,
+        use_gpu=t.use_gpu,
+        resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
+    )
+    run = ray.train.RunConfig(
+        name=name,
+        storage_path=storage,
+        callbacks=callbacks or [],
+        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
+    )
+    return scaling, run
+
+
 def train(
     benchmark: str,
     params: Params,
@@ -175,7 +197,7 @@ def train(
     ray_name = f"{benchmark}-{chash}-{run_id[:8]}"
     storage = params.ray.storage_path or str(root / ".ray_results")
 
-    resources = {"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {})
+    scaling, run_config = scaling_and_run_config(bench, ray_name, storage, keep=2)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -187,15 +209,8 @@ def train(
             "run_id": run_id,
             "root": str(root),
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources
-        ),
-        run_config=ray.train.RunConfig(
-            name=ray_name,
-            storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
+        scaling_config=scaling,
+        run_config=run_config,
     )
     started = time.time()
     try:
