@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,3 +65,52 @@ def _isolated_mlflow_uri(monkeypatch):
     """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which the pipeline honours: keep one
     test's store from leaking into the next."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def cli(*args: str) -> list[str]:
+    """The command line of ``pspnet ARGS`` run with this interpreter."""
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def cli_env() -> dict[str, str]:
+    """This environment without a tracking URI or Ray address, so a command uses its own local store/cluster."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+
+
+def kill_when(
+    cmd: list[str], cwd: Path, ready: Callable[[], bool], timeout: float, poll: float = 1.0
+) -> None:
+    """Start ``cmd`` in its own process group, wait until ``ready()`` (polled; an exception counts as not
+    yet) and SIGKILL the whole group, Ray driver and all: the crash a lost head node or a killed job gives."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=cli_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if ready():
+                    return
+            except Exception:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError(f"{cmd[3:]} ended ({proc.returncode}) before it could be killed")
+            time.sleep(poll)
+        raise AssertionError(f"{cmd[3:]}: not ready to be killed within {timeout:.0f} s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_ok(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to the end; fail with its output's tail unless it exits 0."""
+    proc = subprocess.run(cmd, cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"{cmd[3:]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc

@@ -7,10 +7,7 @@ the checkpointed iteration, keeps one MLflow run, and ends with the same final l
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +20,7 @@ import ray
 from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.training.launcher import train
-from tests.conftest import tiny_params_dict, write_params
+from tests.conftest import cli, kill_when, run_ok, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +46,17 @@ def _history(root: Path, key: str) -> tuple[str, list[tuple[int, float]]]:
     return runs[0].info.status, tracking.metric_history(uri, runs[0].info.run_id, [key])[key]
 
 
+def _checkpoints(storage: Path) -> int:
+    """Checkpoints on disk. A checkpoint is surely registered with Ray Train once the next one is written."""
+    return len(list(storage.glob("*/checkpoint_*/state.pt")))
+
+
 def _wait_for_checkpoint(storage: Path, timeout: float = 180) -> None:
-    """Until a checkpoint is surely registered with Ray Train: the second one is on disk (the first was
-    reported before the second was written)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if len(list(storage.glob("*/checkpoint_*/state.pt"))) >= 2:
-            return
+    while _checkpoints(storage) < 2:
+        if time.time() > deadline:
+            raise TimeoutError(f"no checkpoint appeared under {storage}")
         time.sleep(0.05)
-    raise TimeoutError(f"no checkpoint appeared under {storage}")
 
 
 def _final_loss(history: list[tuple[int, float]]) -> float:
@@ -118,10 +117,7 @@ def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, t
     ray.shutdown()  # the stage below starts its own local cluster, like `dvc repro` does
     try:
         params = write_params(tmp_path / "params.yaml", tiny_params_dict(**OVERRIDES))
-        cmd = [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
+        cmd = cli(
             "train",
             "--params",
             str(params),
@@ -131,27 +127,13 @@ def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, t
             str(tiny_prepared),
             "--out",
             str(tmp_path / "models"),
-        ]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-        first = subprocess.Popen(
-            cmd,
-            cwd=tmp_path,
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
-        try:
-            _wait_for_checkpoint(tmp_path / ".ray_results")
-        finally:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+        kill_when(cmd, tmp_path, lambda: _checkpoints(tmp_path / ".ray_results") >= 2, timeout=180, poll=0.05)
         assert not (tmp_path / "models" / "model.pt").exists()
         status, _ = _history(tmp_path, "train/loss")
         assert status == "RUNNING"  # the dead driver could not close its run
 
-        rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        rerun = run_ok(cmd, tmp_path, timeout=400)
         assert "resuming unfinished MLflow run" in rerun.stdout
         status, resumed = _history(tmp_path, "train/resumed_from")
         assert status == "FINISHED" and resumed

@@ -4,11 +4,6 @@ is written, and a sweep whose driver was killed resumes without repeating finish
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -19,7 +14,7 @@ import yaml
 from pipeline.config import params_from_dict
 from pipeline.sweeps.tune import sweep
 from pipeline.training.launcher import init_ray
-from tests.conftest import tiny_params_dict, write_params
+from tests.conftest import cli, kill_when, run_ok, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -80,10 +75,7 @@ def test_sweep_asha_mlflow_and_best_file(tiny_prepared, tmp_path):
 
 def test_sweep_resumes_after_driver_killed(tiny_prepared, tmp_path):
     params = write_params(tmp_path / "params.yaml", sweep_params(base_lr=[0.02, 0.01]))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.cli",
+    cmd = cli(
         "tune",
         "--params",
         str(params),
@@ -93,43 +85,26 @@ def test_sweep_resumes_after_driver_killed(tiny_prepared, tmp_path):
         str(tiny_prepared),
         "--out",
         str(tmp_path / "out"),
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    first = subprocess.Popen(
-        cmd,
-        cwd=tmp_path,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
     )
-    try:
-        deadline = time.time() + 400
-        finished: list = []
-        while time.time() < deadline and not finished:
-            time.sleep(1)
-            if (tmp_path / "mlflow.db").exists():
-                try:  # a trial is done when its last validation report (iteration 20) is logged
-                    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-                    finished = [
-                        r
-                        for r in _runs(tmp_path)
-                        if "mlflow.parentRunId" in r.data.tags
-                        and any(m.step == 20 for m in client.get_metric_history(r.info.run_id, "val/miou"))
-                    ]
-                except Exception:  # the experiment may not exist yet
-                    finished = []
-        assert finished, "no trial finished before the deadline"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    finished: list = []
+
+    def a_trial_finished() -> bool:  # its last validation report (iteration 20) is logged
+        client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        finished[:] = [
+            r
+            for r in _runs(tmp_path)
+            if "mlflow.parentRunId" in r.data.tags
+            and any(m.step == 20 for m in client.get_metric_history(r.info.run_id, "val/miou"))
+        ]
+        return bool(finished)
+
+    kill_when(cmd, tmp_path, a_trial_finished, timeout=400)
     parents = [r for r in _runs(tmp_path) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "RUNNING", "the sweep ended before the kill"
     done_id = finished[0].info.run_id
     done_points = len(mlflow.MlflowClient().get_metric_history(done_id, "train/loss"))
 
-    rerun = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rerun = run_ok(cmd, tmp_path, timeout=600)
     assert "[tune] resuming" in rerun.stdout
     runs = _runs(tmp_path)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
