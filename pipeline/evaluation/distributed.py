@@ -47,7 +47,7 @@ def _evaluate_chunk(
     kw = dict(kw)
     torch.set_num_threads(kw.pop("threads"))
     device = "cuda" if kw.pop("use_gpu") and torch.cuda.is_available() else "cpu"
-    model = prepare_model(model, device)
+    model = prepare_model(model, device, precision=kw["precision"])
     results = evaluate_rows(
         model, ShardedSegmentation(split_dir), protocols, rows, keep=keep, device=device, **kw
     )

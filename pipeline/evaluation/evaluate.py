@@ -145,7 +145,7 @@ def evaluate_benchmark(
                 **settings,
             )
         else:
-            fast = prepare_model(model, device)
+            fast = prepare_model(model, device, precision=settings["precision"])
             desc = "evaluate [" + ", ".join(p.name for p in todo.values()) + "]"
             with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress) as bar:
                 fresh = evaluate_rows(

@@ -126,7 +126,7 @@ def evaluate_split(
     With ``prepare`` the model is first made fast for inference (:func:`prepare_model`: eval mode, BatchNorm
     folded, channels-last, on ``device``; a copy, ``model`` itself is left as it is).
     """
-    model = prepare_model(model, device) if prepare else model.eval()
+    model = prepare_model(model, device, precision=precision) if prepare else model.eval()
     rows = list(range(len(shards))) if rows is None else list(rows)
     with tqdm(total=len(rows), desc=f"evaluate [{protocol.name}]", disable=not progress, unit="img") as bar:
         return evaluate_rows(
