@@ -8,6 +8,7 @@ model, its curves and its single-/multi-scale scores sit together. The tracking 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -22,6 +23,21 @@ from pipeline.config import MlflowConfig
 
 CONFIG_HASH_TAG = "pspnet.config_hash"
 BENCHMARK_TAG = "pspnet.benchmark"
+CODE_TAG = "pspnet.code"
+# The source that decides a trained model's numbers (not the reports, plots or CLI around them).
+_NUMERIC_CODE = ("config.py", "data", "model", "training", "evaluation", "sweeps")
+
+
+def code_fingerprint(package: Path | None = None) -> str:
+    """12 hex characters of the sha256 of the package source that decides the numbers: keys sweeps and study
+    cells, so that a finished sweep is not \"resumed\" (and a cell not reused) after that code changed."""
+    package = package or Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in _NUMERIC_CODE:
+        root = package / name
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:

@@ -80,13 +80,15 @@ def _evaluate(bench, state: dict, val_dir: Path, which: tuple[str, ...]) -> dict
     return out
 
 
-def _finished_cell_run(uri: str, exp_id: str, chash: str, which) -> tuple[dict, str] | None:
-    """Metrics of a finished, evaluated study run with this exact configuration (seed included), if any."""
+def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> tuple[dict, str] | None:
+    """Metrics of a finished, evaluated study run with this exact configuration (seed included) and the same
+    training/evaluation code, if any."""
     from mlflow.tracking import MlflowClient
 
     runs = MlflowClient(uri).search_runs(
         [exp_id],
-        filter_string=f"tags.`{tracking.CONFIG_HASH_TAG}` = '{chash}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{tracking.CONFIG_HASH_TAG}` = '{chash}' and tags.`{tracking.CODE_TAG}` = '{code}' "
+        "and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time ASC"],
     )
     for r in runs:
@@ -104,7 +106,7 @@ def _study_trial(config: dict) -> None:
     base = benchmark_from_dict(config["bench"])
     bench = study_cell_config(base, study, config["cell"], seed=int(config["seed"]))
     uri, parent, exp_id = config["mlflow_uri"], config["parent_run_id"], config["experiment_id"]
-    chash = config_hash(bench)
+    chash, code = config_hash(bench), tracking.code_fingerprint()
 
     def child_run(extra_tags: dict) -> str:
         """This trial's child run: found again after a restart, else created with the cell's tags."""
@@ -119,13 +121,14 @@ def _study_trial(config: dict) -> None:
                 CELL_TAG: config["cell"],
                 SEED_TAG: str(config["seed"]),
                 tracking.CONFIG_HASH_TAG: chash,
+                tracking.CODE_TAG: code,
                 tracking.BENCHMARK_TAG: study.benchmark,
             }
             | extra_tags,
             params=flatten(bench),
         )
 
-    reuse = _finished_cell_run(uri, exp_id, chash, study.protocols)
+    reuse = _finished_cell_run(uri, exp_id, chash, code, study.protocols)
     if reuse is not None:  # the same configuration and seed was trained and scored by another study
         metrics, source = reuse
         run_id = child_run({"pspnet.reused_from": source})
@@ -190,7 +193,9 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     uri = tracking.tracking_uri(params.mlflow, root)
     exp_name = f"{tracking.experiment_name(params.mlflow, study.benchmark)}-studies"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
-    shash = config_hash({"study": to_dict(study), "bench": to_dict(base)})
+    shash = config_hash(
+        {"study": to_dict(study), "bench": to_dict(base), "code": tracking.code_fingerprint()}
+    )
     study_dir = f"study-{name}-{shash}"
     parent = tracking.open_parent_run(
         uri,
@@ -202,6 +207,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
             "pspnet.table": study.table,
             tracking.BENCHMARK_TAG: study.benchmark,
             "git_commit": tracking.git_commit(root),
+            tracking.CODE_TAG: tracking.code_fingerprint(),
             "pspnet.stage": "study",
         },
         params={f"study.{k}": v for k, v in flatten(study).items()},

@@ -237,7 +237,7 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
     uri = tracking.tracking_uri(params.mlflow, root)
     exp_name = f"{tracking.experiment_name(params.mlflow, cfg.benchmark)}-tune"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
-    shash = config_hash({"sweep": to_dict(cfg), "bench": to_dict(base)})
+    shash = config_hash({"sweep": to_dict(cfg), "bench": to_dict(base), "code": tracking.code_fingerprint()})
     sweep_name = f"tune-{name}-{shash}"
     parent = tracking.open_parent_run(
         uri,
@@ -247,6 +247,7 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         tags={
             tracking.BENCHMARK_TAG: cfg.benchmark,
             "git_commit": tracking.git_commit(root),
+            tracking.CODE_TAG: tracking.code_fingerprint(),
             "pspnet.stage": "tune",
         },
         params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
@@ -379,3 +380,31 @@ def _write_outputs(
         out_dir / "tune_miou.png",
         f"sweep {summary['sweep']}: best validation mIoU per trial",
     )
+    atomic(out_dir / "tune.md", sweep_markdown(table, summary))
+
+
+def sweep_markdown(table: pd.DataFrame, summary: dict) -> str:
+    """The sweep's report: every trial, the best point, and the compute early stopping saved."""
+    b = summary["best"]
+    lines = [
+        f"## Sweep `{summary['sweep']}` on `{summary['benchmark']}` ({summary['search']}, ASHA on {METRIC})",
+        "",
+        f"{summary['trials']} trials, at most {summary['max_concurrent_trials']} at a time; "
+        f"{summary['stopped_early']} stopped early by ASHA. Iterations run: {summary['iterations_run']} of "
+        f"{summary['iterations_full']} for the full grid, **{100 * summary['compute_saved_frac']:.0f} % saved**.",
+        "",
+        f"Best: aux weight {b['aux_weight']:g}, base LR {b['base_lr']:.3g}, reduction {b['reduction']:g} "
+        f"(validation mIoU {100 * b['best_miou']:.2f} %); `tune_best.yaml` holds it for a human to copy into "
+        "params.yaml. MLflow parent run `" + str(summary["parent_run_id"]) + "`.",
+        "",
+        "| trial | aux weight | base LR | reduction | best val mIoU % | iterations | stopped |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for _, r in table.iterrows():
+        miou = "-" if pd.isna(r["best_miou"]) else f"{100 * r['best_miou']:.2f}"
+        lines.append(
+            f"| {r['trial_id']} | {r['aux_weight']:g} | {r['base_lr']:.3g} | {r['reduction']:g} | {miou} | "
+            f"{r['iterations']} | {r['stop_reason']} |"
+        )
+    lines += ["", "![validation mIoU per searched value](tune_miou.png)", ""]
+    return "\n".join(lines)
