@@ -247,10 +247,16 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
     from pipeline.model.weights import backbones_in_params, fetch_pretrained
 
     params = load_params(args.params)
+    if args.benchmark:
+        params.benchmark(args.benchmark)  # an unknown name fails here, naming the known ones
+    backbones, optional = backbones_in_params(params, args.benchmark or None)
     manifest = fetch_pretrained(
-        backbones_in_params(params), Path(args.out), root=_root(), cache_dir=Path(args.cache)
+        backbones, Path(args.out), root=_root(), cache_dir=Path(args.cache), optional=optional
     )
-    names = ", ".join(f"{k} ({v['sha256'][:12]})" for k, v in manifest.items()) or "none named in params"
+    names = ", ".join(
+        f"{k} ({'missing' if v.get('missing') else v['sha256'][:12]})" for k, v in manifest.items()
+    )
+    names = names or "none named in params"
     print(f"[pretrained] {args.out}: {names}")
     return 0
 
@@ -377,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrained", help="download, verify and convert the ImageNet backbones in params")
     p.set_defaults(fn=cmd_pretrained)
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--benchmark", default="", help="only this benchmark's backbone (DVC: pretrained@NAME)")
     p.add_argument("--out", required=True, help="folder for <name>.pt and manifest.json")
     p.add_argument("--cache", required=True, help="folder for the raw downloads (resumed across runs)")
     p = sub.add_parser("tune", help="a Ray Tune sweep (params.yaml `sweeps`)")

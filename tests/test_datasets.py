@@ -472,6 +472,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     params = params_from_dict({"benchmarks": {"ade20k": entry}})
     small = {
         "model.depth": 18, "model.width": 0.125, "model.stem_widths": (8, 8, 16), "model.head_channels": 16,
+        "model.pretrained": "",
         "model.aux_channels": 8, "train.iterations": 2, "train.batch_size": 4, "train.num_workers": 2, "train.cpus_per_worker": 1,
         "train.use_gpu": False, "train.checkpoint_every": 2, "train.val_every": 2, "train.log_every": 1,
         "train.augment.crop_size": 24, "eval.base_size": 28, "eval.crop_size": 24, "eval.ms_scales": (0.75, 1.0),

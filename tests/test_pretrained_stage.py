@@ -6,9 +6,11 @@ The server (stdlib ``http.server`` in a thread) serves a small ImageNet backbone
 
 from __future__ import annotations
 
+import copy
 import functools
 import http.server
 import io
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from conftest import ROOT, tiny_params_dict, write_params
 from reference_nets import imagenet_deep
 
 from pipeline.cli import main
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, load_params
 from pipeline.data.download import download
 from pipeline.model import weights
 from pipeline.model.pspnet import build_model
@@ -142,24 +144,52 @@ def test_stage_cli_reads_params_and_the_worker_hook_loads(tmp_path: Path, server
     params["benchmarks"]["synthetic"]["model"].update(
         {"depth": 50, "width": 0.125, "stem_widths": [8, 8, 16], "pretrained": entry.name}
     )
+    params["benchmarks"]["other"] = copy.deepcopy(params["benchmarks"]["synthetic"])
+    params["benchmarks"]["other"]["model"]["pretrained"] = ""
     path = write_params(tmp_path / "params.yaml", params)
     monkeypatch.chdir(tmp_path)
-    out = "data/pretrained"
-    assert main(["pretrained", "--params", str(path), "--out", out, "--cache", "data/downloads"]) == 0
+    out = "data/pretrained/synthetic"
+    cmd = [
+        "pretrained",
+        "--params",
+        str(path),
+        "--benchmark",
+        "synthetic",
+        "--out",
+        out,
+        "--cache",
+        "data/dl",
+    ]
+    assert main(cmd) == 0
     cfg = ModelConfig(**{**TINY.__dict__, "pretrained": entry.name})
     model = build_model(cfg, 8)
-    assert init_from_pretrained(model, cfg, tmp_path) == tmp_path / out / f"{entry.name}.pt"
+    assert init_from_pretrained(model, cfg, "synthetic", tmp_path) == tmp_path / out / f"{entry.name}.pt"
     assert torch.equal(model.layer4[2].conv3.weight, raw["layer4.2.conv3.weight"])
-    # a backbone that does not fit the benchmark's model is refused before any download
+    # a benchmark that names no backbone gets an empty manifest, offline
+    requests_before = len(server.requests)
+    other = ["pretrained", "--params", str(path), "--benchmark", "other", "--out", "data/pretrained/other",
+             "--cache", "data/dl"]  # fmt: skip
+    assert main(other) == 0 and len(server.requests) == requests_before
+    assert json.loads((tmp_path / "data/pretrained/other/manifest.json").read_text()) == {}
+    # an unknown benchmark, or a backbone that does not fit the benchmark's model, is refused before any download
+    assert main([*other[:4], "nope", *other[5:]]) == 2
     params["benchmarks"]["synthetic"]["model"]["stem_widths"] = [16, 16, 32]
     write_params(path, params)
-    assert main(["pretrained", "--params", str(path), "--out", out, "--cache", "data/downloads"]) == 2
+    assert main(cmd) == 2
 
 
 def test_dvc_stage_and_table() -> None:
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["pretrained"]
-    assert stage["cmd"].startswith("python stages/pretrained.py --out data/pretrained")
-    assert stage["outs"] == ["data/pretrained"] and "pipeline/model/weights.py" in stage["deps"]
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    stage = stages["pretrained"]
+    assert stage["foreach"] == "${benchmarks}"
+    assert stage["do"]["cmd"].startswith(
+        "python stages/pretrained.py --benchmark ${key} --out data/pretrained/${key}"
+    )
+    assert (
+        stage["do"]["outs"] == ["data/pretrained/${key}"]
+        and "pipeline/model/weights.py" in stage["do"]["deps"]
+    )
+    assert "data/pretrained/${key}" in stages["train"]["do"]["deps"]  # training waits for its backbone
     assert (ROOT / "stages" / "pretrained.py").is_file()
     table = weights.BACKBONES
     assert table["csail-resnet50"].stem_widths == (64, 64, 128)
@@ -173,3 +203,25 @@ def file_sha256_bytes(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+def test_each_benchmark_fetches_its_own_and_its_studies_backbones() -> None:
+    """pretrained@ade20k: the benchmark's ResNet-50 is required; the ResNet-101/152 of the Table 3 cells are
+    optional (the authors' ResNet-152 has no public URL); the synthetic demo needs none (stays offline)."""
+    params = load_params(ROOT / "params.yaml")
+    backbones, optional = weights.backbones_in_params(params, "ade20k")
+    assert {b.name for b in backbones} == {"csail-resnet50", "csail-resnet101", "semseg-resnet152-v2"}
+    assert optional == {"csail-resnet101", "semseg-resnet152-v2"}
+    assert weights.backbones_in_params(params, "synthetic") == ([], set())
+    assert {b.name for b in weights.backbones_in_params(params)[0]} >= {"csail-resnet50"}
+
+
+def test_a_missing_study_only_backbone_is_skipped(tmp_path: Path) -> None:
+    local_only = Backbone("tiny-local", 50, (8, 8, 16), "imagenet-deep", "initmodel/absent.pth", None, "test",
+                          width=0.125)  # fmt: skip
+    manifest = fetch_pretrained(
+        [local_only], tmp_path / "out", root=tmp_path, cache_dir=tmp_path / "c", optional={"tiny-local"}
+    )
+    assert manifest == {"tiny-local": {"name": "tiny-local", "url": "initmodel/absent.pth", "missing": True}}
+    with pytest.raises(WeightsError, match="absent.pth"):  # required: an error naming the file
+        fetch_pretrained([local_only], tmp_path / "out", root=tmp_path, cache_dir=tmp_path / "c")

@@ -234,15 +234,20 @@ def test_init_from_pretrained_checks_the_model(tmp_path: Path) -> None:
     try:
         cfg = dataclasses.replace(TINY, pretrained="tiny-r50")
         with pytest.raises(WeightsError, match="converted backbone not found"):
-            init_from_pretrained(build_model(cfg, 3), cfg, root)
-        save_backbone(root / "data" / "pretrained" / "tiny-r50.pt", state, info)
-        assert init_from_pretrained(build_model(cfg, 3), cfg, root) == root / "data/pretrained/tiny-r50.pt"
-        assert init_from_pretrained(build_model(TINY, 3), TINY, root) is None  # not set: no-op
+            init_from_pretrained(build_model(cfg, 3), cfg, "bench", root)
+        save_backbone(root / "data" / "pretrained" / "bench" / "tiny-r50.pt", state, info)
+        found = init_from_pretrained(build_model(cfg, 3), cfg, "bench", root)
+        assert found == root / "data/pretrained/bench/tiny-r50.pt"
+        with pytest.raises(WeightsError, match="converted backbone not found"):  # another benchmark's stage
+            init_from_pretrained(build_model(cfg, 3), cfg, "other", root)
+        assert init_from_pretrained(build_model(TINY, 3), TINY, "bench", root) is None  # not set: no-op
         wrong = dataclasses.replace(cfg, stem_widths=(4, 4, 8))
         with pytest.raises(WeightsError, match="stem"):
-            init_from_pretrained(build_model(wrong, 3), wrong, root)
+            init_from_pretrained(build_model(wrong, 3), wrong, "bench", root)
         with pytest.raises(WeightsError, match="unknown backbone 'nope'"):
-            init_from_pretrained(build_model(TINY, 3), dataclasses.replace(TINY, pretrained="nope"), root)
+            init_from_pretrained(
+                build_model(TINY, 3), dataclasses.replace(TINY, pretrained="nope"), "bench", root
+            )
     finally:
         del weights.BACKBONES["tiny-r50"]
 

@@ -56,7 +56,7 @@ from pipeline.model.pspnet import PSPNet, build_model
 from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE, DilatedResNet
 
 BACKBONE_FORMAT = "pspnet-repro-backbone/1"
-PRETRAINED_DIR = Path("data/pretrained")  # relative to the project root; the `pretrained` stage's output
+PRETRAINED_DIR = Path("data/pretrained")  # relative to the project root; pretrained@NAME writes <this>/NAME
 SOURCES = ("semseg", "mmseg", "csail")
 BACKBONE_LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
@@ -510,15 +510,35 @@ def backbone_for(name: str, cfg: ModelConfig, where: str = "model.pretrained") -
     return b
 
 
-def backbones_in_params(params: Any) -> list[Backbone]:
-    """The distinct backbones that the benchmarks of ``params`` (a :class:`pipeline.config.Params`) name in
-    ``model.pretrained``, each checked to fit its benchmark's model section."""
+def backbones_in_params(params: Any, benchmark: str | None = None) -> tuple[list[Backbone], set[str]]:
+    """The distinct backbones that ``model.pretrained`` names in ``params`` (a :class:`pipeline.config.Params`):
+    of every benchmark, or of ``benchmark`` and of the study cells run on it; each is checked to fit the model
+    section that names it.
+
+    Returns:
+        ``(backbones, optional)``: ``optional`` holds the names only study cells use (a study-only backbone
+        without a public URL may be missing without stopping the benchmark's own training).
+    """
+    from pipeline.config import study_cell_config
+
     chosen: dict[str, Backbone] = {}
+    needed: set[str] = set()
     for bench_name, bench in params.benchmarks.items():
+        if benchmark not in (None, bench_name):
+            continue
         if bench.model.pretrained:
             where = f"benchmarks.{bench_name}.model.pretrained"
             chosen[bench.model.pretrained] = backbone_for(bench.model.pretrained, bench.model, where)
-    return list(chosen.values())
+            needed.add(bench.model.pretrained)
+        for key, study in params.studies.items():
+            if study.benchmark != bench_name:
+                continue
+            for cell in study.cells:
+                model = study_cell_config(bench, study, cell, seed=study.seeds[0]).model
+                if model.pretrained:
+                    where = f"studies.{key}.cells.{cell}: model.pretrained"
+                    chosen[model.pretrained] = backbone_for(model.pretrained, model, where)
+    return list(chosen.values()), set(chosen) - needed
 
 
 def convert_backbone(path: str | Path, layout: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -548,7 +568,7 @@ def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(
-            f"{path}: converted backbone not found (run the `pretrained` stage: dvc repro pretrained)"
+            f"{path}: converted backbone not found (run the `pretrained` stage: dvc repro pretrained@BENCHMARK)"
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -567,13 +587,16 @@ def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
     return payload["backbone"]
 
 
-def pretrained_file(name: str, root: str | Path | None = None) -> Path:
-    """``<root>/data/pretrained/<name>.pt``; ``root`` defaults to the project holding this package."""
+def pretrained_file(name: str, benchmark: str, root: str | Path | None = None) -> Path:
+    """``<root>/data/pretrained/<benchmark>/<name>.pt`` (pretrained@BENCHMARK's output); ``root`` defaults to
+    the project holding this package."""
     base = Path(root) if root else Path(__file__).resolve().parents[2]
-    return base / PRETRAINED_DIR / f"{name}.pt"
+    return base / PRETRAINED_DIR / benchmark / f"{name}.pt"
 
 
-def init_from_pretrained(model: PSPNet, cfg: ModelConfig, root: str | Path | None = None) -> Path | None:
+def init_from_pretrained(
+    model: PSPNet, cfg: ModelConfig, benchmark: str, root: str | Path | None = None
+) -> Path | None:
     """Start ``model`` from the converted ImageNet backbone that ``cfg.pretrained`` names (no-op when empty).
 
     The one call the training worker makes after ``build_model``.
@@ -581,7 +604,7 @@ def init_from_pretrained(model: PSPNet, cfg: ModelConfig, root: str | Path | Non
     if not cfg.pretrained:
         return None
     backbone_for(cfg.pretrained, cfg)
-    path = pretrained_file(cfg.pretrained, root)
+    path = pretrained_file(cfg.pretrained, benchmark, root)
     load_backbone(model, path)
     return path
 
@@ -597,8 +620,12 @@ def fetch_pretrained(
     cache_dir: str | Path,
     download: Downloader | None = None,
     progress: bool = True,
+    optional: Iterable[str] = (),
 ) -> dict[str, dict[str, Any]]:
     """Download, verify and convert each backbone to ``out_dir/<name>.pt``; write ``out_dir/manifest.json``.
+
+    A backbone named in ``optional`` that has no public URL and whose local file is absent is skipped with a
+    warning (its manifest entry says so); the training that needs it then fails naming the file to place.
 
     Raw downloads stay in ``cache_dir`` (outside the stage's output, so an interrupted download resumes on the
     next run). A URL without a scheme is a path relative to ``root`` (the authors' files, kept locally).
@@ -611,8 +638,17 @@ def fetch_pretrained(
     out_dir, cache_dir, root = Path(out_dir), Path(cache_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, dict[str, Any]] = {}
+    optional = set(optional)
     for b in backbones:
         url = b.url if "://" in b.url else str(root / b.url)
+        if "://" not in b.url and not Path(url).is_file() and b.name in optional:
+            print(
+                f"[pretrained] WARNING {b.name} skipped: {url} is absent ({b.note}); only study cells use it. "
+                f"Place it and run `dvc repro -f pretrained@<benchmark>`.",
+                file=sys.stderr,
+            )
+            manifest[b.name] = {"name": b.name, "url": b.url, "missing": True}
+            continue
         if "://" not in b.url and not Path(url).is_file():
             raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
         raw = cache_dir / Path(b.url).name

@@ -183,7 +183,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.manual_seed(t.seed)  # the same initial weights on every rank and in every run
     model = build_model(bench.model, bench.data.num_classes)
     # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one.
-    init_from_pretrained(model, bench.model, cfg.get("root"))
+    init_from_pretrained(model, bench.model, cfg["benchmark"], cfg.get("root"))
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
