@@ -641,7 +641,9 @@ def fetch_pretrained(
     optional = set(optional)
     for b in backbones:
         url = b.url if "://" in b.url else str(root / b.url)
-        if "://" not in b.url and not Path(url).is_file() and b.name in optional:
+        if "://" not in b.url and not Path(url).is_file():
+            if b.name not in optional:
+                raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
             print(
                 f"[pretrained] WARNING {b.name} skipped: {url} is absent ({b.note}); only study cells use it. "
                 f"Place it and run `dvc repro -f pretrained@<benchmark>`.",
@@ -649,8 +651,6 @@ def fetch_pretrained(
             )
             manifest[b.name] = {"name": b.name, "url": b.url, "missing": True}
             continue
-        if "://" not in b.url and not Path(url).is_file():
-            raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
         raw = cache_dir / Path(b.url).name
         full = b.sha256 if b.sha256 and len(b.sha256) == 64 else None
         try:

@@ -106,7 +106,7 @@ def _study_trial(config: dict) -> None:
     base = benchmark_from_dict(config["bench"])
     bench = study_cell_config(base, study, config["cell"], seed=int(config["seed"]))
     uri, parent, exp_id = config["mlflow_uri"], config["parent_run_id"], config["experiment_id"]
-    chash, code = config_hash(bench), tracking.code_fingerprint()
+    chash, code = config_hash(bench), config["code"]  # the driver's fingerprint: part of this study's key
 
     def child_run(extra_tags: dict) -> str:
         """This trial's child run: found again after a restart, else created with the cell's tags."""
@@ -193,9 +193,8 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     uri = tracking.tracking_uri(params.mlflow, root)
     exp_name = f"{tracking.experiment_name(params.mlflow, study.benchmark)}-studies"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
-    shash = config_hash(
-        {"study": to_dict(study), "bench": to_dict(base), "code": tracking.code_fingerprint()}
-    )
+    code = tracking.code_fingerprint()
+    shash = config_hash({"study": to_dict(study), "bench": to_dict(base), "code": code})
     study_dir = f"study-{name}-{shash}"
     parent = tracking.open_parent_run(
         uri,
@@ -207,7 +206,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
             "pspnet.table": study.table,
             tracking.BENCHMARK_TAG: study.benchmark,
             "git_commit": tracking.git_commit(root),
-            tracking.CODE_TAG: tracking.code_fingerprint(),
+            tracking.CODE_TAG: code,
             "pspnet.stage": "study",
         },
         params={f"study.{k}": v for k, v in flatten(study).items()},
@@ -234,6 +233,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
                 "experiment_id": exp_id,
                 "storage_path": storage,
                 "root": str(root),
+                "code": code,
             },
             tune_config=ray.tune.TuneConfig(
                 max_concurrent_trials=max_concurrent_trials(t0, SweepConfig(), ray.cluster_resources())

@@ -237,7 +237,8 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
     uri = tracking.tracking_uri(params.mlflow, root)
     exp_name = f"{tracking.experiment_name(params.mlflow, cfg.benchmark)}-tune"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
-    shash = config_hash({"sweep": to_dict(cfg), "bench": to_dict(base), "code": tracking.code_fingerprint()})
+    code = tracking.code_fingerprint()
+    shash = config_hash({"sweep": to_dict(cfg), "bench": to_dict(base), "code": code})
     sweep_name = f"tune-{name}-{shash}"
     parent = tracking.open_parent_run(
         uri,
@@ -247,7 +248,7 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         tags={
             tracking.BENCHMARK_TAG: cfg.benchmark,
             "git_commit": tracking.git_commit(root),
-            tracking.CODE_TAG: tracking.code_fingerprint(),
+            tracking.CODE_TAG: code,
             "pspnet.stage": "tune",
         },
         params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
