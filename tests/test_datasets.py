@@ -497,3 +497,20 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     )
     assert metrics["ss"]["images"] == 2 and 0.0 <= metrics["ms"]["miou"] <= 1.0
     assert metrics["ms"]["protocol"].startswith("ms2+flip")
+
+
+def test_ade20k_fetch_keeps_a_users_other_files(tmp_path):
+    """The download path refuses an --out folder holding files it did not write, and deletes none of them."""
+    archive = _zip(tmp_path / "ADEChallengeData2016.zip", ade_files())
+    out = tmp_path / "datasets"
+    (out / "cityscapes").mkdir(parents=True)
+    (out / "cityscapes" / "leftImg8bit.zip").write_bytes(b"another dataset")
+    (out / "notes.txt").write_text("mine")
+    with serve({archive.name: archive.read_bytes()}) as srv:
+        bench = _bench("ade20k", mirror=srv.url, checksums={archive.name: _sha256(archive)})
+        with pytest.raises(DataError, match=r"datasets: holds 2 entries .*cityscapes, notes\.txt"):
+            fetch("ade20k", bench, out, progress=False)
+        assert not srv.requests  # refused before any download
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "cityscapes" / "leftImg8bit.zip").read_bytes() == b"another dataset"
+    assert sorted(p.name for p in out.iterdir()) == ["cityscapes", "notes.txt"]

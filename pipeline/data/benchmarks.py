@@ -127,6 +127,7 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
     if bench.data.source != "synthetic":
         return _fetch_release(benchmark, bench.data, out_dir, progress=progress)
     s = bench.data.synthetic
+    stale = _claim_fetch_folder(out_dir, [SYNTHETIC_ARCHIVE], "fetch")
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-work-") as work:
         sha = synthetic.build_archive(
@@ -143,6 +144,7 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
         )
     sums = {SYNTHETIC_ARCHIVE: {"sha256": sha}}
     _write_json(out_dir / CHECKSUMS, sums)
+    _remove(out_dir, stale)
     return sums
 
 
@@ -151,6 +153,7 @@ def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bo
     releases = SOURCES[d.source][0]
     if d.source == "cityscapes" and not d.mirror:
         cityscapes.locate_archives(d.archive_dir)  # both packages there, or the download instructions
+    stale = _claim_fetch_folder(out_dir, [r.name for r in releases], "fetch")
     out_dir.mkdir(parents=True, exist_ok=True)
     sums = {}
     for release in releases:
@@ -160,16 +163,142 @@ def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bo
         if digest is None:  # nothing published (Cityscapes): pin what we got for the prepare stage
             algo, digest = "sha256", file_digest(dest, "sha256")
         sums[release.name] = {algo: digest.lower()}
-    keep = set(sums) | {CHECKSUMS} | {f"{name}.part" for name in sums}
-    for stale in out_dir.iterdir():  # the folder is a DVC output: only what this fetch vouches for
-        if stale.name not in keep:
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     _write_json(out_dir / CHECKSUMS, sums)
+    _remove(out_dir, stale)
     return sums
+
+
+def _own_names(name: str) -> set[str]:
+    """The names fetch gives a file it writes: the file, its download ``.part`` and its temporary names."""
+    return {name, f"{name}.part", f".{name}.tmp"}
+
+
+def _claim_fetch_folder(out_dir: Path, names: list[str], command: str) -> list[str]:
+    """Check that ``out_dir`` holds nothing but what fetch writes; return what an earlier fetch left stale.
+
+    Fetch writes ``names`` (with their ``.part`` and temporary names) and ``checksums.json``; a
+    ``checksums.json`` already there lists the archives an earlier fetch wrote, which it may replace or
+    remove. Anything else is somebody else's file: fetch refuses to touch the folder rather than delete it.
+
+    Raises:
+        DataError: ``out_dir`` is not a folder, or holds entries fetch cannot prove it wrote.
+    """
+    if not out_dir.exists():
+        return []
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: --out must be a folder, found a file")
+    earlier: list[str] = []
+    sums_path = out_dir / CHECKSUMS
+    if sums_path.is_file():
+        try:
+            listed = json.loads(sums_path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(
+                f"{sums_path}: not a checksums file written by `pspnet {command}` ({exc}); "
+                "refusing to write into this folder"
+            ) from exc
+        if not isinstance(listed, dict):
+            raise DataError(f"{sums_path}: not a checksums file written by `pspnet {command}`")
+        earlier = [str(k) for k in listed if "/" not in str(k) and str(k) not in (".", "..")]
+    ours = {CHECKSUMS, f".{CHECKSUMS}.tmp"}
+    for name in [*names, *earlier]:
+        ours |= _own_names(name)
+    foreign = sorted(
+        p.name for p in out_dir.iterdir() if p.name not in ours and not _is_own_temp(p.name, names)
+    )
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(
+            f"{out_dir}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that `pspnet "
+            f"{command}` did not write ({shown}); it writes only into an empty folder or one it wrote before "
+            f"(listed in its {CHECKSUMS}). Choose another --out, or move those files away"
+        )
+    stale = [n for n in earlier if n not in names]
+    return sorted(
+        {m for n in stale for m in _own_names(n)}
+        | {p.name for p in out_dir.iterdir() if _is_own_temp(p.name, names)}
+    )
+
+
+def _is_own_temp(entry: str, names: list[str]) -> bool:
+    """A temporary file of an interrupted archive build (``.NAME.tmp-PID``, see synthetic.build_archive)."""
+    return any(entry.startswith(f".{name}.tmp-") for name in names)
+
+
+def _remove(folder: Path, names: list[str]) -> None:
+    """Remove the files ``names`` from ``folder`` (each proved to be this command's own; never a folder)."""
+    for name in names:
+        path = folder / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Prepare
+
+
+def _claim_prepared_folder(out_dir: Path) -> None:
+    """Check that an existing ``out_dir`` is a prepared benchmark that prepare wrote, before replacing it.
+
+    Prepare's output holds ``manifest.json`` (with its ``source`` and ``splits`` fields) and one folder per
+    split, each holding the shards its own manifest lists. A folder holding anything else is not ours to
+    replace: prepare refuses and names it.
+
+    Raises:
+        DataError: ``out_dir`` is a file, or a folder with entries prepare did not write.
+    """
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: --out must be a folder, found a file")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    foreign = _foreign_prepared_entries(out_dir, entries)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise DataError(
+            f"{out_dir}: holds entries that `pspnet prepare` did not write ({shown}); it replaces only an empty "
+            f"folder or a prepared benchmark of its own (with its {MANIFEST}). Choose another --out, or move "
+            "those files away"
+        )
+
+
+def _foreign_prepared_entries(out_dir: Path, entries: list[str]) -> list[str]:
+    """The entries of ``out_dir`` that no prepare manifest accounts for (all of them without a manifest)."""
+    try:
+        manifest = json.loads((out_dir / MANIFEST).read_text())
+        splits = manifest["splits"] if isinstance(manifest, dict) and "source" in manifest else None
+    except (OSError, ValueError, UnicodeDecodeError, KeyError):
+        splits = None
+    if not isinstance(splits, dict):
+        return entries
+    foreign = [e for e in entries if e != MANIFEST and e not in splits]
+    for split in splits:
+        folder = out_dir / split
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            listed = {s["name"] for s in json.loads((folder / MANIFEST).read_text())["shards"]}
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+            foreign.append(f"{split}/ (no shard manifest)")
+            continue
+        foreign += [f"{split}/{p.name}" for p in folder.iterdir() if p.name not in listed | {MANIFEST}]
+    return sorted(foreign)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Remove what an interrupted prepare of ``out_dir`` left beside it (its hidden extraction folders)."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}-extract-*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _swap_in(staged: Path, out_dir: Path, *, aside: Path) -> None:
+    """Put ``staged`` at ``out_dir``: the old folder is renamed aside first, so a kill leaves one of the two."""
+    if out_dir.exists():
+        os.replace(out_dir, aside)
+    os.replace(staged, out_dir)
 
 
 def expected_sizes(d: DataConfig) -> dict[str, int]:
@@ -242,7 +371,9 @@ def prepare(
         for algo, expected in digests.items():
             verify_checksum(archives / name, expected, algo)
     expected = expected_sizes(d)
+    _claim_prepared_folder(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-extract-") as tmp:
         work = Path(tmp) / "extracted"
         for name in sums:
@@ -286,9 +417,7 @@ def prepare(
             **{k: v for k, v in extra.items() if v is not None},
         }
         _write_json(staged / MANIFEST, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staged, out_dir)
+        _swap_in(staged, out_dir, aside=Path(tmp) / "previous")
     if len(sums) == 1:
         manifest["archive_sha256"] = file_digest(archives / next(iter(sums)))
     return manifest

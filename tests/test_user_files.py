@@ -1,0 +1,124 @@
+"""`fetch` and `prepare` never remove what they did not write (issue: a user's other files in --out)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import params_from_dict
+from pipeline.data.benchmarks import CHECKSUMS, SYNTHETIC_ARCHIVE, fetch, prepare
+from pipeline.data.prepare import DataError
+
+
+def _bench():
+    import yaml
+
+    from tests.conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    syn = raw["benchmarks"]["synthetic"]
+    syn["data"]["synthetic"] |= {"num_train": 4, "num_val": 2, "size": 96}
+    syn["data"]["shard_rows"] = 4
+    return params_from_dict({"benchmarks": {"synthetic": syn}}).benchmark("synthetic")
+
+
+def _user_files(folder: Path) -> dict[str, bytes]:
+    (folder / "other-dataset").mkdir(parents=True)
+    (folder / "notes.txt").write_bytes(b"my notes\n")
+    (folder / "other-dataset" / "img.jpg").write_bytes(b"\xff\xd8 not really")
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _still_there(folder: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        assert (folder / rel).read_bytes() == data, rel
+
+
+def test_fetch_refuses_a_folder_with_other_files_and_removes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "datasets"
+    files = _user_files(out)
+    with pytest.raises(DataError, match=r"datasets: holds 2 entries .*notes\.txt.*other-dataset"):
+        fetch("synthetic", _bench(), out, progress=False)
+    _still_there(out, files)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "other-dataset"]
+
+
+def test_fetch_cli_exits_2_naming_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "datasets"
+    files = _user_files(out)
+    params = tmp_path / "params.yaml"
+    import yaml
+
+    from tests.conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params.write_text(yaml.safe_dump(raw))
+    code = main(["fetch", "--benchmark", "synthetic", "--out", str(out), "--params", str(params)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "did not write" in err and "notes.txt" in err
+    _still_there(out, files)
+
+
+def test_fetch_rewrites_its_own_folder_and_drops_only_what_it_listed(tmp_path: Path) -> None:
+    out = tmp_path / "archives"
+    bench = _bench()
+    sums = fetch("synthetic", bench, out, progress=False)
+    # An earlier fetch that listed another archive (say, a renamed release): that one is fetch's own, stale.
+    (out / "Old.zip").write_bytes(b"old")
+    (out / CHECKSUMS).write_text(json.dumps({**sums, "Old.zip": {"sha256": "0" * 64}}))
+    (out / f".{SYNTHETIC_ARCHIVE}.tmp-12345").write_bytes(b"interrupted build")
+    assert fetch("synthetic", bench, out, progress=False) == sums
+    assert sorted(p.name for p in out.iterdir()) == sorted([CHECKSUMS, SYNTHETIC_ARCHIVE])
+    # A user's file dropped in later is never removed: fetch refuses instead.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="notes.txt"):
+        fetch("synthetic", bench, out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine" and (out / SYNTHETIC_ARCHIVE).is_file()
+
+
+def test_fetch_refuses_a_checksums_file_it_did_not_write(tmp_path: Path) -> None:
+    out = tmp_path / "archives"
+    out.mkdir()
+    (out / CHECKSUMS).write_text("not json")
+    with pytest.raises(DataError, match=r"checksums.json: not a checksums file written by `pspnet fetch`"):
+        fetch("synthetic", _bench(), out, progress=False)
+    assert (out / CHECKSUMS).read_text() == "not json"
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fetched") / "archives"
+    fetch("synthetic", _bench(), out, progress=False)
+    return out
+
+
+def test_prepare_refuses_a_folder_with_other_files(archives: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    files = _user_files(out)
+    with pytest.raises(DataError, match=r"prepared: holds entries that `pspnet prepare` did not write"):
+        prepare("synthetic", _bench(), archives, out, progress=False)
+    _still_there(out, files)
+
+
+def test_prepare_replaces_its_own_output_but_not_a_stray_file_inside(archives: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    first = prepare("synthetic", _bench(), archives, out, progress=False)
+    again = prepare("synthetic", _bench(), archives, out, progress=False)  # its own output: replaced
+    assert again["splits"] == first["splits"]
+    (out / "train" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"train/notes\.txt"):
+        prepare("synthetic", _bench(), archives, out, progress=False)
+    assert (out / "train" / "notes.txt").read_text() == "mine"
+
+
+def test_prepare_cleans_up_what_an_interrupted_run_left(archives: Path, tmp_path: Path) -> None:
+    out = tmp_path / "prepared"
+    leftover = tmp_path / ".prepared-extract-abc123" / "extracted" / "SyntheticScenes"
+    leftover.mkdir(parents=True)
+    (leftover / "big.bin").write_bytes(b"x" * 1000)
+    prepare("synthetic", _bench(), archives, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
