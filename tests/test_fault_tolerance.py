@@ -65,7 +65,7 @@ def _final_loss(history: list[tuple[int, float]]) -> float:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)
     yield
     ray.shutdown()
 
@@ -139,4 +139,4 @@ def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, t
         assert status == "FINISHED" and resumed
         assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
     finally:
-        ray.init(num_cpus=2)  # the module fixture shuts it down
+        ray.init(address="local", num_cpus=2)  # the module fixture shuts it down

@@ -43,9 +43,14 @@ def ray_address(address: str = "") -> str:
 
 
 def runtime_env() -> dict:
-    """The job's runtime environment: this checkout importable on every node, and the object-store
-    variables set in the driver's environment."""
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    """The job's runtime environment: this checkout importable on every node, worker prints shown once, and
+    the object-store variables set in the driver's environment."""
+    env = {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        # Ray Train's print patch tees a worker's print() to its stdout *and* its logger, and the driver shows
+        # both: without it each worker line reaches the driver once (through Ray's log_to_driver).
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
     env |= {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     return {"env_vars": env}
 
@@ -63,9 +68,13 @@ def init_ray(address: str = "") -> bool:
     return True
 
 
+STORAGE_ENV = "PSPNET_STORAGE_PATH"
+
+
 def default_storage(ray_cfg: RayConfig, root: Path) -> str:
-    """Where Ray Train/Tune keep checkpoints: ``ray.storage_path``, else ``<root>/.ray_results``."""
-    return ray_cfg.storage_path or str(Path(root).resolve() / ".ray_results")
+    """Where Ray Train/Tune keep checkpoints: ``ray.storage_path``, else ``$PSPNET_STORAGE_PATH``, else
+    ``<root>/.ray_results``."""
+    return ray_cfg.storage_path or os.environ.get(STORAGE_ENV) or str(Path(root).resolve() / ".ray_results")
 
 
 def loop_config(

@@ -100,7 +100,7 @@ def _reseed_torch(seed: int, rank: int, iteration: int) -> None:
 
 
 def build_train_loader(
-    bench: BenchmarkConfig, train_dir: Path, *, rank: int, world: int, start_iteration: int, pin: bool
+    bench: BenchmarkConfig, train_dir: str | Path, *, rank: int, world: int, start_iteration: int, pin: bool
 ) -> DataLoader:
     t, a, d = bench.train, bench.train.augment, bench.data
     transform = TrainTransform(
@@ -137,7 +137,7 @@ def build_train_loader(
 def validate(
     model: torch.nn.Module,
     bench: BenchmarkConfig,
-    val_dir: Path,
+    val_dir: str | Path,
     *,
     rank: int,
     world: int,
@@ -239,7 +239,7 @@ def _record_placement(rank: int, world: int, uri: str, run_id: str) -> list[str]
 def _report_final_validation(model, bench: BenchmarkConfig, cfg: dict, start: int, **where) -> None:
     """Resumed from the final checkpoint (the driver died after training ended): report the final validation
     once more, so a Tune trial restored at this point still delivers its metric."""
-    val = validate(model, bench, Path(cfg["val_dir"]), **where)
+    val = validate(model, bench, cfg["val_dir"], **where)
     ray.train.report(
         {"iteration": start, "val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]},
         checkpoint=None,
@@ -361,7 +361,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     net.train()
     loader = build_train_loader(
         bench,
-        Path(cfg["train_dir"]),
+        cfg["train_dir"],
         rank=rank,
         world=world,
         start_iteration=start,
@@ -393,7 +393,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 )
             window = _Window()
         if step % t.val_every == 0 or step == t.iterations:
-            val = validate(model, bench, Path(cfg["val_dir"]), **where)
+            val = validate(model, bench, cfg["val_dir"], **where)
             metrics.update({"val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]})
             if log:
                 print(f"[train] it {step} val mIoU {val['miou']:.4f}", flush=True)

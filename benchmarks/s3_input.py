@@ -1,0 +1,76 @@
+"""Training input read from ``s3://`` shards against local shards: images per second for one worker, same
+rows, same augmentation, measured in one run (the ratio is the result; the goal is >= 0.9x).
+
+    python benchmarks/s3_input.py                         # the demo's prepared synthetic train split
+    python benchmarks/s3_input.py --data data/prepared/synthetic/train --images 256
+
+The S3 side is moto's server on 127.0.0.1 (started and stopped here, as in the tests); the split is uploaded
+with ``pipeline.storage.stage_split``, exactly as a cluster run does, and read through pyarrow's S3 filesystem.
+Without a prepared split a small synthetic one is prepared in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cluster.local import patched_env, s3_server  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.data.shards import ShardedSegmentation  # noqa: E402
+from pipeline.data.transforms import TrainTransform  # noqa: E402
+from pipeline.storage import stage_split  # noqa: E402
+
+
+def _throughput(split: str, transform: TrainTransform, images: int) -> float:
+    ds = ShardedSegmentation(split)  # opened fresh: manifest and shard footers read inside the timing
+    started = time.perf_counter()
+    for i in range(images):
+        transform.reseed(i)
+        transform(*ds.read(i % len(ds))[:2])
+    return images / (time.perf_counter() - started)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--benchmark", default="synthetic")
+    ap.add_argument("--data", default="data/prepared/synthetic/train")
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    bench = load_params(args.params).benchmark(args.benchmark)
+    a, d = bench.train.augment, bench.data
+    transform = TrainTransform(
+        crop_size=a.crop_size, scale_min=a.scale_min, scale_max=a.scale_max, rotate=a.rotate, blur=a.blur,
+        flip=a.flip, mean=d.mean, std=d.std, ignore_index=d.ignore_index,
+    )  # fmt: skip
+    split = Path(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (split / "manifest.json").is_file():
+            from pipeline.data.benchmarks import fetch, prepare
+
+            print(f"{split}: not prepared; preparing the synthetic benchmark in a temporary folder")
+            fetch("synthetic", bench, Path(tmp) / "archives", progress=False)
+            prepare("synthetic", bench, Path(tmp) / "archives", Path(tmp) / "prepared", progress=False)
+            split = Path(tmp) / "prepared" / "train"
+        with s3_server() as env, patched_env(env):
+            remote = stage_split(split, "s3://pspnet/bench")
+            local_rates, s3_rates = [], []
+            for _ in range(args.repeats):  # interleaved, so load from other processes hits both alike
+                local_rates.append(_throughput(str(split), transform, args.images))
+                s3_rates.append(_throughput(remote, transform, args.images))
+    local, s3 = max(local_rates), max(s3_rates)
+    print(f"{args.images} images x {args.repeats} repeats, best of each, one worker, crop {a.crop_size}")
+    print(
+        f"| input | images/s |\n|---|---:|\n| local shards | {local:.1f} |\n| s3:// shards (moto, 127.0.0.1) | {s3:.1f} |"
+    )
+    print(f"s3 / local = {s3 / local:.2f}x (goal >= 0.9x)")
+
+
+if __name__ == "__main__":
+    main()
