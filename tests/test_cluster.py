@@ -31,6 +31,7 @@ from tests.conftest import tiny_params_dict
 pytestmark = pytest.mark.slow
 
 ITERATIONS = 12
+RAY_SERVICE_ACTORS = {"_AutoscalingCoordinatorActor"}  # detached, created once per cluster by Ray itself
 OVERRIDES = {
     "iterations": ITERATIONS,
     "checkpoint_every": 3,
@@ -232,3 +233,96 @@ def test_ray_job_submit_runs_the_stage_command(cluster, tiny_prepared, tmp_path)
     assert (tmp_path / "models" / "model.pt").is_file()
     run = _run(tmp_path)[0]
     assert run.info.status == "FINISHED" and len(set(_rank_nodes(run))) == 2
+
+
+def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path):
+    """Two trials at once over the nodes; a node that holds a rank of one of them is killed and replaced: that
+    trial alone resumes from its checkpoint on S3, the sweep completes, MLflow keeps one parent and one child
+    per trial, and no placement group or actor is left."""
+    from ray.util.state import list_actors, list_placement_groups
+
+    from pipeline.sweeps.tune import sweep
+
+    raw = tiny_params_dict(**(OVERRIDES | {"max_failures": 2}))
+    raw["ray"] = {"address": cluster.address, "storage_path": "s3://pspnet/sweep"}
+    raw["sweeps"] = {
+        "tiny": {
+            "benchmark": "synthetic",
+            "aux_weight": [0.4],
+            "base_lr": [0.01, 0.02],
+            "reduction": [0.25],
+            "iterations": ITERATIONS,
+            "report_every": 3,
+            "grace_period": 4,  # = the number of reports: ASHA stops no trial, both run to the end
+        }
+    }
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = sweep(
+                "tiny", params_from_dict(raw), data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path
+            )
+        except BaseException as exc:  # surfaced below
+            outcome["error"] = exc
+
+    def children() -> list:
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = mlflow.search_runs(experiment_names=["pspnet-synthetic-tune"], output_format="list")
+        return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+    def checkpoints_per_trial() -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for f in _s3_files("s3://pspnet/sweep"):
+            if "-trial=" in f and f.endswith("state.pt"):
+                trial = f.split("-trial=")[1].split("/")[0]
+                counts[trial] = counts.get(trial, 0) + 1
+        return counts
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.time() + 300
+        while not (len(checkpoints_per_trial()) == 2 and min(checkpoints_per_trial().values()) >= 2):
+            assert time.time() < deadline and thread.is_alive(), outcome.get(
+                "error", "trials did not run together"
+            )
+            time.sleep(0.3)
+        placed = {r.data.tags["pspnet.trial_id"]: set(_rank_nodes(r)) for r in children()}
+        worker_ids = {n.node_id for n in cluster.worker_nodes}
+        victim = next(n for n in cluster.worker_nodes if n.node_id in set.union(*placed.values()))
+        hit = {t for t, nodes in placed.items() if victim.node_id in nodes}
+        cluster.remove_node(victim, allow_graceful=False)
+        add_worker_node(cluster, 1)
+    finally:
+        thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+
+    assert len(placed) == 2 and len(set.union(*placed.values())) >= 3  # two trials at once, over 3 nodes
+    assert set.union(*placed.values()) & worker_ids and len(hit) == 1
+    assert list(result.table["stop_reason"]) == ["completed", "completed"]
+    assert result.summary["max_concurrent_trials"] == 2
+    runs = {r.data.tags["pspnet.trial_id"]: r for r in children()}
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
+    assert all(r.data.tags["mlflow.parentRunId"] == result.parent_run_id for r in runs.values())
+    uri = mlflow.get_tracking_uri()
+    for trial, r in runs.items():
+        resumed = tracking.metric_history(uri, r.info.run_id, ["train/resumed_from"])["train/resumed_from"]
+        assert bool(resumed) == (trial in hit), (trial, resumed)  # only the trial that lost a rank restarted
+
+    deadline = time.time() + 30  # the stopped actors' and groups' states settle within seconds
+    while True:
+        groups = list_placement_groups(filters=[("state", "=", "CREATED")])
+        # Ray Train's detached cluster service (one per cluster, no resources) is all that may stay
+        actors = [
+            a
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if a.class_name not in RAY_SERVICE_ACTORS
+        ]
+        if not groups and not actors or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not groups, groups
+    assert not actors, [a.class_name for a in actors]
