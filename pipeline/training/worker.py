@@ -274,6 +274,23 @@ class _Window:
         }
 
 
+def _window_metrics(
+    window: _Window, lr: float, step: int, bench: BenchmarkConfig, device: torch.device, log: bool
+) -> dict[str, float]:
+    """The logged training metrics of the window ending at ``step`` (and its console line on rank 0)."""
+    t = bench.train
+    metrics = window.metrics(lr, t.batch_size)
+    if device.type == "cuda":
+        metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if log:
+        print(
+            f"[train] it {step}/{t.iterations} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
+            f"{metrics['train/images_per_s']:.1f} img/s",
+            flush=True,
+        )
+    return metrics
+
+
 def _train_step(
     net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -382,15 +399,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         step = it + 1
         metrics: dict[str, float] = {}
         if step % t.log_every == 0 or step == t.iterations:
-            metrics.update(window.metrics(lr, t.batch_size))
-            if device.type == "cuda":
-                metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            if log:
-                print(
-                    f"[train] it {step}/{t.iterations} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
-                    f"{metrics['train/images_per_s']:.1f} img/s",
-                    flush=True,
-                )
+            metrics.update(_window_metrics(window, lr, step, bench, device, log))
             window = _Window()
         if step % t.val_every == 0 or step == t.iterations:
             val = validate(model, bench, cfg["val_dir"], **where)
