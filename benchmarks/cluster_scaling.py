@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlflow  # noqa: E402
 
-from cluster.local import add_worker_node, patched_env, ray_cluster, s3_server  # noqa: E402
+from cluster.local import add_worker_node, patched_env, ray_cluster, s3_server  # noqa: E402 (before Ray is imported)
 from pipeline import tracking  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
 from pipeline.data.benchmarks import fetch, prepare  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster.local import patched_env, s3_server  # noqa: E402
+from cluster.local import patched_env, s3_server  # noqa: E402 (before Ray is imported)
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data.shards import CACHE_ENV, ShardedSegmentation  # noqa: E402
 from pipeline.data.transforms import TrainTransform  # noqa: E402

@@ -26,6 +26,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+# Read by Ray once, at import: keeps 127.0.0.1 addresses as they are (see cluster_env). Import this module
+# before anything that imports Ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 LOOPBACK = "127.0.0.1"
 TRIAL_SLOT = "trial_slot"  # the logical resource Tune trial drivers hold (pipeline.training.cluster)
 BUCKET = "pspnet"
@@ -67,8 +71,14 @@ def ray_cluster(
     The head gets the trial slots that Tune trial drivers hold. Yields the ``ray.cluster_utils.Cluster``
     (``.address``, ``.add_node(...)``, ``.remove_node(node)``); every node is stopped at the end.
     """
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    if ray_constants.ENABLE_RAY_CLUSTER:  # Ray was imported first: clients would dial an address nobody binds
+        raise RuntimeError(
+            "Ray was imported with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER unset: import cluster.local before Ray, or "
+            "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, so that 127.0.0.1 cluster addresses stay on loopback"
+        )
     with patched_env(cluster_env()):
         _reload_ray_auth()
         cluster = Cluster(
@@ -133,8 +143,7 @@ def s3_server(bucket: str = BUCKET, timeout: float = 30) -> Iterator[dict[str, s
         [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    )  # in this process group: killing the group (a test runner's timeout) stops the server too
     try:
         deadline = time.time() + timeout
         while True:
