@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 from cluster.local import cluster_env, ray_cluster, s3_server  # noqa: E402
 
 STORAGE = "s3://pspnet/cluster-demo"
+DVC = str(Path(sys.executable).with_name("dvc"))  # the dvc of this interpreter's environment
 
 
-def _placement(cluster) -> None:
+def _placement(cluster, repo: Path) -> None:
     """Every MLflow run that recorded its ranks' nodes: run name, rank -> node (head / worker-N)."""
     import mlflow
 
@@ -36,7 +37,7 @@ def _placement(cluster) -> None:
 
     names = {cluster.head_node.node_id: "head"}
     names |= {n.node_id: f"worker-{i + 1}" for i, n in enumerate(cluster.worker_nodes)}
-    mlflow.set_tracking_uri(tracking.tracking_uri(load_params(ROOT / "params.yaml").mlflow, ROOT))
+    mlflow.set_tracking_uri(tracking.tracking_uri(load_params(repo / "params.yaml").mlflow, repo))
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     print("\nwhere each rank ran (MLflow tags ray.node.rank<r>):")
     for run in sorted(runs, key=lambda r: r.info.start_time):
@@ -57,7 +58,9 @@ def main() -> None:
         "--stages", nargs="+", default=["train@synthetic", "evaluate@synthetic", "tune@synthetic"]
     )
     ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--repo", type=Path, default=ROOT, help="the DVC project to run (default: this one)")
     args = ap.parse_args()
+    repo = args.repo.resolve()
     with s3_server() as s3, ray_cluster(head_cpus=1, worker_cpus=(1,) * args.workers) as cluster:
         env = (
             os.environ | cluster_env() | s3 | {"RAY_ADDRESS": cluster.address, "PSPNET_STORAGE_PATH": STORAGE}
@@ -66,10 +69,10 @@ def main() -> None:
         upstream = sorted(
             {f"{up}@{s.split('@')[1]}" for s in args.stages for up in ("prepare", "pretrained")}
         )
-        subprocess.run(["dvc", "repro", *upstream], cwd=ROOT, env=env, check=True)
+        subprocess.run([DVC, "repro", *upstream], cwd=repo, env=env, check=True)
         # -s -f: these stages run against the cluster even when the local demo already built them (same numbers)
-        subprocess.run(["dvc", "repro", "-s", "-f", *args.stages], cwd=ROOT, env=env, check=True)
-        _placement(cluster)
+        subprocess.run([DVC, "repro", "-s", "-f", *args.stages], cwd=repo, env=env, check=True)
+        _placement(cluster, repo)
     print("[cluster-demo] cluster and object store stopped")
 
 
