@@ -279,6 +279,7 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
                 counts[trial] = counts.get(trial, 0) + 1
         return counts
 
+    alive_before = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])}
     thread = threading.Thread(target=run)
     thread.start()
     try:
@@ -315,11 +316,11 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
     deadline = time.time() + 30  # the stopped actors' and groups' states settle within seconds
     while True:
         groups = list_placement_groups(filters=[("state", "=", "CREATED")])
-        # Ray Train's detached cluster service (one per cluster, no resources) is all that may stay
+        # of the actors the sweep started, Ray Train's detached cluster service is all that may stay
         actors = [
             a
             for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.class_name not in RAY_SERVICE_ACTORS
+            if a.class_name not in RAY_SERVICE_ACTORS and a.actor_id not in alive_before
         ]
         if not groups and not actors or time.time() > deadline:
             break
