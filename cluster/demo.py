@@ -65,6 +65,7 @@ def main() -> None:
         env = (
             os.environ | cluster_env() | s3 | {"RAY_ADDRESS": cluster.address, "PSPNET_STORAGE_PATH": STORAGE}
         )
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stages' python
         print(f"[cluster-demo] head + {args.workers} worker nodes at {cluster.address}, storage {STORAGE}")
         upstream = sorted(
             {f"{up}@{s.split('@')[1]}" for s in args.stages for up in ("prepare", "pretrained")}

@@ -89,6 +89,9 @@ def ray_cluster(
                 "resources": {TRIAL_SLOT: 1000},
                 "include_dashboard": dashboard,
                 "dashboard_host": LOOPBACK,
+                # free ports, not Ray's fixed defaults: another Ray on the machine may hold 8265 / 52365
+                "dashboard_port": _free_port(),
+                "dashboard_agent_listen_port": _free_port(),
             },
         )
         try:

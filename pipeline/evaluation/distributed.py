@@ -104,7 +104,8 @@ def evaluate_distributed(
             "threads": threads_per_worker,
             "use_gpu": use_gpu,
         }
-        split = str(split_dir)
+        # absolute: tasks on other nodes do not run in this directory
+        split = str(split_dir) if "://" in str(split_dir) else str(Path(split_dir).resolve())
         protocols = dict(protocols)
         pending = _chunks(rows, num_workers * CHUNKS_PER_WORKER)
         keep_set = set(keep)
