@@ -66,7 +66,11 @@ def main() -> None:
             os.environ | cluster_env() | s3 | {"RAY_ADDRESS": cluster.address, "PSPNET_STORAGE_PATH": STORAGE}
         )
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # the stages' python
-        print(f"[cluster-demo] head + {args.workers} worker nodes at {cluster.address}, storage {STORAGE}")
+        print(
+            f"[cluster-demo] head + {args.workers} worker nodes at {cluster.address}, "
+            f"S3 at {s3['AWS_ENDPOINT_URL']}, storage {STORAGE}",
+            flush=True,
+        )
         upstream = sorted(
             {f"{up}@{s.split('@')[1]}" for s in args.stages for up in ("prepare", "pretrained")}
         )

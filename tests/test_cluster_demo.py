@@ -5,12 +5,13 @@ every rank ran, and leaves nothing running."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import ROOT, tiny_params_dict, write_params
@@ -32,14 +33,11 @@ def _git_dvc_repo(repo: Path, env: dict) -> None:
     subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=repo, env=env, check=True)
 
 
-def _ours() -> set[int]:
-    """Raylets and S3 servers started from this checkout's interpreter."""
-    found = set()
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if str(Path(sys.executable).parents[1]) in cmd and ("raylet" in cmd or "moto.server" in cmd):
-            found.add(p.pid)
-    return found
+def _listening(host_port: str) -> bool:
+    host, port = host_port.rsplit(":", 1)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, int(port))) == 0
 
 
 def test_cluster_demo_runs_the_stages_on_the_cluster(tmp_path):
@@ -48,7 +46,6 @@ def test_cluster_demo_runs_the_stages_on_the_cluster(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
     env |= {"PYTHONPATH": str(repo)}
     _git_dvc_repo(repo, env)
-    before = _ours()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "cluster/demo.py"), "--repo", str(repo), "--workers", "2",
          "--stages", "train@synthetic", "evaluate@synthetic"],
@@ -63,4 +60,7 @@ def test_cluster_demo_runs_the_stages_on_the_cluster(tmp_path):
     assert (repo / "models/synthetic/model.pt").is_file() and (
         repo / "reports/synthetic/metrics.json"
     ).is_file()
-    assert _ours() <= before, "the demo left a raylet or the S3 server running"
+    started = re.search(r"nodes at (\S+), S3 at http://(\S+),", out)
+    assert started, out[:500]
+    gcs, s3 = started.groups()
+    assert not _listening(gcs) and not _listening(s3), "the demo left its cluster or its S3 server running"
