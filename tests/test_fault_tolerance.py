@@ -97,8 +97,12 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_pat
     thread = threading.Thread(target=run)
     thread.start()
     _wait_for_checkpoint(tmp_path / ".ray_results")
+    # this cluster's workers only (children of its raylet): other Ray runs on the machine are not ours to kill
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     workers = [
-        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        p
+        for p in psutil.Process(raylet).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
     ]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
