@@ -51,13 +51,15 @@ def _params(address: str, storage: str, iterations: int, strategy: str = "PACK",
 
 
 def _run_of(root: Path):
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["pspnet-synthetic"], output_format="list")[0]
+    """The one training run in ``root``'s MLflow store (read with an explicit URI: no global state)."""
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("pspnet-synthetic")
+    return client.search_runs([exp.experiment_id])[0]
 
 
 def _sec_per_iter(root: Path) -> float:
     run = _run_of(root)
-    hist = tracking.metric_history(mlflow.get_tracking_uri(), run.info.run_id, ["train/sec_per_iter"])
+    hist = tracking.metric_history(f"sqlite:///{root / 'mlflow.db'}", run.info.run_id, ["train/sec_per_iter"])
     per = [v for _, v in hist["train/sec_per_iter"]][1:]  # the first window includes the warm-up
     return sum(per) / len(per)
 
