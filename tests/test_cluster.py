@@ -146,7 +146,9 @@ def test_node_lost_mid_training_resumes_from_s3(cluster, spread_run, tiny_prepar
     assert run.info.status == "FINISHED"
     assert resumed and all(step % 3 == 0 and 0 < step < ITERATIONS for step, _ in resumed)
     assert victim.node_id not in _rank_nodes(run)  # the ranks now live on surviving/replacement nodes
-    assert losses == spread_run[1]
+    # iterations replayed after the resume log the same loss again: the distinct (step, loss) pairs are the
+    # uninterrupted run's curve, bit for bit
+    assert sorted(set(losses)) == spread_run[1]
 
 
 def test_evaluation_on_several_nodes_equals_one_process(cluster, tiny_prepared):
