@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.5
 
-.PHONY: install demo study tune test test-fast lint mlflow-ui clean
+.PHONY: install demo study tune cluster-demo test test-fast lint mlflow-ui clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ study: $(STAMP)
 ## A Ray Tune sweep over alpha, the learning rate and the reduction ratio on the synthetic benchmark.
 tune: $(STAMP)
 	dvc repro tune@synthetic
+
+## The rehearsal of a cluster run on this machine: moto's S3 server and a Ray cluster of a head + 3 worker nodes
+## (own raylets, 127.0.0.1, token auth); train + evaluate + the sweep of the synthetic benchmark against it
+## (RAY_ADDRESS, checkpoints and shards on s3://); prints where each rank ran; stops everything at the end.
+cluster-demo: $(STAMP)
+	python cluster/demo.py
 
 ## The test suite (what CI runs through .ci/run).
 test: $(STAMP)

@@ -234,8 +234,13 @@ class MlflowConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: str = ""  # empty: $RAY_ADDRESS, else a local cluster
-    storage_path: str = ""  # empty: <project>/.ray_results (must be absolute / a URI when set)
+    address: str = ""  # empty: $RAY_ADDRESS, else a fresh local cluster
+    storage_path: str = (
+        ""  # empty: <project>/.ray_results; else an absolute path or a URI (s3://bucket/prefix)
+    )
+    # How a run's Train workers are laid over the nodes (Ray's ScalingConfig.placement_strategy):
+    # PACK fills one node first; STRICT_SPREAD puts every worker on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)
@@ -402,6 +407,11 @@ def _validate(obj: Any, where: str) -> None:
                 raise ConfigError(
                     f"{where}.sweeps.{name}.benchmark: {sweep.benchmark!r} is not one of {sorted(obj.benchmarks)}"
                 )
+    elif isinstance(obj, RayConfig):
+        path = obj.storage_path
+        need(
+            not path or "://" in path or Path(path).is_absolute(), "storage_path", "an absolute path or a URI"
+        )
     elif isinstance(obj, DataConfig):
         need(obj.num_classes > 1, "num_classes", "at least two classes")
 

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Read once when Ray is imported: keeps a 127.0.0.1 cluster address as it is (Ray otherwise rewrites it into the
+# machine's interface address, where nothing listens); the multi-node tests (tests/test_cluster.py) need it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def tiny_params_dict(**train_overrides) -> dict:

@@ -479,7 +479,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     }  # fmt: skip
     bench = replace(params.benchmark("ade20k"), **small)
     params = replace(params, benchmarks={"ade20k": bench})
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)
     try:
         result = train(
             "ade20k", params, data_dir=tmp_path / "prepared", out_dir=tmp_path / "models", root=tmp_path

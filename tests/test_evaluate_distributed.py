@@ -26,7 +26,7 @@ CFG = ModelConfig(depth=18, width=0.25, stem_widths=(8, 8, 16), head_channels=16
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

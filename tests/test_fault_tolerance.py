@@ -65,7 +65,7 @@ def _final_loss(history: list[tuple[int, float]]) -> float:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2)
+    ray.init(address="local", num_cpus=2)
     yield
     ray.shutdown()
 
@@ -97,8 +97,12 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_pat
     thread = threading.Thread(target=run)
     thread.start()
     _wait_for_checkpoint(tmp_path / ".ray_results")
+    # this cluster's workers only (children of its raylet): other Ray runs on the machine are not ours to kill
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     workers = [
-        p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+        p
+        for p in psutil.Process(raylet).children(recursive=True)
+        if "RayTrainWorker" in " ".join(p.cmdline())
     ]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
@@ -139,4 +143,4 @@ def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, t
         assert status == "FINISHED" and resumed
         assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
     finally:
-        ray.init(num_cpus=2)  # the module fixture shuts it down
+        ray.init(address="local", num_cpus=2)  # the module fixture shuts it down

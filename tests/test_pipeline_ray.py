@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=True)
     yield
     ray.shutdown()
 

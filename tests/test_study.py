@@ -18,7 +18,7 @@ import ray
 
 from pipeline.config import params_from_dict
 from pipeline.sweeps.study import run_study
-from pipeline.training.launcher import init_ray
+from pipeline.training.cluster import init_ray
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.slow

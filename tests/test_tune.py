@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import params_from_dict
 from pipeline.sweeps.tune import sweep
-from pipeline.training.launcher import init_ray
+from pipeline.training.cluster import init_ray
 from tests.conftest import cli, kill_when, run_ok, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow

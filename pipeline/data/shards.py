@@ -5,15 +5,18 @@
     image, label, image_id = ds.read(0)   # (H, W, 3) uint8 RGB, (H, W) uint8 mapped labels, str
 
 Local shards are memory-mapped; a URI (``s3://...``, ``gs://...``) or an explicit ``pyarrow.fs`` filesystem is
-read through ``pyarrow.fs``. Files are opened lazily in each process and never pickled, so the dataset can be
+read through ``pyarrow.fs``: each shard is downloaded once per machine into a local cache (``$PSPNET_SHARD_CACHE``)
+and memory-mapped from there. Files are opened lazily in each process and never pickled, so the dataset can be
 sent to DataLoader or Ray workers.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,8 @@ import pyarrow.fs as pafs
 import torch.utils.data
 
 from pipeline.data.prepare import MANIFEST, DataError
+
+CACHE_ENV = "PSPNET_SHARD_CACHE"  # where shards read from a URI are kept (default: <tmp>/pspnet-shards)
 
 
 class ShardedSegmentation(torch.utils.data.Dataset):
@@ -88,7 +93,8 @@ class ShardedSegmentation(torch.utils.data.Dataset):
         if k not in self._open:
             path = self._path(self.shard_names[k])
             try:
-                source = pa.memory_map(path, "r") if self._fs is None else self._fs.open_input_file(path)
+                local = path if self._fs is None else self._cached(k)
+                source = pa.memory_map(local, "r")
             except (FileNotFoundError, OSError) as exc:
                 raise DataError(
                     f"{path}: shard listed in the manifest is missing; rerun the prepare stage"
@@ -102,6 +108,27 @@ class ShardedSegmentation(torch.utils.data.Dataset):
                 raise DataError(f"{path}: {starts[-1]} rows, but the manifest says {expected}; rerun prepare")
             self._open[k] = (reader, starts)
         return self._open[k]
+
+    def _cached(self, k: int) -> str:
+        """Shard ``k`` of a remote split, copied once per machine into the shard cache (named by its sha256 from
+        the manifest; written to a temporary name and renamed, so concurrent readers never see half a file) and
+        memory-mapped from there: one sequential download instead of a request per row."""
+        shard = self.manifest["shards"][k]
+        cache = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pspnet-shards")
+        target = (
+            cache / f"{shard.get('sha256') or hashlib.sha256(self._path(shard['name']).encode()).hexdigest()}"
+        )
+        if not target.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            try:
+                with self._fs.open_input_stream(self._path(shard["name"])) as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+        return str(target)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

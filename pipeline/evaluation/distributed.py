@@ -13,7 +13,6 @@ whenever each image's forward passes are (same model, same thread count per proc
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from pipeline.evaluation.inference import Protocol
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.evaluation.split import SplitResult
+from pipeline.training.cluster import init_ray
 
 CHUNKS_PER_WORKER = 4  # smaller chunks balance the load and make the ETA smoother; each costs one model copy
 
@@ -61,15 +61,6 @@ def _chunks(rows: Sequence[int], n: int) -> list[list[int]]:
     return [list(rows[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
-def init_ray() -> bool:
-    """Attach to ``$RAY_ADDRESS`` or start a local cluster unless Ray is up; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env=env, include_dashboard=False)
-    return True
-
-
 def evaluate_distributed(
     model: nn.Module,
     split_dir: str | Path,
@@ -88,13 +79,15 @@ def evaluate_distributed(
     precision: str = "fp32",
     threads_per_worker: int = 1,
     progress: bool = True,
+    address: str = "",
 ) -> dict[str, SplitResult]:
     """Every protocol over ``rows`` of the split at ``split_dir``, sharded over ``num_workers`` Ray tasks.
 
     ``split_dir`` must be readable from every node (a shared filesystem or a URI). The model travels through
-    the object store. Returns one merged :class:`SplitResult` per protocol key.
+    the object store. Ray: the running one, else ``address`` / ``$RAY_ADDRESS``, else a fresh local cluster
+    (shut down at the end). Returns one merged :class:`SplitResult` per protocol key.
     """
-    started_ray = init_ray()
+    started_ray = init_ray(address)
     try:
         model_ref = ray.put(model.cpu().eval())
         remote = ray.remote(_evaluate_chunk).options(
@@ -111,7 +104,8 @@ def evaluate_distributed(
             "threads": threads_per_worker,
             "use_gpu": use_gpu,
         }
-        split = str(split_dir)
+        # absolute: tasks on other nodes do not run in this directory
+        split = str(split_dir) if "://" in str(split_dir) else str(Path(split_dir).resolve())
         protocols = dict(protocols)
         pending = _chunks(rows, num_workers * CHUNKS_PER_WORKER)
         keep_set = set(keep)

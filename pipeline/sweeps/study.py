@@ -18,11 +18,11 @@ import pandas as pd
 import ray
 import ray.tune
 import torch
-from ray.train.torch import TorchTrainer
 
 from pipeline import ablation, plots, tracking
 from pipeline.config import (
     Params,
+    RayConfig,
     StudyConfig,
     SweepConfig,
     _build,
@@ -42,8 +42,9 @@ from pipeline.sweeps.tune import (
     restore_or_build,
     trial_driver_resources,
 )
-from pipeline.training.launcher import check_scaling, init_ray, scaling_and_run_config
-from pipeline.training.worker import load_training_state, train_loop_per_worker
+from pipeline.training.cluster import build_trainer, default_storage, init_ray, loop_config
+from pipeline.training.launcher import check_scaling
+from pipeline.training.worker import load_training_state
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
@@ -137,22 +138,20 @@ def _study_trial(config: dict) -> None:
         ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
         return
     run_id = child_run({})
-    scaling, run = scaling_and_run_config(
-        bench, f"{config['study_dir']}-trial={trial_id}", config["storage_path"], []
-    )
-    result = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "bench": to_dict(bench),
-            "benchmark": study.benchmark,
-            "train_dir": config["train_dir"],
-            "val_dir": config["val_dir"],
-            "mlflow_uri": uri,
-            "run_id": run_id,
-            "root": config["root"],
-        },
-        scaling_config=scaling,
-        run_config=run,
+    result = build_trainer(
+        bench,
+        RayConfig(**config["ray"]),
+        loop_config(
+            bench,
+            benchmark=study.benchmark,
+            train_dir=config["train_dir"],
+            val_dir=config["val_dir"],
+            mlflow_uri=uri,
+            run_id=run_id,
+            root=config["root"],
+        ),
+        name=f"{config['study_dir']}-trial={trial_id}",
+        storage=config["storage_path"],
     ).fit()
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
@@ -211,7 +210,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         },
         params={f"study.{k}": v for k, v in flatten(study).items()},
     )
-    storage = params.ray.storage_path or str(root / ".ray_results")
+    storage = default_storage(params.ray, root)
     exp_path = f"{storage.rstrip('/')}/{study_dir}"
     trainable = ray.tune.with_resources(_study_trial, trial_driver_resources())
 
@@ -224,6 +223,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
                 "seed": ray.tune.grid_search(list(study.seeds)),
                 "study": to_dict(study),
                 "bench": to_dict(base),
+                "ray": to_dict(params.ray),
                 "study_name": name,
                 "study_dir": study_dir,
                 "train_dir": str(data_dir / "train"),

@@ -24,7 +24,6 @@ import ray
 import ray.train
 import ray.tune
 import yaml
-from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -33,6 +32,7 @@ from pipeline.config import (
     BenchmarkConfig,
     ConfigError,
     Params,
+    RayConfig,
     SweepConfig,
     benchmark_from_dict,
     config_hash,
@@ -40,8 +40,9 @@ from pipeline.config import (
     replace,
     to_dict,
 )
-from pipeline.training.launcher import TRIAL_SLOT, check_scaling, init_ray, scaling_and_run_config
-from pipeline.training.worker import train_loop_per_worker
+from pipeline.storage import check_storage, stage_split
+from pipeline.training.cluster import TRIAL_SLOT, build_trainer, default_storage, init_ray, loop_config
+from pipeline.training.launcher import check_scaling
 
 METRIC = "val/miou"
 SEARCHED = ("aux_weight", "base_lr", "reduction")
@@ -170,22 +171,21 @@ def _trial(config: dict) -> None:
             },
             params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
         )
-    scaling, run = scaling_and_run_config(
-        bench, f"{config['sweep_name']}-trial={trial_id}", config["storage_path"], [TuneReportCallback()]
-    )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "bench": to_dict(bench),
-            "benchmark": config["benchmark"],
-            "train_dir": config["train_dir"],
-            "val_dir": config["val_dir"],
-            "mlflow_uri": uri,
-            "run_id": run_id,
-            "root": config["root"],
-        },
-        scaling_config=scaling,
-        run_config=run,
+    trainer = build_trainer(
+        bench,
+        RayConfig(**config["ray"]),
+        loop_config(
+            bench,
+            benchmark=config["benchmark"],
+            train_dir=config["train_dir"],
+            val_dir=config["val_dir"],
+            mlflow_uri=uri,
+            run_id=run_id,
+            root=config["root"],
+        ),
+        name=f"{config['sweep_name']}-trial={trial_id}",
+        storage=config["storage_path"],
+        callbacks=[TuneReportCallback()],
     )
     trainer.fit()
     tracking.finish_run(uri, run_id)
@@ -218,23 +218,11 @@ def _results_table(results, iterations: int) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("best_miou", ascending=False, na_position="last")
 
 
-def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Path) -> SweepResult:
-    """Run (or resume) the sweep ``name`` and write ``tune_results.csv``, ``tune_best.yaml``,
-    ``tune_summary.json`` and the plots into ``out_dir``."""
+def _open_parent(uri: str, params: Params, name: str, root: Path) -> tuple[str, str, str]:
+    """The sweep's MLflow experiment and parent run (reused when the sweep is resumed), keyed by a hash of the
+    sweep, the benchmark and the code; returns ``(experiment id, parent run id, sweep name)``."""
     cfg = params.sweep(name)
     base = params.benchmark(cfg.benchmark)
-    data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
-    probe = trial_benchmark(
-        base, cfg, {"aux_weight": cfg.aux_weight[0], "base_lr": cfg.base_lr[0], "reduction": cfg.reduction[0]}
-    )
-    check_scaling(probe)
-    iterations, every = probe.train.iterations, probe.train.checkpoint_every
-    max_reports = math.ceil(iterations / every)
-
-    init_ray(params.ray.address)
-    concurrent = max_concurrent_trials(base, cfg, ray.cluster_resources())
-
-    uri = tracking.tracking_uri(params.mlflow, root)
     exp_name = f"{tracking.experiment_name(params.mlflow, cfg.benchmark)}-tune"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
     code = tracking.code_fingerprint()
@@ -253,55 +241,42 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         },
         params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
     )
-    storage = params.ray.storage_path or str(root / ".ray_results")
-    exp_path = f"{storage.rstrip('/')}/{sweep_name}"
-    trainable = ray.tune.with_resources(_trial, trial_driver_resources())
-    constants = {
-        "bench": to_dict(base),
-        "sweep": to_dict(cfg),
-        "benchmark": cfg.benchmark,
-        "train_dir": str(data_dir / "train"),
-        "val_dir": str(data_dir / "val"),
-        "mlflow_uri": uri,
-        "parent_run_id": parent,
-        "experiment_id": exp_id,
-        "root": str(root),
-        "sweep_name": sweep_name,
-        "storage_path": storage,
-    }
+    return exp_id, parent, sweep_name
 
-    def build() -> ray.tune.Tuner:
-        search_alg = None
-        if cfg.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(metric=METRIC, mode="max", seed=cfg.seed)
-        return ray.tune.Tuner(
-            trainable,
-            param_space=param_space(cfg) | constants,
-            tune_config=ray.tune.TuneConfig(
-                metric=METRIC,
-                mode="max",
-                num_samples=cfg.num_samples,
-                search_alg=search_alg,
-                max_concurrent_trials=concurrent,
-                scheduler=ASHAScheduler(
-                    max_t=max_reports, grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor
-                ),
+def _build_tuner(
+    cfg: SweepConfig, trainable, constants: dict, *, concurrent: int, max_reports: int, storage: str
+) -> ray.tune.Tuner:
+    """A new Tune experiment: the searched space, ASHA on the validation mIoU, at most ``concurrent`` trials."""
+    search_alg = None
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=METRIC, mode="max", seed=cfg.seed)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space(cfg) | constants,
+        tune_config=ray.tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=cfg.num_samples,
+            search_alg=search_alg,
+            max_concurrent_trials=concurrent,
+            scheduler=ASHAScheduler(
+                max_t=max_reports, grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor
             ),
-            run_config=ray.tune.RunConfig(
-                name=sweep_name, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
-            ),
-        )
+        ),
+        run_config=ray.tune.RunConfig(
+            name=constants["sweep_name"], storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
+        ),
+    )
 
-    tuner = restore_or_build(exp_path, trainable, build, "tune")
-    results = tuner.fit()
 
-    table = _results_table(results, iterations)
+def _summarize(
+    name: str, cfg: SweepConfig, table: pd.DataFrame, iterations: int, parent: str, concurrent: int
+):
+    """``(best point, summary)`` of a finished sweep's table."""
     done = table.dropna(subset=["best_miou"])
-    if done.empty:
-        tracking.finish_run(uri, parent, "FAILED")
-        raise RuntimeError(f"sweep {name}: no trial reported {METRIC}")
     best_row = done.iloc[0]
     best = {k: (float(best_row[k])) for k in SEARCHED} | {"best_miou": float(best_row["best_miou"])}
     full = len(table) * iterations
@@ -319,8 +294,13 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         "parent_run_id": parent,
         "max_concurrent_trials": concurrent,
     }
-    _write_outputs(out_dir, table, best, summary, base, cfg)
+    return best, summary
 
+
+def _close_runs(
+    uri: str, exp_id: str, parent: str, table: pd.DataFrame, summary: dict, out_dir: Path
+) -> None:
+    """Tags and closes every child run, logs the table, the headline metrics and the outputs on the parent."""
     for _, row in table.iterrows():
         child = tracking.find_run(
             uri, exp_id, {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: row["trial_id"]}
@@ -341,13 +321,68 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         uri,
         parent,
         {
-            "best_miou": best["best_miou"],
+            "best_miou": summary["best"]["best_miou"],
             "compute_saved_frac": summary["compute_saved_frac"],
             "trials_stopped_early": summary["stopped_early"],
         },
     )
     tracking.log_artifacts(uri, parent, sorted(out_dir.glob("tune_*")))
     tracking.finish_run(uri, parent)
+
+
+def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Path) -> SweepResult:
+    """Run (or resume) the sweep ``name`` and write ``tune_results.csv``, ``tune_best.yaml``,
+    ``tune_summary.json`` and the plots into ``out_dir``."""
+    cfg = params.sweep(name)
+    base = params.benchmark(cfg.benchmark)
+    data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
+    probe = trial_benchmark(
+        base, cfg, {"aux_weight": cfg.aux_weight[0], "base_lr": cfg.base_lr[0], "reduction": cfg.reduction[0]}
+    )
+    check_scaling(probe)
+    iterations, every = probe.train.iterations, probe.train.checkpoint_every
+    storage = default_storage(params.ray, root)
+    check_storage(storage)
+    init_ray(params.ray.address)
+    concurrent = max_concurrent_trials(base, cfg, ray.cluster_resources())
+
+    uri = tracking.tracking_uri(params.mlflow, root)
+    exp_id, parent, sweep_name = _open_parent(uri, params, name, root)
+    trainable = ray.tune.with_resources(_trial, trial_driver_resources())
+    constants = {
+        "bench": to_dict(base),
+        "sweep": to_dict(cfg),
+        "ray": to_dict(params.ray),
+        "benchmark": cfg.benchmark,
+        "train_dir": stage_split(data_dir / "train", storage),
+        "val_dir": stage_split(data_dir / "val", storage),
+        "mlflow_uri": uri,
+        "parent_run_id": parent,
+        "experiment_id": exp_id,
+        "root": str(root),
+        "sweep_name": sweep_name,
+        "storage_path": storage,
+    }
+    tuner = restore_or_build(
+        f"{storage.rstrip('/')}/{sweep_name}",
+        trainable,
+        lambda: _build_tuner(
+            cfg,
+            trainable,
+            constants,
+            concurrent=concurrent,
+            max_reports=math.ceil(iterations / every),
+            storage=storage,
+        ),
+        "tune",
+    )
+    table = _results_table(tuner.fit(), iterations)
+    if table.dropna(subset=["best_miou"]).empty:
+        tracking.finish_run(uri, parent, "FAILED")
+        raise RuntimeError(f"sweep {name}: no trial reported {METRIC}")
+    best, summary = _summarize(name, cfg, table, iterations, parent, concurrent)
+    _write_outputs(out_dir, table, best, summary, base, cfg)
+    _close_runs(uri, exp_id, parent, table, summary, out_dir)
     return SweepResult(table, best, summary, parent)
 
 

@@ -25,15 +25,15 @@ from pipeline import tracking
 from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_dict
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
+from pipeline.storage import check_storage, stage_split
+from pipeline.training.cluster import build_trainer, default_storage, init_ray, loop_config, ray_address
 from pipeline.training.worker import (
     PAPER_BATCH,
     effective_base_lr,
     load_training_state,
-    train_loop_per_worker,
 )
 
-PAPER_BN_BATCH = 16
-TRIAL_SLOT = "trial_slot"  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
+PAPER_BN_BATCH = 16  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
 
 
 class ScalingError(ValueError):
@@ -87,57 +87,8 @@ def bn_batch(bench: BenchmarkConfig) -> int:
     return t.batch_size if synced else t.batch_size // t.num_workers
 
 
-def init_ray(address: str = "") -> None:
-    """Attach to ``address`` / ``$RAY_ADDRESS`` when given, else start a local cluster."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:
-        # "trial_slot": a logical resource that Tune trial drivers hold instead of a CPU, so that a trial's
-        # Train workers can use every core (see pipeline.sweeps.tune).
-        ray.init(runtime_env=env, resources={TRIAL_SLOT: 1000})
-
-
-def scaling_and_run_config(
-    bench: BenchmarkConfig, name: str, storage: str, callbacks: list | None = None, keep: int = 1
-) -> tuple[ray.train.ScalingConfig, ray.train.RunConfig]:
-    """The ``ScalingConfig`` and ``RunConfig`` of one Ray Train run (``pspnet train``, a sweep trial, a study
-    cell): ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs (and a GPU each with ``use_gpu``),
-    up to ``train.max_failures`` restarts from the newest of the ``keep`` checkpoints kept."""
-    t = bench.train
-    scaling = ray.train.ScalingConfig(
-        num_workers=t.num_workers,
-        use_gpu=t.use_gpu,
-        resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
-    )
-    run = ray.train.RunConfig(
-        name=name,
-        storage_path=storage,
-        callbacks=callbacks or [],
-        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep),
-    )
-    return scaling, run
-
-
-def train(
-    benchmark: str,
-    params: Params,
-    *,
-    data_dir: Path,
-    out_dir: Path,
-    root: Path,
-    force: bool = False,
-    stage: str = "train",
-) -> TrainResult:
-    """Train ``benchmark`` on its prepared split in ``data_dir``; writes ``out_dir/model.pt`` and
-    ``out_dir/train_info.json``."""
-    bench = params.benchmark(benchmark)
-    t = bench.train
-    data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
+def _check_inputs(bench: BenchmarkConfig, benchmark: str, data_dir: Path, force: bool) -> None:
+    """Before Ray starts: the scaling adds up, the prepared splits exist, a warning for a small BN batch."""
     check_scaling(bench, force=force)
     for split in ("train", "val"):
         if not (data_dir / split / "manifest.json").is_file():
@@ -148,83 +99,71 @@ def train(
         warnings.warn(
             f"batch-norm statistics are computed over {bn_batch(bench)} images (the paper uses "
             f"{PAPER_BN_BATCH}); expect lower mIoU than the paper at this batch",
-            stacklevel=2,
+            stacklevel=3,
         )
 
-    init_ray(params.ray.address)
+
+def _check_cluster(bench: BenchmarkConfig, address: str, force: bool) -> None:
+    """The connected cluster has the GPUs, and a local one the CPUs, the workers need."""
+    t = bench.train
     resources = ray.cluster_resources()
     check_scaling(bench, gpus_available=resources.get("GPU", 0.0), force=force)
     cpus_needed = t.num_workers * t.cpus_per_worker
-    if (
-        cpus_needed > resources.get("CPU", 0.0)
-        and not os.environ.get("RAY_ADDRESS")
-        and not params.ray.address
-    ):
+    if cpus_needed > resources.get("CPU", 0.0) and not ray_address(address):
         # A local cluster cannot grow: waiting for the workers would hang forever.
         raise ScalingError(
             f"train.num_workers={t.num_workers} x train.cpus_per_worker={t.cpus_per_worker} needs "
             f"{cpus_needed:g} CPUs; this local Ray cluster has {resources.get('CPU', 0.0):g}"
         )
 
-    uri = tracking.tracking_uri(params.mlflow, root)
+
+def _open_run(
+    uri: str, params: Params, benchmark: str, bench: BenchmarkConfig, data_dir: Path, root: Path, stage: str
+) -> str:
+    """The MLflow run of this configuration: the unfinished one a dead driver left, else a new one."""
+    t = bench.train
     exp_id = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, benchmark), root)
     chash = config_hash(bench)
     run_id = tracking.find_unfinished_run(uri, exp_id, chash)
-    if run_id is None:
-        manifest = (
-            json.loads((data_dir / "manifest.json").read_text())
-            if (data_dir / "manifest.json").is_file()
-            else {}
-        )
-        tags = {
-            tracking.CONFIG_HASH_TAG: chash,
-            tracking.BENCHMARK_TAG: benchmark,
-            "pspnet.stage": stage,
-            "git_commit": tracking.git_commit(root),
-            "pspnet.bn_batch": str(bn_batch(bench)),
-            "pspnet.split_hash": str(manifest.get("dataset_hash", "")),
-            "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
-            "pspnet.effective_base_lr": f"{effective_base_lr(bench):g}",
-            "pspnet.precision": t.precision if t.use_gpu else "fp32 (CPU)",
-            "pspnet.sync_bn": str(t.use_gpu and t.num_workers > 1),
-        }
-        run_id = tracking.start_run(
-            uri, exp_id, run_name=f"{benchmark}-{chash}", tags=tags, params=flatten(bench)
-        )
-        print(f"[train] MLflow run {run_id} ({uri})", flush=True)
-    else:
+    if run_id is not None:
         print(f"[train] resuming unfinished MLflow run {run_id}", flush=True)
-    ray_name = f"{benchmark}-{chash}-{run_id[:8]}"
-    storage = params.ray.storage_path or str(root / ".ray_results")
-
-    scaling, run_config = scaling_and_run_config(bench, ray_name, storage, keep=2)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "bench": to_dict(bench),
-            "benchmark": benchmark,
-            "train_dir": str(data_dir / "train"),
-            "val_dir": str(data_dir / "val"),
-            "mlflow_uri": uri,
-            "run_id": run_id,
-            "root": str(root),
-        },
-        scaling_config=scaling,
-        run_config=run_config,
+        return run_id
+    manifest_path = data_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    tags = {
+        tracking.CONFIG_HASH_TAG: chash,
+        tracking.BENCHMARK_TAG: benchmark,
+        "pspnet.stage": stage,
+        "git_commit": tracking.git_commit(root),
+        "pspnet.bn_batch": str(bn_batch(bench)),
+        "pspnet.split_hash": str(manifest.get("dataset_hash", "")),
+        "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
+        "pspnet.effective_base_lr": f"{effective_base_lr(bench):g}",
+        "pspnet.precision": t.precision if t.use_gpu else "fp32 (CPU)",
+        "pspnet.sync_bn": str(t.use_gpu and t.num_workers > 1),
+    }
+    run_id = tracking.start_run(
+        uri, exp_id, run_name=f"{benchmark}-{chash}", tags=tags, params=flatten(bench)
     )
-    started = time.time()
+    print(f"[train] MLflow run {run_id} ({uri})", flush=True)
+    return run_id
+
+
+def _fit(trainer: TorchTrainer, uri: str, run_id: str, ray_name: str) -> ray.train.Result:
+    """``trainer.fit()``; the MLflow run is marked FAILED when training fails or leaves no checkpoint."""
     try:
         result = trainer.fit()
     except BaseException:
         tracking.finish_run(uri, run_id, "FAILED")
         raise
-    seconds = time.time() - started
     if result.checkpoint is None:
         tracking.finish_run(uri, run_id, "FAILED")
         raise RuntimeError(f"Ray run {ray_name} finished without a checkpoint")
+    return result
 
-    with result.checkpoint.as_directory() as ckdir:
-        state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
+
+def _export_model(state: dict, bench: BenchmarkConfig, benchmark: str, run_id: str, out_dir: Path) -> Path:
+    """The trained weights as a self-describing checkpoint ``out_dir/model.pt``."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -245,23 +184,77 @@ def train(
         },
         extra={
             "benchmark": benchmark,
-            "config_hash": chash,
+            "config_hash": config_hash(bench),
             "mlflow_run_id": run_id,
             "iterations": int(state["iteration"]),
         },
     )
+    return model_path
+
+
+def _write_info(out_dir: Path, info: dict) -> None:
+    tmp = out_dir / "train_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(out_dir / "train_info.json")
+
+
+def train(
+    benchmark: str,
+    params: Params,
+    *,
+    data_dir: Path,
+    out_dir: Path,
+    root: Path,
+    force: bool = False,
+    stage: str = "train",
+) -> TrainResult:
+    """Train ``benchmark`` on its prepared split in ``data_dir``; writes ``out_dir/model.pt`` and
+    ``out_dir/train_info.json``.
+
+    With ``ray.storage_path`` on object storage the splits are uploaded beside the checkpoints and the workers
+    read them from there; the storage is checked before Ray starts.
+    """
+    bench = params.benchmark(benchmark)
+    data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
+    _check_inputs(bench, benchmark, data_dir, force)
+    storage = default_storage(params.ray, root)
+    check_storage(storage)
+    init_ray(params.ray.address)
+    _check_cluster(bench, params.ray.address, force)
+
+    uri = tracking.tracking_uri(params.mlflow, root)
+    run_id = _open_run(uri, params, benchmark, bench, data_dir, root, stage)
+    chash = config_hash(bench)
+    ray_name = f"{benchmark}-{chash}-{run_id[:8]}"
+    train_dir, val_dir = (stage_split(data_dir / s, storage) for s in ("train", "val"))
+    config = loop_config(
+        bench,
+        benchmark=benchmark,
+        train_dir=train_dir,
+        val_dir=val_dir,
+        mlflow_uri=uri,
+        run_id=run_id,
+        root=str(root),
+    )
+    trainer = build_trainer(bench, params.ray, config, name=ray_name, storage=storage, keep=2)
+    started = time.time()
+    result = _fit(trainer, uri, run_id, ray_name)
+    seconds = time.time() - started
+
+    with result.checkpoint.as_directory() as ckdir:
+        state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
+    iterations = int(state["iteration"])
+    model_path = _export_model(state, bench, benchmark, run_id, out_dir)
     info = {
         "run_id": run_id,
         "mlflow_uri": uri,
         "ray_run_name": ray_name,
         "storage_path": storage,
-        "iterations": int(state["iteration"]),
+        "iterations": iterations,
         "seconds": round(seconds, 1),
         "config_hash": chash,
     }
-    tmp = out_dir / "train_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(out_dir / "train_info.json")
-    tracking.log_metrics(uri, run_id, {"train/wall_seconds": seconds}, step=int(state["iteration"]))
+    _write_info(out_dir, info)
+    tracking.log_metrics(uri, run_id, {"train/wall_seconds": seconds}, step=iterations)
     tracking.finish_run(uri, run_id)  # the evaluate stage still appends its scores to this run
-    return TrainResult(run_id, ray_name, model_path, int(state["iteration"]), seconds)
+    return TrainResult(run_id, ray_name, model_path, iterations, seconds)

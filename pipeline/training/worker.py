@@ -100,7 +100,7 @@ def _reseed_torch(seed: int, rank: int, iteration: int) -> None:
 
 
 def build_train_loader(
-    bench: BenchmarkConfig, train_dir: Path, *, rank: int, world: int, start_iteration: int, pin: bool
+    bench: BenchmarkConfig, train_dir: str | Path, *, rank: int, world: int, start_iteration: int, pin: bool
 ) -> DataLoader:
     t, a, d = bench.train, bench.train.augment, bench.data
     transform = TrainTransform(
@@ -137,7 +137,7 @@ def build_train_loader(
 def validate(
     model: torch.nn.Module,
     bench: BenchmarkConfig,
-    val_dir: Path,
+    val_dir: str | Path,
     *,
     rank: int,
     world: int,
@@ -169,18 +169,13 @@ def validate(
     return cm.compute()
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Ray Train entry point. ``cfg`` keys: bench (dict), benchmark, train_dir, val_dir, mlflow_uri, run_id."""
-    bench = benchmark_from_dict(cfg["bench"])
+def _build_model_and_optimizer(
+    bench: BenchmarkConfig, cfg: dict, device: torch.device, world: int
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The same initial weights on every rank and in every run (seeded), the pretrained backbone when
+    ``model.pretrained`` names one, SyncBN on GPUs, and the SGD optimizer."""
     t = bench.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, t.cpus_per_worker))
-    uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
-    log = rank == 0
-
-    torch.manual_seed(t.seed)  # the same initial weights on every rank and in every run
+    torch.manual_seed(t.seed)
     model = build_model(bench.model, bench.data.num_classes)
     # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one.
     init_from_pretrained(model, bench.model, cfg["benchmark"], cfg.get("root"))
@@ -194,128 +189,225 @@ def train_loop_per_worker(cfg: dict) -> None:
         weight_decay=t.weight_decay,
         head_lr_mult=t.head_lr_mult,
     )
+    return model, optimizer
 
-    start = 0
+
+def _restore(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, bench: BenchmarkConfig, device: torch.device
+) -> tuple[int, str]:
+    """Loads Ray Train's latest checkpoint into the model and optimizer; ``(iteration, checkpoint path)``,
+    ``(0, "")`` on a fresh start."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckdir:
-            state = load_training_state(Path(ckdir), bench, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["iteration"])
-        if log:
-            print(f"[train] resumed from iteration {start} ({checkpoint.path})", flush=True)
-            tracking.log_metrics(uri, run_id, {"train/resumed_from": start}, step=start)
+    if checkpoint is None:
+        return 0, ""
+    with checkpoint.as_directory() as ckdir:
+        state = load_training_state(Path(ckdir), bench, device)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["iteration"]), str(checkpoint.path)
 
+
+def _wrap(
+    model: torch.nn.Module, bench: BenchmarkConfig, device: torch.device, world: int
+) -> torch.nn.Module:
+    """The network the loop runs: channels-last and ``torch.compile`` on GPUs, DDP with several ranks."""
+    t = bench.train
     cuda = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if cuda and t.precision == "bf16" else None
     if cuda and t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     net = DistributedDataParallel(model) if world > 1 and dist.is_initialized() else model
     if cuda and t.compile:
         net = torch.compile(net)
-    base_lr = effective_base_lr(bench)
+    return net
+
+
+def _record_placement(rank: int, world: int, uri: str, run_id: str) -> list[str]:
+    """The Ray node of every rank (gathered over the process group), tagged on the MLflow run by rank 0 as
+    ``ray.node.rank<r>``; returns the node ids by rank."""
+    node = ray.get_runtime_context().get_node_id()
+    nodes = [node]
+    if world > 1 and dist.is_initialized():
+        nodes = [""] * world
+        dist.all_gather_object(nodes, node)
+    if rank == 0:
+        tags = {f"ray.node.rank{r}": n for r, n in enumerate(nodes)} | {"ray.nodes": len(set(nodes))}
+        tracking.set_tags(uri, run_id, tags)
+        print(f"[train] ranks on nodes {[n[:8] for n in nodes]}", flush=True)
+    return nodes
+
+
+def _report_final_validation(model, bench: BenchmarkConfig, cfg: dict, start: int, **where) -> None:
+    """Resumed from the final checkpoint (the driver died after training ended): report the final validation
+    once more, so a Tune trial restored at this point still delivers its metric."""
+    val = validate(model, bench, cfg["val_dir"], **where)
+    ray.train.report(
+        {"iteration": start, "val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]},
+        checkpoint=None,
+    )
+
+
+class _Window:
+    """Loss parts, iterations and data-wait time since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums = {"loss": 0.0, "loss_main": 0.0, "loss_aux": 0.0}
+        self.n = 0
+        self.wait = 0.0
+        self.tick = time.perf_counter()
+
+    def add(self, parts: dict[str, float]) -> None:
+        for k in self.sums:
+            self.sums[k] += parts[k]
+        self.n += 1
+
+    def metrics(self, lr: float, batch_size: int) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.tick
+        n = self.n
+        return {
+            "train/loss": self.sums["loss"] / n,
+            "train/loss_main": self.sums["loss_main"] / n,
+            "train/loss_aux": self.sums["loss_aux"] / n,
+            "train/lr": lr,
+            "train/images_per_s": n * batch_size / elapsed,
+            "train/sec_per_iter": elapsed / n,
+            "train/data_wait_frac": self.wait / elapsed,
+        }
+
+
+def _window_metrics(
+    window: _Window, lr: float, step: int, bench: BenchmarkConfig, device: torch.device, log: bool
+) -> dict[str, float]:
+    """The logged training metrics of the window ending at ``step`` (and its console line on rank 0)."""
+    t = bench.train
+    metrics = window.metrics(lr, t.batch_size)
+    if device.type == "cuda":
+        metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if log:
+        print(
+            f"[train] it {step}/{t.iterations} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
+            f"{metrics['train/images_per_s']:.1f} img/s",
+            flush=True,
+        )
+    return metrics
+
+
+def _train_step(
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    it: int,
+    bench: BenchmarkConfig,
+    device: torch.device,
+    window: _Window,
+) -> float:
+    """One SGD iteration (poly LR, forward, PSPNet loss, backward, step); returns the learning rate."""
+    t = bench.train
+    cuda = device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if cuda and t.precision == "bf16" else None
+    t0 = time.perf_counter()
+    images, labels = next(batches)
+    images = images.to(device, non_blocking=True)
+    if cuda and t.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = labels.to(device, non_blocking=True)
+    window.wait += time.perf_counter() - t0
+
+    lr = poly_lr(effective_base_lr(bench), it, t.iterations, t.lr_power)
+    set_lr(optimizer, lr)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        outputs = net(images)
+    outputs = {k: v.float() for k, v in outputs.items()}
+    try:
+        loss, parts = pspnet_loss(
+            outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
+        )
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"iteration {it}: {exc}") from exc
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    window.add(parts)
+    return lr
+
+
+def _report(
+    step: int,
+    metrics: dict[str, float],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bench: BenchmarkConfig,
+    rank: int,
+) -> None:
+    """``ray.train.report`` on every rank; rank 0 attaches the full training state as the checkpoint."""
+    report = {"iteration": step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
+    if rank != 0:
+        ray.train.report(report, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "iteration": step,
+                "config_hash": config_hash(bench),
+            },
+            Path(tmp) / STATE_FILE,
+        )
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Ray Train entry point. ``cfg`` keys (see ``pipeline.training.cluster.loop_config``): bench (dict),
+    benchmark, train_dir, val_dir, mlflow_uri, run_id, root."""
+    bench = benchmark_from_dict(cfg["bench"])
+    t = bench.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, t.cpus_per_worker))
+    uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
+    log = rank == 0
+
+    model, optimizer = _build_model_and_optimizer(bench, cfg, device, world)
+    start, restored_from = _restore(model, optimizer, bench, device)
+    if restored_from and log:
+        print(f"[train] resumed from iteration {start} ({restored_from})", flush=True)
+        tracking.log_metrics(uri, run_id, {"train/resumed_from": start}, step=start)
+    net = _wrap(model, bench, device, world)
+    _record_placement(rank, world, uri, run_id)
     net.train()
     loader = build_train_loader(
         bench,
-        Path(cfg["train_dir"]),
+        cfg["train_dir"],
         rank=rank,
         world=world,
         start_iteration=start,
         pin=device.type == "cuda",
     )
-
+    where = {"rank": rank, "world": world, "device": device}
     if start >= t.iterations:
-        # Resumed from the final checkpoint (the driver died after training ended): report the final
-        # validation once more, so a Tune trial restored at this point still delivers its metric.
-        val = validate(model, bench, Path(cfg["val_dir"]), rank=rank, world=world, device=device)
-        ray.train.report(
-            {"iteration": start, "val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]},
-            checkpoint=None,
-        )
+        _report_final_validation(model, bench, cfg, start, **where)
         return
 
-    window = {"loss": 0.0, "loss_main": 0.0, "loss_aux": 0.0, "n": 0, "wait": 0.0}
-    tick = time.perf_counter()
+    window = _Window()
     batches = iter(loader)
     # After the loader's iterator (which draws its base seed from torch's RNG), so that a run resumed at
     # `start` draws exactly the dropout masks an uninterrupted run draws after its checkpoint at `start`.
     _reseed_torch(t.seed, rank, start)
     for it in range(start, t.iterations):
-        t0 = time.perf_counter()
-        images, labels = next(batches)
-        images = images.to(device, non_blocking=True)
-        if cuda and t.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        window["wait"] += time.perf_counter() - t0
-
-        lr = poly_lr(base_lr, it, t.iterations, t.lr_power)
-        set_lr(optimizer, lr)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = net(images)
-        outputs = {k: v.float() for k, v in outputs.items()}
-        try:
-            loss, parts = pspnet_loss(
-                outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
-            )
-        except FloatingPointError as exc:
-            raise FloatingPointError(f"iteration {it}: {exc}") from exc
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for k in ("loss", "loss_main", "loss_aux"):
-            window[k] += parts[k]
-        window["n"] += 1
-
+        lr = _train_step(net, optimizer, batches, it, bench, device, window)
         step = it + 1
         metrics: dict[str, float] = {}
         if step % t.log_every == 0 or step == t.iterations:
-            elapsed = time.perf_counter() - tick
-            n = window["n"]
-            metrics.update(
-                {
-                    "train/loss": window["loss"] / n,
-                    "train/loss_main": window["loss_main"] / n,
-                    "train/loss_aux": window["loss_aux"] / n,
-                    "train/lr": lr,
-                    "train/images_per_s": n * t.batch_size / elapsed,
-                    "train/sec_per_iter": elapsed / n,
-                    "train/data_wait_frac": window["wait"] / elapsed,
-                }
-            )
-            if device.type == "cuda":
-                metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            if log:
-                print(
-                    f"[train] it {step}/{t.iterations} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
-                    f"{metrics['train/images_per_s']:.1f} img/s",
-                    flush=True,
-                )
-            window = dict.fromkeys(window, 0.0) | {"n": 0}
-            tick = time.perf_counter()
+            metrics.update(_window_metrics(window, lr, step, bench, device, log))
+            window = _Window()
         if step % t.val_every == 0 or step == t.iterations:
-            val = validate(model, bench, Path(cfg["val_dir"]), rank=rank, world=world, device=device)
+            val = validate(model, bench, cfg["val_dir"], **where)
             metrics.update({"val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]})
             if log:
                 print(f"[train] it {step} val mIoU {val['miou']:.4f}", flush=True)
         if metrics and log:
             tracking.log_metrics(uri, run_id, metrics, step=step)
-
         if step % t.checkpoint_every == 0 or step == t.iterations:
-            report = {"iteration": step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
-            if log:
-                with tempfile.TemporaryDirectory() as tmp:
-                    torch.save(
-                        {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "iteration": step,
-                            "config_hash": config_hash(bench),
-                        },
-                        Path(tmp) / STATE_FILE,
-                    )
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report(report, checkpoint=None)
+            _report(step, metrics, model, optimizer, bench, rank)
             _reseed_torch(t.seed, rank, step)
