@@ -53,7 +53,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.report import write_train_curve
+    from pipeline import tracking
     from pipeline.training.launcher import train
 
     params = load_params(args.params)
@@ -66,9 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         force=args.force,
     )
     if args.curve:
-        from pipeline import tracking
-
-        write_train_curve(tracking.tracking_uri(params.mlflow, _root()), result.run_id, Path(args.curve))
+        tracking.write_train_curve(
+            tracking.tracking_uri(params.mlflow, _root()), result.run_id, Path(args.curve)
+        )
     print(f"[train] {result.iterations} iterations in {result.seconds:.0f} s -> {result.model_path}")
     return 0
 

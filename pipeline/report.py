@@ -14,41 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import plots, tracking
+from pipeline import plots
 from pipeline.config import BenchmarkConfig
-
-CURVE_COLUMNS = {
-    "train/loss": "loss",
-    "train/loss_main": "loss_main",
-    "train/loss_aux": "loss_aux",
-    "train/lr": "lr",
-    "train/images_per_s": "images_per_s",
-    "train/data_wait_frac": "data_wait_frac",
-    "val/miou": "val_miou",
-}
-
-
-def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
-    """Pull the run's metric history from MLflow into one CSV (one row per logged iteration)."""
-    history = tracking.metric_history(uri, run_id, CURVE_COLUMNS)
-    frames = [
-        pd.DataFrame(points, columns=["iteration", CURVE_COLUMNS[key]]).drop_duplicates(
-            "iteration", keep="last"
-        )
-        for key, points in history.items()
-        if points
-    ]
-    if not frames:
-        raise RuntimeError(f"MLflow run {run_id} at {uri} has no training metrics")
-    curve = frames[0]
-    for frame in frames[1:]:
-        curve = curve.merge(frame, on="iteration", how="outer")
-    curve = curve.sort_values("iteration")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    curve.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
-    return curve
 
 
 def _pct(x: float) -> str:

@@ -8,7 +8,6 @@ model, its curves and its single-/multi-scale scores sit together. The tracking 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import time
@@ -16,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -24,20 +24,18 @@ from pipeline.config import MlflowConfig
 CONFIG_HASH_TAG = "pspnet.config_hash"
 BENCHMARK_TAG = "pspnet.benchmark"
 CODE_TAG = "pspnet.code"
-# The source that decides a trained model's numbers (not the reports, plots or CLI around them).
-_NUMERIC_CODE = ("config.py", "data", "model", "training", "evaluation", "sweeps")
+# The code a sweep trial or a study cell runs (training, evaluation, the config schema), as import closures
+# (pipeline/codedeps.py: the same closures dvc.yaml's code deps are checked against).
+TRIAL_CODE = ("pipeline.sweeps.tune:_trial", "pipeline.sweeps.study:_study_trial")
 
 
 def code_fingerprint(package: Path | None = None) -> str:
-    """12 hex characters of the sha256 of the package source that decides the numbers: keys sweeps and study
-    cells, so that a finished sweep is not \"resumed\" (and a cell not reused) after that code changed."""
-    package = package or Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for name in _NUMERIC_CODE:
-        root = package / name
-        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    """12 hex characters of the sha256 of the code a sweep trial or study cell runs (its import closure, see
+    ``TRIAL_CODE``): keys sweeps and study cells, so that a finished sweep is not \"resumed\" (and a cell not
+    reused) after that code changed. Report and plot code is not in it."""
+    from pipeline import codedeps
+
+    return codedeps.fingerprint(TRIAL_CODE, package or codedeps.PACKAGE, length=12)
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -135,6 +133,41 @@ def metric_history(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list
         hist = client.get_metric_history(run_id, key)
         out[key] = sorted((m.step, m.value) for m in hist)
     return out
+
+
+CURVE_COLUMNS = {
+    "train/loss": "loss",
+    "train/loss_main": "loss_main",
+    "train/loss_aux": "loss_aux",
+    "train/lr": "lr",
+    "train/images_per_s": "images_per_s",
+    "train/data_wait_frac": "data_wait_frac",
+    "val/miou": "val_miou",
+}
+
+
+def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
+    """Pull the run's metric history from MLflow into one CSV (one row per logged iteration): the train
+    stage's ``train_curve.csv`` (DVC plots), which the report draws."""
+    history = metric_history(uri, run_id, CURVE_COLUMNS)
+    frames = [
+        pd.DataFrame(points, columns=["iteration", CURVE_COLUMNS[key]]).drop_duplicates(
+            "iteration", keep="last"
+        )
+        for key, points in history.items()
+        if points
+    ]
+    if not frames:
+        raise RuntimeError(f"MLflow run {run_id} at {uri} has no training metrics")
+    curve = frames[0]
+    for frame in frames[1:]:
+        curve = curve.merge(frame, on="iteration", how="outer")
+    curve = curve.sort_values("iteration")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    curve.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    return curve
 
 
 PARENT_TAG = "mlflow.parentRunId"

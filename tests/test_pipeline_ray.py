@@ -16,7 +16,8 @@ from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.evaluation.evaluate import evaluate_benchmark
 from pipeline.model.checkpoint import load_model
-from pipeline.report import write_report, write_train_curve
+from pipeline.report import write_report
+from pipeline.tracking import write_train_curve
 from pipeline.training.launcher import ScalingError, check_scaling, train
 from tests.conftest import tiny_params_dict
 
