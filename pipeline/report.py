@@ -1,8 +1,9 @@
 """The per-benchmark report: training curve, single- and multi-scale scores with their protocols, per-class
 IoU and prediction panels, as markdown + PNG under ``reports/<benchmark>/``.
 
-It reads only recorded results (the evaluate stage's ``metrics.json`` / ``per_class.csv``, the train stage's
-``train_curve.csv`` and ``train_info.json``); it never recomputes a number.
+It reads only recorded results (the evaluate stage's ``metrics.json`` (the numbers) / ``evaluation.json``
+(their protocols and run facts) / ``per_class.csv``, the train stage's ``train_curve.csv`` and
+``train_info.json``); it never recomputes a number.
 """
 
 from __future__ import annotations
@@ -16,6 +17,19 @@ import pandas as pd
 
 from pipeline import plots
 from pipeline.config import BenchmarkConfig
+
+
+def read_evaluation(reports_dir: Path) -> dict:
+    """``metrics.json`` with ``evaluation.json`` folded in: per protocol the numbers beside their protocol,
+    hash, images and seconds; the context classes beside the context numbers."""
+    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    facts = json.loads((reports_dir / "evaluation.json").read_text())
+    merged = {k: v for k, v in facts.items() if k not in metrics and k != "context_classes"}
+    for key, numbers in metrics.items():
+        merged[key] = facts.get(key, {}) | numbers
+    if "context" in merged:
+        merged["context"] = {"classes": facts["context_classes"], **metrics["context"]}
+    return merged
 
 
 def _pct(x: float) -> str:
@@ -100,7 +114,7 @@ def render(
 
 
 def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, model_dir: Path) -> Path:
-    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    metrics = read_evaluation(reports_dir)
     per_class = pd.read_csv(reports_dir / "per_class.csv")
     train_info = json.loads((model_dir / "train_info.json").read_text())
     curve = pd.read_csv(reports_dir / "train_curve.csv")
@@ -138,7 +152,7 @@ def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Pat
         "|---|---|---:|---:|---:|---|---:|---|",
     ]
     for bdir in benchmarks:
-        metrics = json.loads((bdir / "metrics.json").read_text())
+        metrics = read_evaluation(bdir)
         info_path = Path("models") / bdir.name / "train_info.json"
         seconds = json.loads(info_path.read_text()).get("seconds", "?") if info_path.is_file() else "?"
         for key in ("ss", "ms"):

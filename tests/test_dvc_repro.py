@@ -56,8 +56,9 @@ def test_dvc_repro_synthetic(tmp_path):
     _run([*dvc, "repro", "report@synthetic"], repo, env)
 
     metrics = json.loads((repo / "reports/synthetic/metrics.json").read_text())
-    assert {"ss", "ms", "context"} <= set(metrics)
-    assert metrics["ms"]["protocol"].startswith("ms3+flip")
+    assert set(metrics) == {"ss", "ms", "context"} and set(metrics["ss"]) == {"miou", "macc", "aacc"}
+    facts = json.loads((repo / "reports/synthetic/evaluation.json").read_text())
+    assert facts["ms"]["protocol"].startswith("ms3+flip")
     for name in ("report.md", "per_class.csv", "predictions.png", "train_curve.png", "train_curve.csv"):
         assert (repo / "reports/synthetic" / name).is_file(), name
     assert (repo / "models/synthetic/model.pt").is_file()

@@ -34,7 +34,13 @@ from pipeline.config import (
 )
 from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
-from pipeline.evaluation.evaluate import evaluate_split, pair_accuracy, protocols
+from pipeline.evaluation.benchmark import (
+    context_scores,
+    flat_metrics,
+    protocols,
+    scoring_settings,
+)
+from pipeline.evaluation.split import evaluate_split
 from pipeline.model.pspnet import build_model
 from pipeline.sweeps.tune import (
     ReleaseOrphanedWorkerGroups,
@@ -49,35 +55,18 @@ STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
 def _evaluate(bench, state: dict, val_dir: Path, which: tuple[str, ...]) -> dict[str, float]:
+    """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
-    shards = ShardedSegmentation(val_dir)
-    d = bench.data
-    names = class_names(bench)
-    out: dict[str, float] = {}
-    for key, protocol in protocols(bench).items():
-        if key not in which:
-            continue
-        res = evaluate_split(
-            model,
-            shards,
-            protocol,
-            num_classes=d.num_classes,
-            ignore_index=d.ignore_index,
-            mean=d.mean,
-            std=d.std,
-            batch_size=bench.eval.batch_size,
-            progress=False,
-        )
-        scores = res.matrix.compute()
-        out |= {f"{key}/miou": scores["miou"], f"{key}/macc": scores["macc"], f"{key}/aacc": scores["aacc"]}
-        out |= {f"{key}/iou/{n}": v for n, v in zip(names, scores["iou"], strict=True)}
-        if d.source == "synthetic":
-            from pipeline.data.synthetic import CONTEXT_CLASSES
+    chosen = {k: p for k, p in protocols(bench).items() if k in which}
+    settings = {k: v for k, v in scoring_settings(bench, {}, on_gpu=False).items() if k in _CELL_SETTINGS}
+    results = evaluate_split(model, ShardedSegmentation(val_dir), chosen, progress=False, **settings)
+    names = class_names(bench, Path(val_dir).parent)
+    return flat_metrics(results, names, context_scores(bench, names, results))
 
-            a, b = (names.index(c) for c in CONTEXT_CLASSES)
-            out[f"{key}/context_pair_acc"] = pair_accuracy(res.matrix.mat.numpy(), a, b)["pair_accuracy"]
-    return out
+
+# A study cell is scored in fp32 on the CPU with the default batching, whatever eval.cpu_precision says.
+_CELL_SETTINGS = ("num_classes", "ignore_index", "mean", "std", "batch_size")
 
 
 def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> tuple[dict, str] | None:
