@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,18 +176,43 @@ SWEEP_HASH_TAG = "pspnet.sweep_hash"
 TRIAL_TAG = "pspnet.trial_id"
 
 
-def find_run(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> str | None:
-    """The newest run carrying all ``tags`` (and ``status`` when given)."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What a search returns of one run: its id, tags and latest metric values."""
+
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def find_runs(
+    uri: str,
+    experiment_id: str,
+    tags: Mapping[str, str],
+    status: str | None = None,
+    *,
+    oldest_first: bool = False,
+    max_results: int | None = None,
+) -> list[RunRecord]:
+    """The runs carrying all ``tags`` (and ``status`` when given), newest first unless ``oldest_first``."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     if status:
         clauses.append(f"attributes.status = '{status}'")
+    order = "ASC" if oldest_first else "DESC"
+    kwargs = {} if max_results is None else {"max_results": max_results}
     runs = MlflowClient(uri).search_runs(
         [experiment_id],
         filter_string=" and ".join(clauses),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        order_by=[f"attributes.start_time {order}"],
+        **kwargs,
     )
-    return runs[0].info.run_id if runs else None
+    return [RunRecord(r.info.run_id, dict(r.data.tags), dict(r.data.metrics)) for r in runs]
+
+
+def find_run(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> str | None:
+    """The newest run carrying all ``tags`` (and ``status`` when given)."""
+    runs = find_runs(uri, experiment_id, tags, status, max_results=1)
+    return runs[0].run_id if runs else None
 
 
 def open_parent_run(
