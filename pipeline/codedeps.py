@@ -51,12 +51,6 @@ def module_file(name: str, package: Path = PACKAGE) -> Path | None:
     return None
 
 
-def _module_name(path: Path, package: Path) -> str:
-    rel = path.relative_to(package).with_suffix("")
-    parts = [p for p in rel.parts if p != "__init__"]
-    return ".".join([PACKAGE_NAME, *parts])
-
-
 def _imported_names(nodes: Iterable[ast.AST], current: str, is_package: bool, package: Path) -> set[str]:
     """Names of the ``pipeline`` modules the import statements among ``nodes`` load (``from pkg import mod``
     loads the submodule ``pkg.mod`` when there is one)."""

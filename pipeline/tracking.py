@@ -1,6 +1,6 @@
 """Everything that talks to MLflow lives here (one grep: ``pipeline.tracking``).
 
-The driver creates one run per training (``start_training_run``) and hands its id to the Ray workers; rank 0
+The driver creates one run per training (``start_run``) and hands its id to the Ray workers; rank 0
 alone logs through ``log_metrics``. The evaluate stage appends its numbers to the same run, so a trained
 model, its curves and its single-/multi-scale scores sit together. The tracking URI is
 ``$MLFLOW_TRACKING_URI`` if set, else ``params.mlflow.tracking_uri``, else a SQLite file in the project.

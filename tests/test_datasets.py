@@ -348,23 +348,6 @@ def test_cityscapes_prepare_maps_label_ids_to_train_ids(tmp_path):
     )
 
 
-def test_cityscapes_export_back_to_label_ids(tmp_path):
-    ids = RNG.integers(0, 34, (H, W), dtype=np.uint8)
-    train_ids = cityscapes.label_lut()[ids]
-    kept = train_ids != 255
-    np.testing.assert_array_equal(cityscapes.train_to_label_ids(train_ids)[kept], ids[kept])
-    (tmp_path / "pred").mkdir()
-    cv2.imwrite(
-        str(tmp_path / "pred" / "frankfurt_000000_000019.png"), np.where(kept, train_ids, 0).astype(np.uint8)
-    )
-    assert cityscapes.export_label_ids(tmp_path / "pred", tmp_path / "server") == 1
-    out = cv2.imread(str(tmp_path / "server" / "frankfurt_000000_000019.png"), cv2.IMREAD_UNCHANGED)
-    np.testing.assert_array_equal(out[kept], ids[kept])
-    cv2.imwrite(str(tmp_path / "pred" / "bad.png"), np.full((2, 2), 19, np.uint8))
-    with pytest.raises(DataError, match=r"bad.png: values \[19\]"):
-        cityscapes.export_label_ids(tmp_path / "pred", tmp_path / "server")
-
-
 def test_cityscapes_missing_packages_say_where_to_get_them(tmp_path):
     folder = tmp_path / "downloads"
     folder.mkdir()
