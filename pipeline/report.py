@@ -36,6 +36,55 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def _scores_rows(metrics: dict) -> list[str]:
+    """The validation table's rows and the protocols' fields."""
+    lines = []
+    for key in ("ss", "ms"):
+        if key in metrics:
+            s = metrics[key]
+            lines.append(
+                f"| {key}: `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | {_pct(s['aacc'])} | "
+                f"`{s['protocol_hash']}` | {s['images']} | {s['seconds']} |"
+            )
+    lines += [
+        "",
+        "Protocol fields: "
+        + "; ".join(
+            f"{k}: `{json.dumps(metrics[k]['protocol_fields'], sort_keys=True)}`"
+            for k in ("ss", "ms")
+            if k in metrics
+        ),
+        "",
+    ]
+    return lines
+
+
+def _context_section(context: dict | None) -> list[str]:
+    """The synthetic benchmark's boat-vs-car section (nothing elsewhere)."""
+    if context is None:
+        return []
+    lines = []
+    a, b = context["classes"]
+    lines += [
+        f"## Context: `{a}` vs `{b}`",
+        "",
+        f"The two classes are drawn identically; only the scene far from the object tells them apart. "
+        f"Pair accuracy = among {a}/{b} pixels predicted as either, the share given the right one "
+        "(0.5 = chance).",
+        "",
+        f"| protocol | pair accuracy % | {a} recall % | {b} recall % |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in ("ss", "ms"):
+        if key in context:
+            c = context[key]
+            lines.append(
+                f"| {key} | {_pct(c['pair_accuracy'])} | {_pct(c['recall_a'])} | {_pct(c['recall_b'])} |"
+            )
+    lines.append("")
+    return lines
+
+
 def render(
     benchmark: str, bench: BenchmarkConfig, metrics: dict, per_class: pd.DataFrame, train_info: dict
 ) -> str:
@@ -55,42 +104,8 @@ def render(
         "| protocol | mIoU % | mAcc % | aAcc % | protocol hash | images | seconds |",
         "|---|---:|---:|---:|---|---:|---:|",
     ]
-    for key in ("ss", "ms"):
-        if key in metrics:
-            s = metrics[key]
-            lines.append(
-                f"| {key}: `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | {_pct(s['aacc'])} | "
-                f"`{s['protocol_hash']}` | {s['images']} | {s['seconds']} |"
-            )
-    lines += [
-        "",
-        "Protocol fields: "
-        + "; ".join(
-            f"{k}: `{json.dumps(metrics[k]['protocol_fields'], sort_keys=True)}`"
-            for k in ("ss", "ms")
-            if k in metrics
-        ),
-        "",
-    ]
-    if "context" in metrics:
-        a, b = metrics["context"]["classes"]
-        lines += [
-            f"## Context: `{a}` vs `{b}`",
-            "",
-            f"The two classes are drawn identically; only the scene far from the object tells them apart. "
-            f"Pair accuracy = among {a}/{b} pixels predicted as either, the share given the right one "
-            "(0.5 = chance).",
-            "",
-            f"| protocol | pair accuracy % | {a} recall % | {b} recall % |",
-            "|---|---:|---:|---:|",
-        ]
-        for key in ("ss", "ms"):
-            if key in metrics["context"]:
-                c = metrics["context"][key]
-                lines.append(
-                    f"| {key} | {_pct(c['pair_accuracy'])} | {_pct(c['recall_a'])} | {_pct(c['recall_b'])} |"
-                )
-        lines.append("")
+    lines += _scores_rows(metrics)
+    lines += _context_section(metrics.get("context"))
     lines += [
         "## Per-class IoU (%)",
         "",

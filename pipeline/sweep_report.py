@@ -93,6 +93,26 @@ def metric_columns(study: StudyConfig, runs: pd.DataFrame) -> list[str]:
     return [c for c in cols if c in runs]
 
 
+def _mean_pm_std(cells: pd.DataFrame, metric: str) -> list[str]:
+    """``metric``'s per-cell mean ± std over seeds, in percent."""
+    pairs = zip(cells[f"{metric}_mean"], cells[f"{metric}_std"], strict=True)
+    return [ablation.plus_minus(100 * m, 100 * s) for m, s in pairs]
+
+
+def _context_table(cells: pd.DataFrame, key: str) -> pd.DataFrame | None:
+    """The synthetic benchmark's boat-vs-car columns per cell (None when the study has no context metric)."""
+    if f"{key}/context_pair_acc_mean" not in cells:
+        return None
+    columns = {
+        "cell": cells["cell"],
+        "boat-vs-car pair acc %": _mean_pm_std(cells, f"{key}/context_pair_acc"),
+    }
+    for c in ("boat", "car"):
+        if f"{key}/iou/{c}_mean" in cells:
+            columns[f"IoU {c} %"] = _mean_pm_std(cells, f"{key}/iou/{c}")
+    return pd.DataFrame(columns)
+
+
 def write_study(
     name: str, study: StudyConfig, runs: pd.DataFrame, out_dir: Path, *, same_benchmark: bool
 ) -> dict:
@@ -112,31 +132,7 @@ def write_study(
         same_benchmark=same_benchmark,
     )
     dirs = ablation.directions(cells, study.table, dict(study.paper_rows), metric=f"{key}/miou")
-    extra = None
-    if f"{key}/context_pair_acc_mean" in cells:
-        extra = pd.DataFrame(
-            {
-                "cell": cells["cell"],
-                "boat-vs-car pair acc %": [
-                    ablation.plus_minus(100 * m, 100 * s)
-                    for m, s in zip(
-                        cells[f"{key}/context_pair_acc_mean"],
-                        cells[f"{key}/context_pair_acc_std"],
-                        strict=True,
-                    )
-                ],
-                **{
-                    f"IoU {c} %": [
-                        ablation.plus_minus(100 * m, 100 * s)
-                        for m, s in zip(
-                            cells[f"{key}/iou/{c}_mean"], cells[f"{key}/iou/{c}_std"], strict=True
-                        )
-                    ]
-                    for c in ("boat", "car")
-                    if f"{key}/iou/{c}_mean" in cells
-                },
-            }
-        )
+    extra = _context_table(cells, key)
     text = ablation.markdown(
         name,
         study.table,

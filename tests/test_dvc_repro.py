@@ -74,6 +74,22 @@ def test_dvc_repro_synthetic(tmp_path):
     status = _run([*dvc, "status", "--with-deps", "report@synthetic"], repo, env).stdout
     assert "up to date" in status
 
+    # The experiments workflow of the README: change a param with -S, see the numbers move.
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-q", "-m", "baseline"], repo, env)
+    _run(
+        [*dvc, "exp", "run", "-S", "benchmarks.synthetic.eval.ms_flip=false", "evaluate@synthetic"], repo, env
+    )
+    diff = json.loads(_run([*dvc, "metrics", "diff", "--json"], repo, env).stdout)["diff"]
+    changed = diff["reports/synthetic/metrics.json"]
+    assert "ms.miou" in changed and "ss.miou" not in changed  # only the multi-scale protocol changed
+    assert changed["ms.miou"]["new"] != changed["ms.miou"]["old"]
+    table = _run([*dvc, "exp", "show", "--csv"], repo, env).stdout
+    header = table.splitlines()[0].split(",")
+    assert "ms.miou" in header and "benchmarks.synthetic.eval.ms_flip" in header
+    assert not any("protocol" in column or "seconds" in column for column in header)  # numbers only
+
     # The sweep stage reuses the prepared data and writes its DVC-tracked outputs.
     out = _run([*dvc, "repro", "tune@synthetic"], repo, env).stdout
     assert "Running stage 'prepare@synthetic'" not in out
