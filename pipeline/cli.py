@@ -119,7 +119,6 @@ def _print_scores(prefix: str, metrics: dict, facts: dict) -> None:
 def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     """``evaluate --checkpoint``: score any model file and log it as a new run of the benchmark's experiment."""
     from pipeline import tracking
-    from pipeline.config import flatten
     from pipeline.data.benchmarks import class_names
     from pipeline.data.shards import ShardedSegmentation
     from pipeline.evaluation import benchmark as ev
@@ -140,25 +139,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     chosen = {k: v for k, v in ev.protocols(bench).items() if args.protocol in (k, "both")}
     sha = file_sha256(path)
     source = (meta.get("conventions") or {}).get("source", "pspnet-repro")
-    root = _root()
-    uri = tracking.tracking_uri(params.mlflow, root)
-    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, args.benchmark), root)
-    run_id = tracking.start_run(
-        uri,
-        exp,
-        run_name=f"checkpoint-{path.stem}",
-        tags={
-            tracking.BENCHMARK_TAG: args.benchmark,
-            "pspnet.kind": "checkpoint-evaluation",
-            "pspnet.checkpoint.file": str(path),
-            "pspnet.checkpoint.sha256": sha,
-            "pspnet.checkpoint.source": source,
-            "git_commit": tracking.git_commit(root),
-        },
-        params=flatten(meta["model_config"], "model.")
-        | flatten(bench.eval, "eval.")
-        | {"num_classes": bench.data.num_classes},
-    )
+    uri, run_id = _checkpoint_run(args.benchmark, params, path, meta, sha, source)
     status = "FAILED"
     try:
         settings = ev.scoring_settings(bench, meta, on_gpu=False)
@@ -177,6 +158,34 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
         tracking.finish_run(uri, run_id, status)
     print(f"[evaluate] MLflow run {run_id}; {out / 'metrics.json'}")
     return 0
+
+
+def _checkpoint_run(benchmark: str, params, path: Path, meta: dict, sha: str, source: str) -> tuple[str, str]:
+    """A new MLflow run of the benchmark's experiment for an evaluated model file: ``(uri, run_id)``."""
+    from pipeline import tracking
+    from pipeline.config import flatten
+
+    bench = params.benchmark(benchmark)
+    root = _root()
+    uri = tracking.tracking_uri(params.mlflow, root)
+    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, benchmark), root)
+    run_id = tracking.start_run(
+        uri,
+        exp,
+        run_name=f"checkpoint-{path.stem}",
+        tags={
+            tracking.BENCHMARK_TAG: benchmark,
+            "pspnet.kind": "checkpoint-evaluation",
+            "pspnet.checkpoint.file": str(path),
+            "pspnet.checkpoint.sha256": sha,
+            "pspnet.checkpoint.source": source,
+            "git_commit": tracking.git_commit(root),
+        },
+        params=flatten(meta["model_config"], "model.")
+        | flatten(bench.eval, "eval.")
+        | {"num_classes": bench.data.num_classes},
+    )
+    return uri, run_id
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
