@@ -108,7 +108,7 @@ def directions(
     return pd.DataFrame(rows)
 
 
-def _pm(mean: float, std: float) -> str:
+def plus_minus(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "n/a"
     return f"{mean:.2f} ± {std:.2f}" if not math.isnan(std) else f"{mean:.2f}"
@@ -149,7 +149,7 @@ def markdown(
         within = "-" if r["within_2std"] is None else ("yes" if r["within_2std"] else "no")
         lines.append(
             f"| {r['cell']} | {r['paper_row']} | {_num(r['paper_miou'])} | {_num(r['paper_pa'])} | "
-            f"{_pm(r['miou_mean'], r['miou_std'])} | {_pm(r['pa_mean'], r['pa_std'])} | {r['n']} | "
+            f"{plus_minus(r['miou_mean'], r['miou_std'])} | {plus_minus(r['pa_mean'], r['pa_std'])} | {r['n']} | "
             f"{_num(r['diff'])} | {within} |"
         )
     if extra is not None and not extra.empty:

@@ -53,7 +53,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.report import write_train_curve
+    from pipeline import tracking
     from pipeline.training.launcher import train
 
     params = load_params(args.params)
@@ -66,9 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         force=args.force,
     )
     if args.curve:
-        from pipeline import tracking
-
-        write_train_curve(tracking.tracking_uri(params.mlflow, _root()), result.run_id, Path(args.curve))
+        tracking.write_train_curve(
+            tracking.tracking_uri(params.mlflow, _root()), result.run_id, Path(args.curve)
+        )
     print(f"[train] {result.iterations} iterations in {result.seconds:.0f} s -> {result.model_path}")
     return 0
 
@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from pipeline import tracking
 
         uri = tracking.tracking_uri(params.mlflow, _root())
-    metrics = evaluate_benchmark(
+    done = evaluate_benchmark(
         args.benchmark,
         params.benchmark(args.benchmark),
         model_path=model_path,
@@ -102,56 +102,79 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         mlflow_uri=uri,
         run_id=run_id,
     )
-    for key in ("ss", "ms"):
-        s = metrics[key]
-        print(
-            f"[evaluate] {key} ({s['protocol']}): mIoU {100 * s['miou']:.2f}  mAcc {100 * s['macc']:.2f}  "
-            f"aAcc {100 * s['aacc']:.2f}"
-        )
+    _print_scores("", done["metrics"], done["facts"])
     return 0
+
+
+def _print_scores(prefix: str, metrics: dict, facts: dict) -> None:
+    for key in ("ss", "ms"):
+        if key in metrics:
+            s = metrics[key]
+            print(
+                f"[evaluate] {prefix}{key} ({facts[key]['protocol']}): mIoU {100 * s['miou']:.2f}  "
+                f"mAcc {100 * s['macc']:.2f}  aAcc {100 * s['aacc']:.2f}"
+            )
 
 
 def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     """``evaluate --checkpoint``: score any model file and log it as a new run of the benchmark's experiment."""
     from pipeline import tracking
-    from pipeline.config import flatten
-    from pipeline.evaluation.evaluate import evaluate_split, protocols
-    from pipeline.model.checkpoint import CheckpointError, load_model
+    from pipeline.data.benchmarks import class_names
+    from pipeline.data.shards import ShardedSegmentation
+    from pipeline.evaluation import benchmark as ev
+    from pipeline.evaluation import outputs
+    from pipeline.evaluation.split import evaluate_split
+    from pipeline.model.checkpoint import CheckpointError
     from pipeline.model.weights import file_sha256
 
     bench = params.benchmark(args.benchmark)
-    d = bench.data
     path = Path(args.checkpoint)
     data = Path(args.data or f"data/prepared/{args.benchmark}")
     out = Path(args.out or f"reports/{args.benchmark}/checkpoints/{path.stem}")
     try:
-        model, meta = load_model(path)
-    except (CheckpointError, FileNotFoundError) as exc:
+        model, meta = ev.load_for_benchmark(args.benchmark, bench, path)
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"pspnet evaluate: {exc}", file=sys.stderr)
         return 2
-    if meta["num_classes"] != d.num_classes:
-        print(
-            f"pspnet evaluate: {path}: the model predicts {meta['num_classes']} classes, benchmark "
-            f"{args.benchmark!r} has {d.num_classes}",
-            file=sys.stderr,
-        )
-        return 2
-    from pipeline.data.shards import ShardedSegmentation
-
-    shards = ShardedSegmentation(data / "val")
-    conv = meta.get("conventions") or {}
-    chosen = {k: v for k, v in protocols(bench).items() if args.protocol in (k, "both")}
+    chosen = {k: v for k, v in ev.protocols(bench).items() if args.protocol in (k, "both")}
     sha = file_sha256(path)
-    source = conv.get("source", "pspnet-repro")
+    source = (meta.get("conventions") or {}).get("source", "pspnet-repro")
+    uri, run_id = _checkpoint_run(args.benchmark, params, path, meta, sha, source)
+    status = "FAILED"
+    try:
+        settings = ev.scoring_settings(bench, meta, on_gpu=False)
+        results = evaluate_split(model, ShardedSegmentation(data / "val"), chosen, **settings)
+        names = class_names(bench, data)
+        context = ev.context_scores(bench, names, results)
+        metrics = ev.scores(results, context)
+        facts = ev.run_facts(args.benchmark, path, results, settings, [])
+        facts |= {"checkpoint": str(path), "sha256": sha, "source": source}
+        _print_scores(f"{path.name} ", metrics, facts)
+        written = outputs.write_tables(out, names, results, metrics, facts)
+        flat = {k: v for k, v in ev.flat_metrics(results, names, context).items() if "/iou/" not in k}
+        outputs.log_to_mlflow(uri, run_id, results, flat, written)
+        status = "FINISHED"
+    finally:
+        tracking.finish_run(uri, run_id, status)
+    print(f"[evaluate] MLflow run {run_id}; {out / 'metrics.json'}")
+    return 0
+
+
+def _checkpoint_run(benchmark: str, params, path: Path, meta: dict, sha: str, source: str) -> tuple[str, str]:
+    """A new MLflow run of the benchmark's experiment for an evaluated model file: ``(uri, run_id)``."""
+    from pipeline import tracking
+    from pipeline.config import flatten
+
+    bench = params.benchmark(benchmark)
     root = _root()
     uri = tracking.tracking_uri(params.mlflow, root)
-    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, args.benchmark), root)
+    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, benchmark), root)
     run_id = tracking.start_run(
         uri,
         exp,
         run_name=f"checkpoint-{path.stem}",
         tags={
-            tracking.BENCHMARK_TAG: args.benchmark,
+            tracking.BENCHMARK_TAG: benchmark,
             "pspnet.kind": "checkpoint-evaluation",
             "pspnet.checkpoint.file": str(path),
             "pspnet.checkpoint.sha256": sha,
@@ -160,53 +183,9 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
         },
         params=flatten(meta["model_config"], "model.")
         | flatten(bench.eval, "eval.")
-        | {"num_classes": d.num_classes},
+        | {"num_classes": bench.data.num_classes},
     )
-    status = "FAILED"
-    try:
-        metrics: dict = {
-            "benchmark": args.benchmark,
-            "checkpoint": str(path),
-            "sha256": sha,
-            "source": source,
-        }
-        for key, protocol in chosen.items():
-            res = evaluate_split(
-                model,
-                shards,
-                protocol,
-                num_classes=d.num_classes,
-                ignore_index=d.ignore_index,
-                mean=conv.get("mean", d.mean),
-                std=conv.get("std", d.std),
-                batch_size=bench.eval.batch_size,
-            )
-            s = metrics[key] = res.summary()
-            print(
-                f"[evaluate] {path.name} {key} ({s['protocol']}): mIoU {100 * s['miou']:.2f}  "
-                f"mAcc {100 * s['macc']:.2f}  aAcc {100 * s['aacc']:.2f}"
-            )
-            metrics[key]["iou"] = [float(v) for v in res.matrix.compute()["iou"]]
-            tracking.log_metrics(uri, run_id, {f"{key}/{m}": s[m] for m in ("miou", "macc", "aacc")})
-            tracking.set_tags(
-                uri,
-                run_id,
-                {
-                    f"protocol.{key}": s["protocol"],
-                    f"protocol.{key}.hash": s["protocol_hash"],
-                    f"protocol.{key}.fields": json.dumps(s["protocol_fields"], sort_keys=True),
-                },
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
-        os.replace(tmp, out / "metrics.json")
-        tracking.log_artifacts(uri, run_id, [out / "metrics.json"], artifact_path="evaluation")
-        status = "FINISHED"
-    finally:
-        tracking.finish_run(uri, run_id, status)
-    print(f"[evaluate] MLflow run {run_id}; {out / 'metrics.json'}")
-    return 0
+    return uri, run_id
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:

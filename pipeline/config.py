@@ -488,6 +488,11 @@ def benchmark_from_dict(raw: dict, where: str = "benchmark") -> BenchmarkConfig:
     return _build(BenchmarkConfig, raw, where)
 
 
+def study_from_dict(raw: dict, where: str = "study") -> StudyConfig:
+    """Rebuild a :class:`StudyConfig` from its ``to_dict`` form (e.g. inside a Tune trial)."""
+    return _build(StudyConfig, raw, where)
+
+
 def study_cell_config(
     base: BenchmarkConfig, study: StudyConfig, cell: str, *, seed: int, where: str = "study"
 ) -> BenchmarkConfig:

@@ -1,8 +1,9 @@
 """The per-benchmark report: training curve, single- and multi-scale scores with their protocols, per-class
 IoU and prediction panels, as markdown + PNG under ``reports/<benchmark>/``.
 
-It reads only recorded results (the evaluate stage's ``metrics.json`` / ``per_class.csv``, the train stage's
-``train_curve.csv`` and ``train_info.json``); it never recomputes a number.
+It reads only recorded results (the evaluate stage's ``metrics.json`` (the numbers) / ``evaluation.json``
+(their protocols and run facts) / ``per_class.csv``, the train stage's ``train_curve.csv`` and
+``train_info.json``); it never recomputes a number.
 """
 
 from __future__ import annotations
@@ -14,45 +15,74 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import plots, tracking
+from pipeline import plots
 from pipeline.config import BenchmarkConfig
 
-CURVE_COLUMNS = {
-    "train/loss": "loss",
-    "train/loss_main": "loss_main",
-    "train/loss_aux": "loss_aux",
-    "train/lr": "lr",
-    "train/images_per_s": "images_per_s",
-    "train/data_wait_frac": "data_wait_frac",
-    "val/miou": "val_miou",
-}
 
-
-def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
-    """Pull the run's metric history from MLflow into one CSV (one row per logged iteration)."""
-    history = tracking.metric_history(uri, run_id, CURVE_COLUMNS)
-    frames = [
-        pd.DataFrame(points, columns=["iteration", CURVE_COLUMNS[key]]).drop_duplicates(
-            "iteration", keep="last"
-        )
-        for key, points in history.items()
-        if points
-    ]
-    if not frames:
-        raise RuntimeError(f"MLflow run {run_id} at {uri} has no training metrics")
-    curve = frames[0]
-    for frame in frames[1:]:
-        curve = curve.merge(frame, on="iteration", how="outer")
-    curve = curve.sort_values("iteration")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    curve.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
-    return curve
+def read_evaluation(reports_dir: Path) -> dict:
+    """``metrics.json`` with ``evaluation.json`` folded in: per protocol the numbers beside their protocol,
+    hash, images and seconds; the context classes beside the context numbers."""
+    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    facts = json.loads((reports_dir / "evaluation.json").read_text())
+    merged = {k: v for k, v in facts.items() if k not in metrics and k != "context_classes"}
+    for key, numbers in metrics.items():
+        merged[key] = facts.get(key, {}) | numbers
+    if "context" in merged:
+        merged["context"] = {"classes": facts["context_classes"], **metrics["context"]}
+    return merged
 
 
 def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def _scores_rows(metrics: dict) -> list[str]:
+    """The validation table's rows and the protocols' fields."""
+    lines = []
+    for key in ("ss", "ms"):
+        if key in metrics:
+            s = metrics[key]
+            lines.append(
+                f"| {key}: `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | {_pct(s['aacc'])} | "
+                f"`{s['protocol_hash']}` | {s['images']} | {s['seconds']} |"
+            )
+    lines += [
+        "",
+        "Protocol fields: "
+        + "; ".join(
+            f"{k}: `{json.dumps(metrics[k]['protocol_fields'], sort_keys=True)}`"
+            for k in ("ss", "ms")
+            if k in metrics
+        ),
+        "",
+    ]
+    return lines
+
+
+def _context_section(context: dict | None) -> list[str]:
+    """The synthetic benchmark's boat-vs-car section (nothing elsewhere)."""
+    if context is None:
+        return []
+    lines = []
+    a, b = context["classes"]
+    lines += [
+        f"## Context: `{a}` vs `{b}`",
+        "",
+        f"The two classes are drawn identically; only the scene far from the object tells them apart. "
+        f"Pair accuracy = among {a}/{b} pixels predicted as either, the share given the right one "
+        "(0.5 = chance).",
+        "",
+        f"| protocol | pair accuracy % | {a} recall % | {b} recall % |",
+        "|---|---:|---:|---:|",
+    ]
+    for key in ("ss", "ms"):
+        if key in context:
+            c = context[key]
+            lines.append(
+                f"| {key} | {_pct(c['pair_accuracy'])} | {_pct(c['recall_a'])} | {_pct(c['recall_b'])} |"
+            )
+    lines.append("")
+    return lines
 
 
 def render(
@@ -74,42 +104,8 @@ def render(
         "| protocol | mIoU % | mAcc % | aAcc % | protocol hash | images | seconds |",
         "|---|---:|---:|---:|---|---:|---:|",
     ]
-    for key in ("ss", "ms"):
-        if key in metrics:
-            s = metrics[key]
-            lines.append(
-                f"| {key}: `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | {_pct(s['aacc'])} | "
-                f"`{s['protocol_hash']}` | {s['images']} | {s['seconds']} |"
-            )
-    lines += [
-        "",
-        "Protocol fields: "
-        + "; ".join(
-            f"{k}: `{json.dumps(metrics[k]['protocol_fields'], sort_keys=True)}`"
-            for k in ("ss", "ms")
-            if k in metrics
-        ),
-        "",
-    ]
-    if "context" in metrics:
-        a, b = metrics["context"]["classes"]
-        lines += [
-            f"## Context: `{a}` vs `{b}`",
-            "",
-            f"The two classes are drawn identically; only the scene far from the object tells them apart. "
-            f"Pair accuracy = among {a}/{b} pixels predicted as either, the share given the right one "
-            "(0.5 = chance).",
-            "",
-            f"| protocol | pair accuracy % | {a} recall % | {b} recall % |",
-            "|---|---:|---:|---:|",
-        ]
-        for key in ("ss", "ms"):
-            if key in metrics["context"]:
-                c = metrics["context"][key]
-                lines.append(
-                    f"| {key} | {_pct(c['pair_accuracy'])} | {_pct(c['recall_a'])} | {_pct(c['recall_b'])} |"
-                )
-        lines.append("")
+    lines += _scores_rows(metrics)
+    lines += _context_section(metrics.get("context"))
     lines += [
         "## Per-class IoU (%)",
         "",
@@ -133,7 +129,7 @@ def render(
 
 
 def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, model_dir: Path) -> Path:
-    metrics = json.loads((reports_dir / "metrics.json").read_text())
+    metrics = read_evaluation(reports_dir)
     per_class = pd.read_csv(reports_dir / "per_class.csv")
     train_info = json.loads((model_dir / "train_info.json").read_text())
     curve = pd.read_csv(reports_dir / "train_curve.csv")
@@ -171,7 +167,7 @@ def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Pat
         "|---|---|---:|---:|---:|---|---:|---|",
     ]
     for bdir in benchmarks:
-        metrics = json.loads((bdir / "metrics.json").read_text())
+        metrics = read_evaluation(bdir)
         info_path = Path("models") / bdir.name / "train_info.json"
         seconds = json.loads(info_path.read_text()).get("seconds", "?") if info_path.is_file() else "?"
         for key in ("ss", "ms"):

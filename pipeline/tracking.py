@@ -1,6 +1,6 @@
 """Everything that talks to MLflow lives here (one grep: ``pipeline.tracking``).
 
-The driver creates one run per training (``start_training_run``) and hands its id to the Ray workers; rank 0
+The driver creates one run per training (``start_run``) and hands its id to the Ray workers; rank 0
 alone logs through ``log_metrics``. The evaluate stage appends its numbers to the same run, so a trained
 model, its curves and its single-/multi-scale scores sit together. The tracking URI is
 ``$MLFLOW_TRACKING_URI`` if set, else ``params.mlflow.tracking_uri``, else a SQLite file in the project.
@@ -8,14 +8,15 @@ model, its curves and its single-/multi-scale scores sit together. The tracking 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -24,20 +25,18 @@ from pipeline.config import MlflowConfig
 CONFIG_HASH_TAG = "pspnet.config_hash"
 BENCHMARK_TAG = "pspnet.benchmark"
 CODE_TAG = "pspnet.code"
-# The source that decides a trained model's numbers (not the reports, plots or CLI around them).
-_NUMERIC_CODE = ("config.py", "data", "model", "training", "evaluation", "sweeps")
+# The code a sweep trial or a study cell runs (training, evaluation, the config schema), as import closures
+# (pipeline/codedeps.py: the same closures dvc.yaml's code deps are checked against).
+TRIAL_CODE = ("pipeline.sweeps.tune:_trial", "pipeline.sweeps.study:_study_trial")
 
 
 def code_fingerprint(package: Path | None = None) -> str:
-    """12 hex characters of the sha256 of the package source that decides the numbers: keys sweeps and study
-    cells, so that a finished sweep is not \"resumed\" (and a cell not reused) after that code changed."""
-    package = package or Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for name in _NUMERIC_CODE:
-        root = package / name
-        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
-            digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:12]
+    """12 hex characters of the sha256 of the code a sweep trial or study cell runs (its import closure, see
+    ``TRIAL_CODE``): keys sweeps and study cells, so that a finished sweep is not \"resumed\" (and a cell not
+    reused) after that code changed. Report and plot code is not in it."""
+    from pipeline import codedeps
+
+    return codedeps.fingerprint(TRIAL_CODE, package or codedeps.PACKAGE, length=12)
 
 
 def tracking_uri(cfg: MlflowConfig, root: Path) -> str:
@@ -137,23 +136,83 @@ def metric_history(uri: str, run_id: str, keys: Iterable[str]) -> dict[str, list
     return out
 
 
+CURVE_COLUMNS = {
+    "train/loss": "loss",
+    "train/loss_main": "loss_main",
+    "train/loss_aux": "loss_aux",
+    "train/lr": "lr",
+    "train/images_per_s": "images_per_s",
+    "train/data_wait_frac": "data_wait_frac",
+    "val/miou": "val_miou",
+}
+
+
+def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
+    """Pull the run's metric history from MLflow into one CSV (one row per logged iteration): the train
+    stage's ``train_curve.csv`` (DVC plots), which the report draws."""
+    history = metric_history(uri, run_id, CURVE_COLUMNS)
+    frames = [
+        pd.DataFrame(points, columns=["iteration", CURVE_COLUMNS[key]]).drop_duplicates(
+            "iteration", keep="last"
+        )
+        for key, points in history.items()
+        if points
+    ]
+    if not frames:
+        raise RuntimeError(f"MLflow run {run_id} at {uri} has no training metrics")
+    curve = frames[0]
+    for frame in frames[1:]:
+        curve = curve.merge(frame, on="iteration", how="outer")
+    curve = curve.sort_values("iteration")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    curve.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    return curve
+
+
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_HASH_TAG = "pspnet.sweep_hash"
 TRIAL_TAG = "pspnet.trial_id"
 
 
-def find_run(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> str | None:
-    """The newest run carrying all ``tags`` (and ``status`` when given)."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What a search returns of one run: its id, tags and latest metric values."""
+
+    run_id: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def find_runs(
+    uri: str,
+    experiment_id: str,
+    tags: Mapping[str, str],
+    status: str | None = None,
+    *,
+    oldest_first: bool = False,
+    max_results: int | None = None,
+) -> list[RunRecord]:
+    """The runs carrying all ``tags`` (and ``status`` when given), newest first unless ``oldest_first``."""
     clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     if status:
         clauses.append(f"attributes.status = '{status}'")
+    order = "ASC" if oldest_first else "DESC"
+    kwargs = {} if max_results is None else {"max_results": max_results}
     runs = MlflowClient(uri).search_runs(
         [experiment_id],
         filter_string=" and ".join(clauses),
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        order_by=[f"attributes.start_time {order}"],
+        **kwargs,
     )
-    return runs[0].info.run_id if runs else None
+    return [RunRecord(r.info.run_id, dict(r.data.tags), dict(r.data.metrics)) for r in runs]
+
+
+def find_run(uri: str, experiment_id: str, tags: Mapping[str, str], status: str | None = None) -> str | None:
+    """The newest run carrying all ``tags`` (and ``status`` when given)."""
+    runs = find_runs(uri, experiment_id, tags, status, max_results=1)
+    return runs[0].run_id if runs else None
 
 
 def open_parent_run(

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline import ablation
 from pipeline.config import StudyConfig
-from pipeline.sweeps.study import write_study
+from pipeline.sweep_report import write_study
 
 
 def runs() -> pd.DataFrame:

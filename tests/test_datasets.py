@@ -110,6 +110,9 @@ def test_ade20k_download_and_prepare(tmp_path):
     assert manifest["class_names"][:2] == ["name1", "name2"] and len(manifest["class_names"]) == 150
     assert manifest["gates"]["val"] == {"rows_checked": 2, "miou": 1.0}
     assert json.loads((tmp_path / "prepared" / "manifest.json").read_text())["source"] == "ade20k"
+    # the reports' per-class tables name ADE20K's classes from the prepared manifest
+    names = class_names(_bench("ade20k"), tmp_path / "prepared")
+    assert names[:2] == ["name1", "name2"] and class_names(_bench("ade20k"))[:1] == ["class_0"]
     _, label, image_id = ShardedSegmentation(tmp_path / "prepared" / "train").read(0)
     assert image_id == "ADE_train_00000001"
     assert set(np.unique(label)) <= set(range(150)) | {255}  # raw 0 -> 255, 1..150 -> 0..149
@@ -345,23 +348,6 @@ def test_cityscapes_prepare_maps_label_ids_to_train_ids(tmp_path):
     )
 
 
-def test_cityscapes_export_back_to_label_ids(tmp_path):
-    ids = RNG.integers(0, 34, (H, W), dtype=np.uint8)
-    train_ids = cityscapes.label_lut()[ids]
-    kept = train_ids != 255
-    np.testing.assert_array_equal(cityscapes.train_to_label_ids(train_ids)[kept], ids[kept])
-    (tmp_path / "pred").mkdir()
-    cv2.imwrite(
-        str(tmp_path / "pred" / "frankfurt_000000_000019.png"), np.where(kept, train_ids, 0).astype(np.uint8)
-    )
-    assert cityscapes.export_label_ids(tmp_path / "pred", tmp_path / "server") == 1
-    out = cv2.imread(str(tmp_path / "server" / "frankfurt_000000_000019.png"), cv2.IMREAD_UNCHANGED)
-    np.testing.assert_array_equal(out[kept], ids[kept])
-    cv2.imwrite(str(tmp_path / "pred" / "bad.png"), np.full((2, 2), 19, np.uint8))
-    with pytest.raises(DataError, match=r"bad.png: values \[19\]"):
-        cityscapes.export_label_ids(tmp_path / "pred", tmp_path / "server")
-
-
 def test_cityscapes_missing_packages_say_where_to_get_them(tmp_path):
     folder = tmp_path / "downloads"
     folder.mkdir()
@@ -487,7 +473,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     finally:
         ray.shutdown()
     assert result.iterations == 2
-    metrics = evaluate_benchmark(
+    done = evaluate_benchmark(
         "ade20k",
         bench,
         model_path=result.model_path,
@@ -495,8 +481,10 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
         out_dir=tmp_path / "reports",
         progress=False,
     )
-    assert metrics["ss"]["images"] == 2 and 0.0 <= metrics["ms"]["miou"] <= 1.0
-    assert metrics["ms"]["protocol"].startswith("ms2+flip")
+    assert done["facts"]["ss"]["images"] == 2 and 0.0 <= done["metrics"]["ms"]["miou"] <= 1.0
+    assert done["facts"]["ms"]["protocol"].startswith("ms2+flip")
+    per_class = (tmp_path / "reports" / "per_class.csv").read_text().splitlines()
+    assert per_class[1].startswith("name1,") and len(per_class) == 151  # the class names, not class_0
 
 
 def test_ade20k_fetch_keeps_a_users_other_files(tmp_path):

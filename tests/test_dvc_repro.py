@@ -56,8 +56,9 @@ def test_dvc_repro_synthetic(tmp_path):
     _run([*dvc, "repro", "report@synthetic"], repo, env)
 
     metrics = json.loads((repo / "reports/synthetic/metrics.json").read_text())
-    assert {"ss", "ms", "context"} <= set(metrics)
-    assert metrics["ms"]["protocol"].startswith("ms3+flip")
+    assert set(metrics) == {"ss", "ms", "context"} and set(metrics["ss"]) == {"miou", "macc", "aacc"}
+    facts = json.loads((repo / "reports/synthetic/evaluation.json").read_text())
+    assert facts["ms"]["protocol"].startswith("ms3+flip")
     for name in ("report.md", "per_class.csv", "predictions.png", "train_curve.png", "train_curve.csv"):
         assert (repo / "reports/synthetic" / name).is_file(), name
     assert (repo / "models/synthetic/model.pt").is_file()
@@ -72,6 +73,27 @@ def test_dvc_repro_synthetic(tmp_path):
     assert "Running stage" not in again
     status = _run([*dvc, "status", "--with-deps", "report@synthetic"], repo, env).stdout
     assert "up to date" in status
+
+    # The experiments workflow of the README: change a param with -S, see the numbers move.
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-q", "-m", "baseline"], repo, env)
+    _run(
+        [*dvc, "exp", "run", "-S", "benchmarks.synthetic.eval.ms_flip=false", "evaluate@synthetic"], repo, env
+    )
+    params = json.loads(_run([*dvc, "params", "diff", "--json"], repo, env).stdout)["params.yaml"]
+    flip = params["benchmarks.synthetic.eval.ms_flip"]
+    assert (flip["old"], flip["new"]) == (True, False)
+    # (the tiny model may predict the same labels either way: compare every number, changed or not)
+    diff = json.loads(_run([*dvc, "metrics", "diff", "--all", "--json"], repo, env).stdout)
+    compared = diff["reports/synthetic/metrics.json"]
+    assert {"ss.miou", "ss.macc", "ss.aacc", "ms.miou", "ms.macc", "ms.aacc"} <= set(compared)
+    assert compared["ss.miou"]["old"] == compared["ss.miou"]["new"]  # ss does not use ms_flip
+    table = _run([*dvc, "exp", "show", "--csv"], repo, env).stdout
+    header = table.splitlines()[0].split(",")
+    assert "ms.miou" in header and "benchmarks.synthetic.eval.ms_flip" in header
+    facts = (".protocol", ".protocol_hash", ".seconds", ".images", ".cached", ".precision")
+    assert not any(column.endswith(facts) for column in header)  # the numbers only, not the run facts
 
     # The sweep stage reuses the prepared data and writes its DVC-tracked outputs.
     out = _run([*dvc, "repro", "tune@synthetic"], repo, env).stdout

@@ -11,8 +11,9 @@ import torch
 from pipeline.config import ModelConfig, params_from_dict, replace
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation import split as split_module
+from pipeline.evaluation.benchmark import protocols
 from pipeline.evaluation.distributed import _chunks, evaluate_distributed
-from pipeline.evaluation.evaluate import evaluate_benchmark, protocols
+from pipeline.evaluation.evaluate import evaluate_benchmark
 from pipeline.evaluation.inference import prepare_model
 from pipeline.evaluation.split import evaluate_rows
 from pipeline.model.checkpoint import save_model
@@ -95,12 +96,13 @@ def test_evaluate_benchmark_caches_and_shards(
     cache_dir = tmp_path / "cache"
     kw = {"model_path": path, "data_dir": tiny_prepared, "cache_dir": cache_dir, "progress": False}
 
-    first = evaluate_benchmark("synthetic", bench, out_dir=tmp_path / "a", num_workers=2, **kw)
+    first = evaluate_benchmark("synthetic", bench, out_dir=tmp_path / "a", num_workers=2, **kw)["facts"]
     assert not first["ss"]["cached"] and not first["ms"]["cached"]
     assert first["ms"]["protocol"] == "ms2+flip/slide64" and first["ss"]["images"] == 8
     assert len(list(cache_dir.glob("*.npz"))) == 2
     for name in (
         "metrics.json",
+        "evaluation.json",
         "per_class.csv",
         "predictions.png",
         "per_class_iou.png",
@@ -114,15 +116,16 @@ def test_evaluate_benchmark_caches_and_shards(
         raise AssertionError("an unchanged evaluation ran a forward pass")
 
     monkeypatch.setattr(split_module, "predict", no_forward)
-    second = evaluate_benchmark("synthetic", bench, out_dir=tmp_path / "b", num_workers=1, **kw)
+    second = evaluate_benchmark("synthetic", bench, out_dir=tmp_path / "b", num_workers=1, **kw)["facts"]
     assert second["ss"]["cached"] and second["ms"]["cached"]
     for key in ("ss", "ms"):
-        assert second[key]["miou"] == first[key]["miou"]
-    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["ms"]["cached"] is True
+        scores = [json.loads((tmp_path / d / "metrics.json").read_text())[key] for d in ("a", "b")]
+        assert scores[0] == scores[1] and set(scores[0]) == {"miou", "macc", "aacc"}
+    assert json.loads((tmp_path / "b" / "evaluation.json").read_text())["ms"]["cached"] is True
 
     # a changed protocol field is a miss for that protocol only
     monkeypatch.undo()
     changed = replace(bench, **{"eval.ms_scales": (0.75, 1.0)})
-    third = evaluate_benchmark("synthetic", changed, out_dir=tmp_path / "c", num_workers=1, **kw)
+    third = evaluate_benchmark("synthetic", changed, out_dir=tmp_path / "c", num_workers=1, **kw)["facts"]
     assert third["ss"]["cached"] and not third["ms"]["cached"]
     assert third["ms"]["protocol_hash"] != first["ms"]["protocol_hash"]

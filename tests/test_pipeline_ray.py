@@ -16,7 +16,8 @@ from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.evaluation.evaluate import evaluate_benchmark
 from pipeline.model.checkpoint import load_model
-from pipeline.report import write_report, write_train_curve
+from pipeline.report import write_report
+from pipeline.tracking import write_train_curve
 from pipeline.training.launcher import ScalingError, check_scaling, train
 from tests.conftest import tiny_params_dict
 
@@ -67,7 +68,7 @@ def test_train_evaluate_report_end_to_end(local_ray, tiny_prepared, tmp_path):
     assert model(torch.zeros(1, 3, 40, 56))["out"].shape == (1, 8, 40, 56)
 
     bench = params.benchmark("synthetic")
-    metrics = evaluate_benchmark(
+    done = evaluate_benchmark(
         "synthetic",
         bench,
         model_path=result.model_path,
@@ -77,13 +78,15 @@ def test_train_evaluate_report_end_to_end(local_ray, tiny_prepared, tmp_path):
         run_id=result.run_id,
         progress=False,
     )
+    metrics, facts = done["metrics"], done["facts"]
     for key in ("ss", "ms"):
         assert 0.0 <= metrics[key]["miou"] <= 1.0
-        assert metrics[key]["images"] == 8
-    assert metrics["ss"]["protocol"] == "ss/slide96" and metrics["ms"]["protocol"] == "ms3+flip/slide96"
-    assert metrics["ss"]["protocol_hash"] != metrics["ms"]["protocol_hash"]
+        assert facts[key]["images"] == 8
+    assert facts["ss"]["protocol"] == "ss/slide96" and facts["ms"]["protocol"] == "ms3+flip/slide96"
+    assert facts["ss"]["protocol_hash"] != facts["ms"]["protocol_hash"]
     saved = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert saved["ss"]["miou"] == pytest.approx(metrics["ss"]["miou"])
+    assert saved == json.loads(json.dumps(metrics)) and set(saved["ss"]) == {"miou", "macc", "aacc"}
+    assert json.loads((tmp_path / "reports" / "evaluation.json").read_text()) == json.loads(json.dumps(facts))
     per_class = pd.read_csv(tmp_path / "reports" / "per_class.csv")
     assert list(per_class["class"])[:2] == ["sky", "ground"] and len(per_class) == 8
 
@@ -95,5 +98,5 @@ def test_train_evaluate_report_end_to_end(local_ray, tiny_prepared, tmp_path):
 
     report = write_report("synthetic", bench, reports_dir=tmp_path / "reports", model_dir=tmp_path / "models")
     text = report.read_text()
-    assert "ms3+flip/slide96" in text and metrics["ss"]["protocol_hash"] in text
+    assert "ms3+flip/slide96" in text and facts["ss"]["protocol_hash"] in text
     assert (tmp_path / "reports" / "train_curve.png").stat().st_size > 1000

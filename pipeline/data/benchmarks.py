@@ -41,7 +41,10 @@ SOURCES = {
 }
 
 
-def class_names(bench: BenchmarkConfig) -> list[str]:
+def class_names(bench: BenchmarkConfig, prepared: Path | None = None) -> list[str]:
+    """The benchmark's class names in label order. ADE20K's come from the archive's ``objectInfo150.txt``,
+    which prepare stores in ``<prepared>/manifest.json``; without a prepared folder holding them (or for a
+    class count they do not match) they are ``class_0 ...``."""
     source = bench.data.source
     if source == "synthetic":
         return list(synthetic.CLASS_NAMES)
@@ -50,6 +53,11 @@ def class_names(bench: BenchmarkConfig) -> list[str]:
     if source == "cityscapes":
         return list(cityscapes.CLASS_NAMES)
     # ADE20K: the names ship inside the archive (objectInfo150.txt); prepare writes them to the manifest.
+    path = Path(prepared) / MANIFEST if prepared is not None else None
+    if path is not None and path.is_file():
+        names = json.loads(path.read_text()).get("class_names")
+        if isinstance(names, list) and len(names) == bench.data.num_classes:
+            return [str(n) for n in names]
     return [f"class_{i}" for i in range(bench.data.num_classes)]
 
 

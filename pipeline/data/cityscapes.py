@@ -8,7 +8,6 @@ The download needs a login, so the fetch stage only *finds* the two packages in 
 
 :func:`stage_fine` links each split into the ADE folder layout under the id ``<city>_<seq>_<frame>`` (PNG images
 kept as they are); the labelId -> trainId table is applied while sharding (:func:`label_lut`).
-:func:`export_label_ids` turns trainId predictions back into labelIds for the benchmark server.
 
 The label table is transcribed from cityscapesscripts ``helpers/labels.py`` (via
 ``shared/reference/pspnet_reference.yaml``, ``datasets.cityscapes.labelId_to_trainId``; the colours from the
@@ -20,7 +19,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from pipeline.data.download import Release
@@ -62,42 +60,6 @@ def label_lut(ignore_index: int = 255) -> np.ndarray:
     for label_id, train_id in LABEL_TO_TRAIN.items():
         lut[label_id] = train_id
     return lut
-
-
-def train_to_label_ids(pred: np.ndarray) -> np.ndarray:
-    """(H, W) trainIds 0..18 -> labelIds for the benchmark server; anything else -> 0 ("unlabeled")."""
-    inverse = np.zeros(256, np.uint8)
-    for label_id, train_id in LABEL_TO_TRAIN.items():
-        inverse[train_id] = label_id
-    pred = np.asarray(pred)
-    if pred.ndim != 2 or pred.min(initial=0) < 0 or pred.max(initial=0) > 255:
-        raise ValueError(
-            f"expected an (H, W) map of trainIds 0..{NUM_CLASSES - 1}, got {pred.dtype} {pred.shape}"
-        )
-    return inverse[pred.astype(np.uint8)]
-
-
-def export_label_ids(pred_dir: Path, out_dir: Path) -> int:
-    """Convert every trainId PNG in ``pred_dir`` to a labelId PNG of the same name in ``out_dir``.
-
-    The server pairs files with images by the ``<city>_<seq>_<frame>`` id in the name, which prepared ids and
-    the evaluate stage's prediction names keep. Returns the number of files written.
-    """
-    pred_dir, out_dir = Path(pred_dir), Path(out_dir)
-    files = sorted(pred_dir.glob("*.png"))
-    if not files:
-        raise DataError(f"{pred_dir}: no *.png predictions to export")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in files:
-        pred = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if pred is None or pred.ndim != 2:
-            raise DataError(f"{path}: expected a single-channel PNG of trainIds")
-        bad = np.unique(pred[pred >= NUM_CLASSES])
-        if len(bad):
-            raise DataError(f"{path}: values {bad.tolist()[:10]} are not trainIds 0..{NUM_CLASSES - 1}")
-        if not cv2.imwrite(str(out_dir / path.name), train_to_label_ids(pred)):
-            raise DataError(f"{out_dir / path.name}: could not be written")
-    return len(files)
 
 
 def download_instructions(folder: Path, missing: list[str]) -> str:

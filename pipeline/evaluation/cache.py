@@ -3,7 +3,9 @@
 The key of one (model, protocol, split) evaluation is the sha256 of
 
     the checkpoint file's bytes, the protocol hash, the split hash from the prepared manifest, the scoring
-    settings (classes, ignore index, mean/std, precision) and the source of the inference and metric code.
+    settings (classes, ignore index, mean/std, precision) and the source of the code that computes the
+    confusion matrix: the import closure of ``SCORING_CODE`` (pipeline/codedeps.py, the closures that
+    dvc.yaml's code deps are checked against).
 
 An entry is ``<cache_dir>/<key>.npz``: the confusion matrix, the predicted label maps of the rows kept for
 the figures, and a JSON record (protocol, seconds, images). Entries are written to a temporary name and
@@ -23,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
-_CODE = [Path(__file__).with_name("inference.py"), Path(__file__).with_name("metrics.py")]
+from pipeline import codedeps
+
+# The modules that turn a model and a split into confusion matrices (in one process or over Ray tasks).
+SCORING_CODE = ("pipeline.evaluation.split", "pipeline.evaluation.distributed")
 
 
 def default_dir() -> Path:
@@ -31,11 +36,9 @@ def default_dir() -> Path:
 
 
 def code_hash() -> str:
-    """Hash of the inference and metric source: a changed protocol implementation invalidates the cache."""
-    digest = hashlib.sha256()
-    for path in _CODE:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    """Hash of the scoring code's import closure: a changed protocol, metric or data-reading implementation
+    invalidates the cache."""
+    return codedeps.fingerprint(SCORING_CODE)
 
 
 def evaluation_key(

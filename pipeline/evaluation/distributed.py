@@ -1,7 +1,7 @@
 """The validation split sharded over Ray tasks; their confusion matrices are summed on the driver.
 
     driver: ray.put(model) --> chunks of rows --> at most `num_workers` tasks in flight (CPU, or 1 GPU each)
-    task:   prepare_model -> evaluate_rows(chunk, every protocol) -> (matrix, kept label maps, seconds) per protocol
+    task:   evaluate_split(chunk, every protocol) -> (matrix, kept label maps, seconds) per protocol
     driver: sum the int64 matrices as tasks finish (any order gives the same sum), progress bar with an ETA
 
 Why tasks rather than a Ray Train ``TorchTrainer`` with an all-reduce: evaluation is embarrassingly parallel.
@@ -41,15 +41,20 @@ def _evaluate_chunk(
 ) -> dict[str, tuple[Any, dict, float, int]]:
     """Ray task: one chunk of rows under every protocol -> ``{key: (matrix, samples, seconds, images)}``."""
     from pipeline.data.shards import ShardedSegmentation
-    from pipeline.evaluation.inference import prepare_model
-    from pipeline.evaluation.split import evaluate_rows
+    from pipeline.evaluation.split import evaluate_split
 
     kw = dict(kw)
     torch.set_num_threads(kw.pop("threads"))
     device = "cuda" if kw.pop("use_gpu") and torch.cuda.is_available() else "cpu"
-    model = prepare_model(model, device, precision=kw["precision"])
-    results = evaluate_rows(
-        model, ShardedSegmentation(split_dir), protocols, rows, keep=keep, device=device, **kw
+    results = evaluate_split(
+        model,
+        ShardedSegmentation(split_dir),
+        protocols,
+        rows=rows,
+        keep=keep,
+        device=device,
+        progress=False,
+        **kw,
     )
     return {k: (r.matrix.mat.numpy(), r.samples, r.seconds, r.images) for k, r in results.items()}
 

@@ -188,3 +188,16 @@ def score_dirs(
     scores = cm.compute()
     scores["num_images"] = len(gts)
     return scores
+
+
+def pair_accuracy(matrix: np.ndarray, a: int, b: int) -> dict[str, float]:
+    """How well two locally identical classes are told apart: among ground-truth pixels of ``a`` or ``b``
+    predicted as ``a`` or ``b``, the fraction given the right one (0.5 = chance), and each class's recall."""
+    block = matrix[np.ix_([a, b], [a, b])].astype(np.float64)
+    total = block.sum()
+    rows = matrix[[a, b]].sum(1).astype(np.float64)
+    return {
+        "pair_accuracy": float(np.trace(block) / total) if total else float("nan"),
+        "recall_a": float(matrix[a, a] / rows[0]) if rows[0] else float("nan"),
+        "recall_b": float(matrix[b, b] / rows[1]) if rows[1] else float("nan"),
+    }

@@ -106,7 +106,7 @@ def evaluate_rows(
 def evaluate_split(
     model: nn.Module,
     shards: ShardedSegmentation,
-    protocol: Protocol,
+    protocols: Mapping[str, Protocol],
     *,
     num_classes: int,
     ignore_index: int,
@@ -120,19 +120,24 @@ def evaluate_split(
     memory_budget_mb: float | None = None,
     precision: str = "fp32",
     prepare: bool = True,
-) -> SplitResult:
-    """One confusion matrix over ``rows`` (default: the whole split) at the original resolution, in this process.
+) -> dict[str, SplitResult]:
+    """The evaluation: one confusion matrix per protocol over ``rows`` (default: the whole split) at the
+    original label resolution, in this process. The evaluate stage (directly, or in each Ray task of
+    ``distributed.py``), ``pspnet evaluate --checkpoint``, the study cells and the training's validation all
+    score through it.
 
     With ``prepare`` the model is first made fast for inference (:func:`prepare_model`: eval mode, BatchNorm
-    folded, channels-last, on ``device``; a copy, ``model`` itself is left as it is).
+    folded, channels-last, on ``device``; a copy, ``model`` itself is left as it is); without, it is only put
+    in eval mode (the training loop's live model, which the caller puts back in train mode).
     """
     model = prepare_model(model, device, precision=precision) if prepare else model.eval()
     rows = list(range(len(shards))) if rows is None else list(rows)
-    with tqdm(total=len(rows), desc=f"evaluate [{protocol.name}]", disable=not progress, unit="img") as bar:
+    desc = "evaluate [" + ", ".join(p.name for p in protocols.values()) + "]"
+    with tqdm(total=len(rows), desc=desc, disable=not progress, unit="img") as bar:
         return evaluate_rows(
             model,
             shards,
-            {"result": protocol},
+            protocols,
             rows,
             num_classes=num_classes,
             ignore_index=ignore_index,
@@ -144,4 +149,4 @@ def evaluate_split(
             precision=precision,
             keep=keep,
             on_image=lambda: bar.update(1),
-        )["result"]
+        )

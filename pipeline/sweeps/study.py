@@ -10,8 +10,6 @@ sweep: finished trials are kept.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,22 +17,27 @@ import ray
 import ray.tune
 import torch
 
-from pipeline import ablation, plots, tracking
+from pipeline import sweep_report, tracking
 from pipeline.config import (
     Params,
     RayConfig,
-    StudyConfig,
     SweepConfig,
-    _build,
     benchmark_from_dict,
     config_hash,
     flatten,
     study_cell_config,
+    study_from_dict,
     to_dict,
 )
 from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
-from pipeline.evaluation.evaluate import evaluate_split, pair_accuracy, protocols
+from pipeline.evaluation.benchmark import (
+    context_scores,
+    flat_metrics,
+    protocols,
+    scoring_settings,
+)
+from pipeline.evaluation.split import evaluate_split
 from pipeline.model.pspnet import build_model
 from pipeline.sweeps.tune import (
     ReleaseOrphanedWorkerGroups,
@@ -50,60 +53,36 @@ STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
 def _evaluate(bench, state: dict, val_dir: Path, which: tuple[str, ...]) -> dict[str, float]:
+    """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
-    shards = ShardedSegmentation(val_dir)
-    d = bench.data
-    names = class_names(bench)
-    out: dict[str, float] = {}
-    for key, protocol in protocols(bench).items():
-        if key not in which:
-            continue
-        res = evaluate_split(
-            model,
-            shards,
-            protocol,
-            num_classes=d.num_classes,
-            ignore_index=d.ignore_index,
-            mean=d.mean,
-            std=d.std,
-            batch_size=bench.eval.batch_size,
-            progress=False,
-        )
-        scores = res.matrix.compute()
-        out |= {f"{key}/miou": scores["miou"], f"{key}/macc": scores["macc"], f"{key}/aacc": scores["aacc"]}
-        out |= {f"{key}/iou/{n}": v for n, v in zip(names, scores["iou"], strict=True)}
-        if d.source == "synthetic":
-            from pipeline.data.synthetic import CONTEXT_CLASSES
+    chosen = {k: p for k, p in protocols(bench).items() if k in which}
+    settings = {k: v for k, v in scoring_settings(bench, {}, on_gpu=False).items() if k in _CELL_SETTINGS}
+    results = evaluate_split(model, ShardedSegmentation(val_dir), chosen, progress=False, **settings)
+    names = class_names(bench, Path(val_dir).parent)
+    return flat_metrics(results, names, context_scores(bench, names, results))
 
-            a, b = (names.index(c) for c in CONTEXT_CLASSES)
-            out[f"{key}/context_pair_acc"] = pair_accuracy(res.matrix.mat.numpy(), a, b)["pair_accuracy"]
-    return out
+
+# A study cell is scored in fp32 on the CPU with the default batching, whatever eval.cpu_precision says.
+_CELL_SETTINGS = ("num_classes", "ignore_index", "mean", "std", "batch_size")
 
 
 def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> tuple[dict, str] | None:
     """Metrics of a finished, evaluated study run with this exact configuration (seed included) and the same
     training/evaluation code, if any."""
-    from mlflow.tracking import MlflowClient
-
-    runs = MlflowClient(uri).search_runs(
-        [exp_id],
-        filter_string=f"tags.`{tracking.CONFIG_HASH_TAG}` = '{chash}' and tags.`{tracking.CODE_TAG}` = '{code}' "
-        "and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time ASC"],
-    )
-    for r in runs:
-        if "pspnet.reused_from" in r.data.tags:
+    tags = {tracking.CONFIG_HASH_TAG: chash, tracking.CODE_TAG: code}
+    for r in tracking.find_runs(uri, exp_id, tags, "FINISHED", oldest_first=True):
+        if "pspnet.reused_from" in r.tags:
             continue
-        if all(f"{k}/miou" in r.data.metrics for k in which):
-            keep = {k: v for k, v in r.data.metrics.items() if k.split("/")[0] in which}
-            return keep, r.info.run_id
+        if all(f"{k}/miou" in r.metrics for k in which):
+            keep = {k: v for k, v in r.metrics.items() if k.split("/")[0] in which}
+            return keep, r.run_id
     return None
 
 
 def _study_trial(config: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
-    study = _build(StudyConfig, config["study"], "study")
+    study = study_from_dict(config["study"])
     base = benchmark_from_dict(config["bench"])
     bench = study_cell_config(base, study, config["cell"], seed=int(config["seed"]))
     uri, parent, exp_id = config["mlflow_uri"], config["parent_run_id"], config["experiment_id"]
@@ -164,19 +143,9 @@ def _study_trial(config: dict) -> None:
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
     """One row per finished child run of the study: cell, seed, run id and every metric."""
-    from mlflow.tracking import MlflowClient
-
-    runs = MlflowClient(uri).search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent}' and attributes.status = 'FINISHED'",
-    )
+    runs = tracking.find_runs(uri, experiment_id, {tracking.PARENT_TAG: parent}, "FINISHED")
     rows = [
-        {
-            "cell": r.data.tags[CELL_TAG],
-            "seed": int(r.data.tags[SEED_TAG]),
-            "run_id": r.info.run_id,
-            **r.data.metrics,
-        }
+        {"cell": r.tags[CELL_TAG], "seed": int(r.tags[SEED_TAG]), "run_id": r.run_id, **r.metrics}
         for r in runs
     ]
     return pd.DataFrame(rows)
@@ -251,7 +220,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         raise RuntimeError(f"study {name}: {len(errors)} trial(s) failed; first: {errors[0]!r}")
 
     runs = collect_runs(uri, exp_id, parent)
-    summary = write_study(
+    summary = sweep_report.write_study(
         name,
         study,
         runs,
@@ -264,83 +233,3 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     tracking.log_artifacts(uri, parent, sorted(out_dir.iterdir()))
     tracking.finish_run(uri, parent)
     return summary | {"parent_run_id": parent}
-
-
-def metric_columns(study: StudyConfig, runs: pd.DataFrame) -> list[str]:
-    cols = []
-    for key in study.protocols:
-        cols += [f"{key}/miou", f"{key}/macc", f"{key}/aacc"]
-        if f"{key}/context_pair_acc" in runs:
-            cols.append(f"{key}/context_pair_acc")
-        cols += sorted(c for c in runs.columns if c.startswith(f"{key}/iou/"))
-    return [c for c in cols if c in runs]
-
-
-def write_study(
-    name: str, study: StudyConfig, runs: pd.DataFrame, out_dir: Path, *, same_benchmark: bool
-) -> dict:
-    """Aggregate ``runs`` (one row per cell x seed) and write the study's CSV, markdown and figure."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    order = {c: i for i, c in enumerate(study.cells)}
-    runs = runs.sort_values(["cell", "seed"], key=lambda s: s.map(order) if s.name == "cell" else s)
-    cols = metric_columns(study, runs)
-    cells = ablation.aggregate(runs, cols)
-    key = study.protocols[0]
-    side = ablation.beside_paper(
-        cells,
-        study.table,
-        dict(study.paper_rows),
-        metric=f"{key}/miou",
-        pa_metric=f"{key}/aacc",
-        same_benchmark=same_benchmark,
-    )
-    dirs = ablation.directions(cells, study.table, dict(study.paper_rows), metric=f"{key}/miou")
-    extra = None
-    if f"{key}/context_pair_acc_mean" in cells:
-        extra = pd.DataFrame(
-            {
-                "cell": cells["cell"],
-                "boat-vs-car pair acc %": [
-                    ablation._pm(100 * m, 100 * s)
-                    for m, s in zip(
-                        cells[f"{key}/context_pair_acc_mean"],
-                        cells[f"{key}/context_pair_acc_std"],
-                        strict=True,
-                    )
-                ],
-                **{
-                    f"IoU {c} %": [
-                        ablation._pm(100 * m, 100 * s)
-                        for m, s in zip(
-                            cells[f"{key}/iou/{c}_mean"], cells[f"{key}/iou/{c}_std"], strict=True
-                        )
-                    ]
-                    for c in ("boat", "car")
-                    if f"{key}/iou/{c}_mean" in cells
-                },
-            }
-        )
-    text = ablation.markdown(
-        name,
-        study.table,
-        side,
-        dirs,
-        extra,
-        benchmark=study.benchmark,
-        protocol=key,
-        same_benchmark=same_benchmark,
-    )
-
-    def atomic(path: Path, content: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
-
-    atomic(out_dir / "runs.csv", runs.to_csv(index=False, float_format="%.6g"))
-    atomic(out_dir / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
-    atomic(out_dir / "study.md", text)
-    atomic(out_dir / "directions.json", json.dumps(dirs.to_dict(orient="records"), indent=2))
-    plots.study_bars(
-        cells, f"{key}/miou", out_dir / "study.png", f"{name}: mIoU ({key}) mean ± std over seeds"
-    )
-    return {"cells": cells, "side": side, "directions": dirs, "markdown": text}

@@ -4,7 +4,8 @@ Each trial is a function trainable (the "driver") that builds a distributed ``To
 ordinary training loop; rank 0's reports (validation mIoU every ``report_every`` iterations, all-reduced over
 the workers) reach Tune through ``TuneReportCallback`` and ASHA stops hopeless trials. MLflow gets one parent
 run per sweep and one child run per trial; the driver writes the results table, the plots and the best
-configuration (``tune_best.yaml``: promoting it into params.yaml is a human step).
+configuration through ``pipeline.sweep_report`` (``tune_best.yaml``: promoting it into params.yaml is a
+human step).
 
 Resuming: the sweep's Tune experiment is named after a hash of its configuration; re-running the stage after
 the driver died restores it (``Tuner.restore``): finished trials are kept, unfinished ones continue from
@@ -13,9 +14,7 @@ their Ray Train checkpoints, and the MLflow parent and child runs are reused.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,10 @@ import pandas as pd
 import ray
 import ray.train
 import ray.tune
-import yaml
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from pipeline import plots, tracking
+from pipeline import sweep_report, tracking
 from pipeline.config import (
     BenchmarkConfig,
     ConfigError,
@@ -381,66 +379,6 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
         tracking.finish_run(uri, parent, "FAILED")
         raise RuntimeError(f"sweep {name}: no trial reported {METRIC}")
     best, summary = _summarize(name, cfg, table, iterations, parent, concurrent)
-    _write_outputs(out_dir, table, best, summary, base, cfg)
+    sweep_report.write_sweep(out_dir, table, best, summary, cfg, SEARCHED)
     _close_runs(uri, exp_id, parent, table, summary, out_dir)
     return SweepResult(table, best, summary, parent)
-
-
-def _write_outputs(
-    out_dir: Path, table: pd.DataFrame, best: dict, summary: dict, base: BenchmarkConfig, cfg: SweepConfig
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-    atomic(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
-    atomic(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
-    promote = {
-        "benchmark": cfg.benchmark,
-        "best_val_miou": best["best_miou"],
-        "note": "Copy these into params.yaml by hand to adopt them (tune does not edit params.yaml).",
-        "params": {
-            f"benchmarks.{cfg.benchmark}.train.aux_weight": best["aux_weight"],
-            f"benchmarks.{cfg.benchmark}.model.aux": best["aux_weight"] > 0,
-            f"benchmarks.{cfg.benchmark}.train.base_lr": best["base_lr"],
-            f"benchmarks.{cfg.benchmark}.model.reduction": best["reduction"],
-        },
-    }
-    atomic(out_dir / "tune_best.yaml", yaml.safe_dump(promote, sort_keys=False))
-    plots.sweep_scatter(
-        table,
-        list(SEARCHED),
-        out_dir / "tune_miou.png",
-        f"sweep {summary['sweep']}: best validation mIoU per trial",
-    )
-    atomic(out_dir / "tune.md", sweep_markdown(table, summary))
-
-
-def sweep_markdown(table: pd.DataFrame, summary: dict) -> str:
-    """The sweep's report: every trial, the best point, and the compute early stopping saved."""
-    b = summary["best"]
-    lines = [
-        f"## Sweep `{summary['sweep']}` on `{summary['benchmark']}` ({summary['search']}, ASHA on {METRIC})",
-        "",
-        f"{summary['trials']} trials, at most {summary['max_concurrent_trials']} at a time; "
-        f"{summary['stopped_early']} stopped early by ASHA. Iterations run: {summary['iterations_run']} of "
-        f"{summary['iterations_full']} for the full grid, **{100 * summary['compute_saved_frac']:.0f} % saved**.",
-        "",
-        f"Best: aux weight {b['aux_weight']:g}, base LR {b['base_lr']:.3g}, reduction {b['reduction']:g} "
-        f"(validation mIoU {100 * b['best_miou']:.2f} %); `tune_best.yaml` holds it for a human to copy into "
-        "params.yaml. MLflow parent run `" + str(summary["parent_run_id"]) + "`.",
-        "",
-        "| trial | aux weight | base LR | reduction | best val mIoU % | iterations | stopped |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for _, r in table.iterrows():
-        miou = "-" if pd.isna(r["best_miou"]) else f"{100 * r['best_miou']:.2f}"
-        lines.append(
-            f"| {r['trial_id']} | {r['aux_weight']:g} | {r['base_lr']:.3g} | {r['reduction']:g} | {miou} | "
-            f"{r['iterations']} | {r['stop_reason']} |"
-        )
-    lines += ["", "![validation mIoU per searched value](tune_miou.png)", ""]
-    return "\n".join(lines)

@@ -35,8 +35,8 @@ from pipeline import tracking
 from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
-from pipeline.evaluation.inference import Protocol, predict
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.evaluation.inference import Protocol
+from pipeline.evaluation.split import evaluate_split
 from pipeline.model.pspnet import build_model
 from pipeline.model.weights import init_from_pretrained
 from pipeline.training.losses import pspnet_loss
@@ -155,18 +155,24 @@ def validate(
         stride_rate=e.stride_rate,
         base_size=e.base_size,
     )
-    cm = ConfusionMatrix(d.num_classes, d.ignore_index)
     was_training = model.training
-    model.eval()
-    for i in range(rank, count, world):
-        image, label, _ = shards.read(i)
-        scores = predict(
-            model, image, protocol, d.mean, d.std, d.num_classes, device=device, batch_size=e.batch_size
-        )
-        cm.update(scores.argmax(0).cpu(), torch.from_numpy(label.astype(np.int64)))
+    result = evaluate_split(
+        model,
+        shards,
+        {"val": protocol},
+        rows=range(rank, count, world),
+        num_classes=d.num_classes,
+        ignore_index=d.ignore_index,
+        mean=d.mean,
+        std=d.std,
+        device=device,
+        batch_size=e.batch_size,
+        progress=False,
+        prepare=False,  # the live training model, as it is (eval mode), then back to train mode
+    )["val"]
     model.train(was_training)
-    cm.all_reduce()
-    return cm.compute()
+    result.matrix.all_reduce()
+    return result.matrix.compute()
 
 
 def _build_model_and_optimizer(

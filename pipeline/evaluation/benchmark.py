@@ -1,0 +1,122 @@
+"""A benchmark's evaluation settings and the summaries of finished results (pure: no I/O, no MLflow).
+
+    protocols          the "ss" and "ms" protocols of params.yaml's eval block
+    scoring_settings   the keyword arguments of split.evaluate_split for a model file and a benchmark
+    load_for_benchmark the model file, refused when it predicts another number of classes
+    context_scores     the synthetic benchmark's boat-vs-car pair accuracy per protocol
+    scores / run_facts the numbers (metrics.json) and the facts behind them (evaluation.json)
+    flat_metrics       the MLflow keys (ss/miou, ss/iou/<class>, ss/context_pair_acc, ...)
+
+The evaluate stage (evaluate.py), ``pspnet evaluate --checkpoint`` and the study cells use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pipeline.config import BenchmarkConfig
+from pipeline.evaluation.inference import Protocol, protocol_from_config
+from pipeline.evaluation.metrics import pair_accuracy
+from pipeline.evaluation.split import SplitResult
+
+# what the numbers depend on besides the checkpoint, the protocol and the split (batching does not)
+SCORING_KEYS = ("num_classes", "ignore_index", "mean", "std", "precision")
+
+
+def protocols(bench: BenchmarkConfig) -> dict[str, Protocol]:
+    """The benchmark's single-scale ("ss") and multi-scale + flip ("ms") protocols from ``params.yaml``."""
+    return {"ss": protocol_from_config(bench.eval, False), "ms": protocol_from_config(bench.eval, True)}
+
+
+def scoring_settings(bench: BenchmarkConfig, meta: Mapping[str, Any], *, on_gpu: bool) -> dict[str, Any]:
+    """Keyword arguments of :func:`evaluate_split` for a model file's ``meta``: its own normalisation when it
+    records one (imported checkpoints), the benchmark's otherwise."""
+    d, e = bench.data, bench.eval
+    conv = meta.get("conventions") or {}
+    return {
+        "num_classes": d.num_classes,
+        "ignore_index": d.ignore_index,
+        "mean": list(conv.get("mean", d.mean)),
+        "std": list(conv.get("std", d.std)),
+        "precision": e.precision if on_gpu else e.cpu_precision,
+        "batch_size": e.batch_size,
+        "memory_budget_mb": e.memory_budget_mb,
+    }
+
+
+def load_for_benchmark(benchmark: str, bench: BenchmarkConfig, model_path: Path) -> tuple[nn.Module, dict]:
+    """The model in ``model_path`` and its metadata; refuses one that predicts another number of classes."""
+    from pipeline.model.checkpoint import load_model
+
+    model, meta = load_model(model_path)
+    if meta["num_classes"] != bench.data.num_classes:
+        raise ValueError(
+            f"{model_path}: model predicts {meta['num_classes']} classes, benchmark {benchmark!r} has "
+            f"{bench.data.num_classes}"
+        )
+    return model, meta
+
+
+def context_scores(
+    bench: BenchmarkConfig, names: Sequence[str], results: Mapping[str, SplitResult]
+) -> dict[str, dict[str, float]]:
+    """The synthetic benchmark's context metric per protocol (boat vs car pair accuracy); ``{}`` elsewhere."""
+    if bench.data.source != "synthetic":
+        return {}
+    from pipeline.data.synthetic import CONTEXT_CLASSES
+
+    a, b = (list(names).index(c) for c in CONTEXT_CLASSES)
+    return {key: pair_accuracy(res.matrix.mat.numpy(), a, b) for key, res in results.items()}
+
+
+def flat_metrics(
+    results: Mapping[str, SplitResult], names: Sequence[str], context: Mapping[str, dict]
+) -> dict[str, float]:
+    """``{"ss/miou", "ss/macc", "ss/aacc", "ss/iou/<class>", "ss/context_pair_acc", ...}``: the MLflow keys."""
+    out: dict[str, float] = {}
+    for key, res in results.items():
+        scores = res.matrix.compute()
+        out |= {f"{key}/miou": scores["miou"], f"{key}/macc": scores["macc"], f"{key}/aacc": scores["aacc"]}
+        out |= {f"{key}/iou/{n}": v for n, v in zip(names, scores["iou"], strict=True)}
+        if key in context:
+            out[f"{key}/context_pair_acc"] = context[key]["pair_accuracy"]
+    return out
+
+
+def scores(results: Mapping[str, SplitResult], context: Mapping[str, dict]) -> dict[str, Any]:
+    """The numbers of ``metrics.json`` (what ``dvc metrics show`` lists): mIoU, mAcc, aAcc per protocol and
+    the context pair accuracy (with each class's recall)."""
+    out: dict[str, Any] = {}
+    for key, res in results.items():
+        s = res.matrix.compute()
+        out[key] = {"miou": s["miou"], "macc": s["macc"], "aacc": s["aacc"]}
+    if context:
+        out["context"] = {key: dict(c) for key, c in context.items()}
+    return out
+
+
+def run_facts(
+    benchmark: str, model_path: Path, results: Mapping[str, SplitResult], settings: Mapping, context_classes
+) -> dict[str, Any]:
+    """What produced the numbers (``evaluation.json`` beside ``metrics.json``): the protocols with their fields
+    and hashes, the precision, images, seconds and whether each came from the cache."""
+    facts: dict[str, Any] = {"benchmark": benchmark, "model": str(model_path)}
+    for key, res in results.items():
+        s = res.summary()
+        facts[key] = {k: s[k] for k in ("protocol", "protocol_hash", "protocol_fields", "images", "seconds")}
+        facts[key] |= {"precision": settings["precision"], "cached": res.cached}
+    if context_classes:
+        facts["context_classes"] = list(context_classes)
+    return facts
+
+
+def context_classes(bench: BenchmarkConfig) -> tuple[str, ...]:
+    if bench.data.source != "synthetic":
+        return ()
+    from pipeline.data.synthetic import CONTEXT_CLASSES
+
+    return tuple(CONTEXT_CLASSES)
