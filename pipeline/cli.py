@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from pipeline import preflight
 from pipeline.config import ConfigError, load_params
 
 
@@ -57,6 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.launcher import train
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     result = train(
         args.benchmark,
         params,
@@ -77,6 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import evaluate_benchmark
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     if args.checkpoint:
         return _evaluate_checkpoint(args, params)
     if not (args.model and args.data and args.out):
@@ -279,6 +282,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.sweeps.tune import sweep
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     s = result.summary
     print(result.table.to_string(index=False))
@@ -294,6 +298,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from pipeline.sweeps.study import run_study
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     summary = run_study(args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     print(summary["markdown"])
     print(f"[study] {args.out}/study.md (MLflow parent run {summary['parent_run_id']})")
