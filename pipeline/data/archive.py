@@ -187,7 +187,8 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
                 if not m.name:
                     continue
                 out = root / m.name
-                if m.kind == "dir":
+                if m.kind == "dir":  # a folder entry may pass through a link already in dest, too
+                    _ensure_inside(root, out, archive)
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 _ensure_inside(root, out.parent, archive)
