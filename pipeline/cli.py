@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -119,8 +118,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     from pipeline import tracking
     from pipeline.config import flatten
     from pipeline.evaluation.evaluate import evaluate_split, protocols
+    from pipeline.files import atomic_write_text, file_digest
     from pipeline.model.checkpoint import CheckpointError, load_model
-    from pipeline.model.weights import file_sha256
 
     bench = params.benchmark(args.benchmark)
     d = bench.data
@@ -144,7 +143,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     shards = ShardedSegmentation(data / "val")
     conv = meta.get("conventions") or {}
     chosen = {k: v for k, v in protocols(bench).items() if args.protocol in (k, "both")}
-    sha = file_sha256(path)
+    sha = file_digest(path)
     source = conv.get("source", "pspnet-repro")
     root = _root()
     uri = tracking.tracking_uri(params.mlflow, root)
@@ -200,10 +199,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
                     f"protocol.{key}.fields": json.dumps(s["protocol_fields"], sort_keys=True),
                 },
             )
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2, allow_nan=True))
-        os.replace(tmp, out / "metrics.json")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
         tracking.log_artifacts(uri, run_id, [out / "metrics.json"], artifact_path="evaluation")
         status = "FINISHED"
     finally:
@@ -315,14 +311,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.evaluation.metrics import score_dirs
+    from pipeline.files import atomic_write_text
 
     scores = score_dirs(Path(args.pred_dir), Path(args.gt_dir), args.num_classes, args.ignore_index)
     out = {k: scores[k] for k in ("miou", "macc", "aacc", "iou")}
     text = json.dumps(out, indent=2, allow_nan=True)
     if args.json:
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.json)
+        atomic_write_text(Path(args.json), text)
     print(text)
     return 0
 

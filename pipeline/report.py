@@ -16,6 +16,7 @@ import pandas as pd
 
 from pipeline import plots, tracking
 from pipeline.config import BenchmarkConfig
+from pipeline.files import atomic_path, atomic_write_text
 
 CURVE_COLUMNS = {
     "train/loss": "loss",
@@ -45,9 +46,8 @@ def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
         curve = curve.merge(frame, on="iteration", how="outer")
     curve = curve.sort_values("iteration")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    curve.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        curve.to_csv(tmp, index=False, float_format="%.6g")
     return curve
 
 
@@ -139,9 +139,7 @@ def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, m
     curve = pd.read_csv(reports_dir / "train_curve.csv")
     plots.train_curve(curve, reports_dir / "train_curve.png", f"{benchmark}: training")
     path = reports_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render(benchmark, bench, metrics, per_class, train_info))
-    os.replace(tmp, path)
+    atomic_write_text(path, render(benchmark, bench, metrics, per_class, train_info))
     return path
 
 
@@ -197,7 +195,5 @@ def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Pat
             "",
         ]
     path = out / "README.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -24,9 +24,10 @@ from reference_nets import imagenet_deep
 from pipeline.cli import main
 from pipeline.config import ModelConfig, load_params
 from pipeline.data.download import download
+from pipeline.files import file_digest as file_sha256
 from pipeline.model import weights
 from pipeline.model.pspnet import build_model
-from pipeline.model.weights import Backbone, WeightsError, fetch_pretrained, file_sha256, init_from_pretrained
+from pipeline.model.weights import Backbone, WeightsError, fetch_pretrained, init_from_pretrained
 
 TINY = ModelConfig(depth=50, width=0.125, stem_widths=(8, 8, 16), head_channels=16, aux_channels=8)
 fast_download = functools.partial(download, backoff=0.01, timeout=10)

@@ -21,12 +21,12 @@ from reference_nets import (
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
+from pipeline.files import file_digest as file_sha256
 from pipeline.model.checkpoint import load_model
 from pipeline.model.pspnet import build_model
 from pipeline.model.weights import (
     WeightsError,
     convert_backbone,
-    file_sha256,
     fill,
     import_checkpoint,
     infer_model_config,
@@ -167,7 +167,7 @@ def test_wrong_class_count_truncated_checksum_and_pickle(tmp_path: Path) -> None
     src = _save(tmp_path, "s.pth", semseg_checkpoint(num_classes=5))
     _refused(tmp_path, "semseg", [src], r"s\.pth: the checkpoint predicts 5 classes, the benchmark expects 150",
              num_classes=150)  # fmt: skip
-    _refused(tmp_path, "semseg", [src], r"s\.pth: checksum mismatch", checksums=["0" * 64])
+    _refused(tmp_path, "semseg", [src], r"s\.pth: sha256 checksum mismatch", checksums=["0" * 64])
     data = src.read_bytes()
     trunc = tmp_path / "trunc.pth"
     trunc.write_bytes(data[: len(data) // 2])

@@ -1,6 +1,5 @@
-"""Download-side helpers shared by every benchmark: checksums and archive extraction that cannot escape.
+"""Archive extraction that cannot escape its destination (checksums: :mod:`pipeline.files`).
 
-    verify_checksum(Path("data/raw/ADEChallengeData2016.zip"), "219e16...", algo="sha1")
     files = safe_extract(Path("data/raw/ADEChallengeData2016.zip"), Path("data/extracted/ade20k"))
 
 ``safe_extract`` checks every member before writing anything: absolute names, ``..`` components, links that
@@ -10,7 +9,6 @@ with :class:`UnsafeArchiveError`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import shutil
@@ -20,37 +18,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-_ALGOS = ("md5", "sha1", "sha256")
+from pipeline.files import ChecksumError, file_digest, verify_checksum  # noqa: F401 (re-exported)
+
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-class ChecksumError(ValueError):
-    """A file's digest differs from the expected one."""
 
 
 class UnsafeArchiveError(ValueError):
     """An archive member would be written (or point) outside the destination, or is a device file."""
-
-
-def file_digest(path: str | Path, algo: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks. ``algo`` is ``"md5"``, ``"sha1"`` or ``"sha256"``."""
-    if algo not in _ALGOS:
-        raise ValueError(f"checksum algorithm {algo!r}: expected one of {_ALGOS}")
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_checksum(path: str | Path, expected: str, algo: str = "sha256") -> None:
-    """Raise :class:`ChecksumError` naming the file, algorithm, expected and actual digest when they differ."""
-    actual = file_digest(path, algo)
-    if actual.lower() != expected.strip().lower():
-        raise ChecksumError(
-            f"{path}: {algo} checksum mismatch: expected {expected.strip().lower()}, got {actual} "
-            "(a partial or corrupted download? delete the file and download it again)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------

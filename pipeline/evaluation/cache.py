@@ -17,11 +17,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.files import atomic_write_bytes
 
 _CODE = [Path(__file__).with_name("inference.py"), Path(__file__).with_name("metrics.py")]
 
@@ -78,9 +79,7 @@ def save(
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     path = cache_dir / f"{key}.npz"
-    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -12,7 +12,6 @@ multi-scale results cannot be mixed up downstream (JSON, CSV column names, MLflo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from pipeline.evaluation import cache
 from pipeline.evaluation.inference import Protocol, prepare_model, protocol_from_config
 from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.evaluation.split import SplitResult, evaluate_rows, evaluate_split
+from pipeline.files import atomic_write_text
 
 __all__ = ["SplitResult", "evaluate_benchmark", "evaluate_split", "pair_accuracy", "protocols"]
 
@@ -76,7 +76,7 @@ def evaluate_benchmark(
     from pipeline import plots, tracking
     from pipeline.data.benchmarks import class_names, palette
     from pipeline.model.checkpoint import load_model
-    from pipeline.model.weights import file_sha256
+    from pipeline.files import file_digest as file_sha256
 
     d, e = bench.data, bench.eval
     model, meta = load_model(model_path)
@@ -191,8 +191,8 @@ def evaluate_benchmark(
         scores = res.matrix.compute()
         table[f"iou {labels[key]}"] = scores["iou"]
         table[f"acc {labels[key]}"] = scores["acc"]
-    _atomic_text(out_dir / "per_class.csv", pd.DataFrame(table).to_csv(index=False, float_format="%.6f"))
-    _atomic_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
+    atomic_write_text(out_dir / "per_class.csv", pd.DataFrame(table).to_csv(index=False, float_format="%.6f"))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
 
     panel = []
     for row in keep:
@@ -241,9 +241,3 @@ def evaluate_benchmark(
             artifact_path="evaluation",
         )
     return metrics
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

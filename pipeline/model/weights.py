@@ -35,13 +35,8 @@ fails naming the leftovers / the missing keys. Nothing is written under the outp
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import pickle
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +46,8 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ModelConfig, to_dict
-from pipeline.model.checkpoint import save_model
+from pipeline.files import ChecksumError, atomic_write_json, file_digest, verify_checksum
+from pipeline.model.checkpoint import load_torch, save_model, save_torch
 from pipeline.model.pspnet import PSPNet, build_model
 from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE, DilatedResNet
 
@@ -158,41 +154,13 @@ _EXAMPLE_KEYS = {
 }
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_checksum(path: Path, sha256: str | None) -> str:
-    """The file's SHA-256; raises :class:`WeightsError` naming the file when ``sha256`` (full hex digest or
-    a prefix such as a torch.hub filename suffix) does not match."""
-    actual = file_sha256(path)
-    if sha256 and not actual.startswith(sha256.lower()):
-        raise WeightsError(f"{path}: checksum mismatch: sha256 is {actual}, expected {sha256}")
-    return actual
-
-
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a ``.pth`` file: unwraps ``{"state_dict": ...}`` and strips DDP's ``module.`` prefix.
 
     Loads with ``weights_only=True``: a file that needs arbitrary unpickling is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{path}: refusing to load with weights_only=True (the file is damaged or holds objects that "
-            f"need arbitrary unpickling): {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path}: not a readable torch file (truncated or damaged?): {exc}") from exc
+    obj = load_torch(path, "a weights file (a PyTorch checkpoint)", error=WeightsError)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
@@ -377,7 +345,7 @@ def convert_checkpoint(
         layout = f"csail-{role}" if source == "csail" else source
         part, _ = remap(read_state_dict(path), layout, str(path))
         state.update(part)
-        files.append({"file": path.name, "sha256": file_sha256(path), "role": role})
+        files.append({"file": path.name, "sha256": file_digest(path), "role": role})
     return state, files
 
 
@@ -408,7 +376,10 @@ def import_checkpoint(
         if expected:
             if not path.is_file():
                 raise WeightsError(f"{path}: weights file not found")
-            verify_checksum(path, expected)
+            try:
+                verify_checksum(path, expected, "sha256", min_prefix=1)
+            except ChecksumError as exc:
+                raise WeightsError(str(exc)) from None
     state, files = convert_checkpoint(source, inputs)
     where = ", ".join(str(p) for p in inputs)
     conv = _SOURCE_CONVENTIONS[source]
@@ -560,7 +531,7 @@ def convert_backbone(path: str | Path, layout: str) -> tuple[dict[str, Tensor], 
 def save_backbone(path: str | Path, state: dict[str, Tensor], info: dict[str, Any]) -> None:
     """Write a converted backbone (``{"format", "backbone", "state_dict"}``) atomically."""
     payload = {"format": BACKBONE_FORMAT, "backbone": to_dict(dict(info)), "state_dict": dict(state)}
-    _atomic(Path(path), lambda f: torch.save(payload, f))
+    save_torch(path, payload)
 
 
 def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
@@ -570,10 +541,7 @@ def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
         raise WeightsError(
             f"{path}: converted backbone not found (run the `pretrained` stage: dvc repro pretrained@BENCHMARK)"
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path}: not a readable backbone file (truncated or damaged?): {exc}") from exc
+    payload = load_torch(path, "a converted backbone file", error=WeightsError)
     if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
         raise WeightsError(f"{path}: not a converted backbone (expected format {BACKBONE_FORMAT!r})")
     state = payload["state_dict"]
@@ -655,7 +623,8 @@ def fetch_pretrained(
         full = b.sha256 if b.sha256 and len(b.sha256) == 64 else None
         try:
             download(url, raw, checksum=full, algo="sha256", progress=progress)
-            digest = verify_checksum(raw, b.sha256)
+            # mmseg's published prefix (8 hex digits of a torch.hub file name) or nothing published
+            digest = verify_checksum(raw, b.sha256, min_prefix=8) if b.sha256 else file_digest(raw)
         except (ValueError, OSError) as exc:  # ChecksumError, DownloadError, WeightsError
             raw.unlink(missing_ok=True)  # wrong bytes are not kept (a partial .part is, for resuming)
             raise WeightsError(f"{b.name} ({b.url}): {exc}") from exc
@@ -678,18 +647,5 @@ def fetch_pretrained(
         entry = {"name": b.name, "url": b.url, "sha256": digest, "pinned": bool(b.sha256), **info}
         save_backbone(out_dir / f"{b.name}.pt", state, entry)
         manifest[b.name] = entry | {"file": f"{b.name}.pt"}
-    text = json.dumps(manifest, indent=2, sort_keys=True)
-    _atomic(out_dir / "manifest.json", lambda f: f.write(text.encode()))
+    atomic_write_json(out_dir / "manifest.json", manifest, indent=2, sort_keys=True)
     return manifest
-
-
-def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -11,7 +11,6 @@ sweep: finished trials are kept.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +34,7 @@ from pipeline.config import (
 from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.evaluate import evaluate_split, pair_accuracy, protocols
+from pipeline.files import atomic_write_text
 from pipeline.model.pspnet import build_model
 from pipeline.sweeps.tune import (
     ReleaseOrphanedWorkerGroups,
@@ -331,15 +331,10 @@ def write_study(
         same_benchmark=same_benchmark,
     )
 
-    def atomic(path: Path, content: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(content)
-        os.replace(tmp, path)
-
-    atomic(out_dir / "runs.csv", runs.to_csv(index=False, float_format="%.6g"))
-    atomic(out_dir / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
-    atomic(out_dir / "study.md", text)
-    atomic(out_dir / "directions.json", json.dumps(dirs.to_dict(orient="records"), indent=2))
+    atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "study.md", text)
+    atomic_write_text(out_dir / "directions.json", json.dumps(dirs.to_dict(orient="records"), indent=2))
     plots.study_bars(
         cells, f"{key}/miou", out_dir / "study.png", f"{name}: mIoU ({key}) mean ± std over seeds"
     )

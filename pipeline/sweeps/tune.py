@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from pipeline.config import (
     replace,
     to_dict,
 )
+from pipeline.files import atomic_write_text
 from pipeline.training.launcher import TRIAL_SLOT, check_scaling, init_ray, scaling_and_run_config
 from pipeline.training.worker import train_loop_per_worker
 
@@ -356,13 +356,8 @@ def _write_outputs(
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def atomic(path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-
-    atomic(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
-    atomic(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
     promote = {
         "benchmark": cfg.benchmark,
         "best_val_miou": best["best_miou"],
@@ -374,14 +369,14 @@ def _write_outputs(
             f"benchmarks.{cfg.benchmark}.model.reduction": best["reduction"],
         },
     }
-    atomic(out_dir / "tune_best.yaml", yaml.safe_dump(promote, sort_keys=False))
+    atomic_write_text(out_dir / "tune_best.yaml", yaml.safe_dump(promote, sort_keys=False))
     plots.sweep_scatter(
         table,
         list(SEARCHED),
         out_dir / "tune_miou.png",
         f"sweep {summary['sweep']}: best validation mIoU per trial",
     )
-    atomic(out_dir / "tune.md", sweep_markdown(table, summary))
+    atomic_write_text(out_dir / "tune.md", sweep_markdown(table, summary))
 
 
 def sweep_markdown(table: pd.DataFrame, summary: dict) -> str:

@@ -37,6 +37,7 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
 from pipeline.evaluation.inference import Protocol, predict
 from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
 from pipeline.model.weights import init_from_pretrained
 from pipeline.training.losses import pspnet_loss
@@ -62,10 +63,7 @@ def effective_base_lr(bench: BenchmarkConfig) -> float:
 def load_training_state(ckdir: Path, bench: BenchmarkConfig, device: torch.device) -> dict:
     """The training state saved in a Ray checkpoint folder; refuses corrupt files and other configurations."""
     path = Path(ckdir) / STATE_FILE
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated/corrupt file, or one that needs arbitrary unpickling
-        raise CheckpointMismatchError(f"{path}: not a readable training checkpoint ({exc})") from exc
+    state = load_torch(path, "a training checkpoint", error=CheckpointMismatchError, map_location=device)
     expected = config_hash(bench)
     if not isinstance(state, dict) or state.get("config_hash") != expected:
         got = state.get("config_hash") if isinstance(state, dict) else type(state).__name__
@@ -306,14 +304,14 @@ def train_loop_per_worker(cfg: dict) -> None:
             report = {"iteration": step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
             if log:
                 with tempfile.TemporaryDirectory() as tmp:
-                    torch.save(
+                    save_torch(
+                        Path(tmp) / STATE_FILE,
                         {
                             "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(),
                             "iteration": step,
                             "config_hash": config_hash(bench),
                         },
-                        Path(tmp) / STATE_FILE,
                     )
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
