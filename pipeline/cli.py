@@ -310,10 +310,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.metrics import score_dirs
+    from pipeline.evaluation.score import score_folders
     from pipeline.files import atomic_write_text
 
-    scores = score_dirs(Path(args.pred_dir), Path(args.gt_dir), args.num_classes, args.ignore_index)
+    scores = score_folders(Path(args.pred_dir), Path(args.gt_dir), args.num_classes, args.ignore_index)
     out = {k: scores[k] for k in ("miou", "macc", "aacc", "iou")}
     text = json.dumps(out, indent=2, allow_nan=True)
     if args.json:
