@@ -23,6 +23,10 @@ from pipeline.files import ChecksumError, file_digest, verify_checksum  # noqa: 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
+class BadArchiveError(ValueError):
+    """A file named like an archive is not one (or is damaged)."""
+
+
 class UnsafeArchiveError(ValueError):
     """An archive member would be written (or point) outside the destination, or is a device file."""
 
@@ -151,6 +155,7 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
     if not archive.is_file():
         raise FileNotFoundError(f"{archive}: archive not found")
     dest.mkdir(parents=True, exist_ok=True)
+    _check_readable(archive, kind)
     root = dest.resolve()
     written: list[Path] = []
     if kind == "zip":
@@ -182,6 +187,25 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
             tf.extractall(root, members=[m.source for m in members], filter="data")
             written = [root / m.name for m in members if m.kind != "dir" and m.name]
     return written
+
+
+def _check_readable(archive: Path, kind: str) -> None:
+    """Refuse, naming the file, an archive that its reader cannot open (an HTML page saved under its name)."""
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                zf.infolist()
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                tf.getmembers()
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        with open(archive, "rb") as f:
+            head = f.read(32)
+        raise BadArchiveError(
+            f"{archive}: not a readable {kind.upper()} archive ({exc}; it begins {head!r}). Its checksum "
+            "matched what is configured, so the configured checksum was taken from this wrong file: fix "
+            "data.checksums (or remove the pin in checksums.json) and fetch the archive again"
+        ) from None
 
 
 def _ensure_inside(root: Path, path: Path, archive: Path) -> None:
