@@ -128,17 +128,19 @@ class ModelConfig:
 
     depth: Literal[18, 34, 50, 101, 152] = 50
     # Multiplier on the ResNet widths (64, 128, 256, 512 base); 1.0 = the paper.
-    width: float = num(1.0, 0, lo_open=True)
-    stem_widths: tuple[int, int, int] = num((64, 64, 128), 1)  # deep stem; mmseg's V1c uses (32, 32, 64)
+    width: float = num(1.0, 0, 8, lo_open=True)
+    stem_widths: tuple[int, int, int] = num(
+        (64, 64, 128), 1, 1024
+    )  # deep stem; mmseg's V1c uses (32, 32, 64)
     output_stride: Literal[8, 16, 32] = 8  # the paper: 8 (layer3 dilation 2, layer4 dilation 4)
     use_ppm: bool = True  # False = the paper's "ResNet-Baseline" (dilated FCN)
-    bins: tuple[int, ...] = num((1, 2, 3, 6), 1)
+    bins: tuple[int, ...] = num((1, 2, 3, 6), 1, 64)
     pooling: Literal["avg", "max"] = "avg"
     # Branch channels = in_channels * reduction; None = 1/len(bins).
     reduction: float | None = num(None, 0, 1, lo_open=True)
-    head_channels: int = num(512, 1)
+    head_channels: int = num(512, 1, 8192)
     aux: bool = True
-    aux_channels: int = num(256, 1)
+    aux_channels: int = num(256, 1, 8192)
     dropout: float = num(0.1, 0, 1, hi_open=True)
     align_corners: bool = False
     # First block of a dilated stage at half the dilation (CSAIL's _nostride_dilate, mmseg's

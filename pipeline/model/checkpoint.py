@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, _build, to_dict
+from pipeline.config import ConfigError, DataConfig, ModelConfig, _build, to_dict
 from pipeline.files import atomic_open
 from pipeline.model.pspnet import PSPNet, build_model
 
@@ -124,6 +124,42 @@ def _model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
         raise CheckpointError(str(exc)) from exc
 
 
+def _check_header(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, int]:
+    """The model a file describes, checked before any real memory is spent on it: the header against the
+    params schema's limits, then the shapes of a skeleton built on the ``meta`` device (no storage) against the
+    file's own tensors, so that a crafted header cannot size a model beyond what the file holds."""
+    cfg = _model_config_from_dict(payload["model_config"], str(path))
+    num_classes = payload["num_classes"]
+    limits = {f.name: f.metadata["range"] for f in dataclasses.fields(DataConfig) if "range" in f.metadata}
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or not limits["num_classes"].holds(num_classes)
+    ):
+        raise CheckpointError(
+            f"{path}: num_classes is {num_classes!r}, expected an integer {limits['num_classes']}"
+        )
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: state_dict must be a mapping of names to tensors")
+    with torch.device("meta"):
+        skeleton = build_model(cfg, num_classes).state_dict()
+    missing = sorted(set(skeleton) - set(state))
+    unexpected = sorted(set(state) - set(skeleton))
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in skeleton.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model its header describes (model_config, num_classes "
+            f"{num_classes}): missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
+            f"({len(unexpected)}), shapes {wrong[:5]} ({len(wrong)})"
+        )
+    return cfg, num_classes
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PSPNet, dict[str, Any]]:
     """Rebuild the network saved by :func:`save_model` and load its weights strictly.
 
@@ -154,8 +190,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
             f"{path}: model_config must be a dict, got {type(payload['model_config']).__name__}"
         )
 
-    cfg = _model_config_from_dict(payload["model_config"], str(path))
-    model = build_model(cfg, int(payload["num_classes"]))
+    cfg, num_classes = _check_header(payload, path)
+    model = build_model(cfg, num_classes)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:
