@@ -373,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="IN OUT; CSAIL: ENC DEC OUT or ENC,DEC OUT")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--benchmark", default="", help="refuse a checkpoint with another number of classes")
-    p.add_argument("--sha256", default="", help="expected SHA-256 (or prefix) of each input, comma-separated")
+    p.add_argument(
+        "--sha256",
+        default="",
+        help="expected SHA-256 of each input (full, or >= 16 hex digits), comma-separated",
+    )
     p.add_argument(
         "--align-corners",
         choices=("true", "false"),

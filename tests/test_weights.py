@@ -283,3 +283,16 @@ def test_evaluate_checkpoint_logs_a_new_run(tmp_path: Path, tiny_prepared: Path,
     import_checkpoint("csail", [_save(tmp_path, "e5.pth", enc), _save(tmp_path, "d5.pth", dec)], other)
     argv[argv.index(str(ck))] = str(other)
     assert main(argv) == 2
+
+
+def test_a_short_sha256_prefix_is_not_verification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`import-weights --sha256 4` used to pass as verified (issue 15, finding 7): the full digest or >= 16 hex."""
+    src = _save(tmp_path, "s.pth", semseg_checkpoint(num_classes=5))
+    digest = file_sha256(src)
+    out = tmp_path / "o.pt"
+    for short in (digest[:1], digest[:15]):
+        code = main(["import-weights", "--source", "semseg", str(src), str(out), "--sha256", short])
+        assert code == 2 and not out.exists()
+        assert "s.pth: expected sha256 checksum" in capsys.readouterr().err
+    for enough in (digest[:16], digest):
+        assert main(["import-weights", "--source", "semseg", str(src), str(out), "--sha256", enough]) == 0

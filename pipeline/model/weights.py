@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ModelConfig, to_dict
-from pipeline.files import ChecksumError, atomic_write_json, file_digest, verify_checksum
+from pipeline.files import MIN_PREFIX, ChecksumError, atomic_write_json, file_digest, verify_checksum
 from pipeline.model.checkpoint import load_torch, save_model, save_torch
 from pipeline.model.pspnet import PSPNet, build_model
 from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE, DilatedResNet
@@ -366,7 +366,8 @@ def import_checkpoint(
         out: destination (written atomically, and only when everything fits).
         num_classes: when given (the benchmark's), a checkpoint predicting another number is refused.
         align_corners: override the source's default (mmseg's 769x769 Cityscapes configs use True).
-        checksums: expected SHA-256 (or a prefix) per input; None or "" skips one.
+        checksums: expected SHA-256 per input (the full digest, or a prefix of at least 16 hex digits);
+            None or "" skips one.
 
     Returns:
         The metadata written: ``model_config``, ``num_classes``, ``conventions``, ``extra``.
@@ -377,7 +378,7 @@ def import_checkpoint(
             if not path.is_file():
                 raise WeightsError(f"{path}: weights file not found")
             try:
-                verify_checksum(path, expected, "sha256", min_prefix=1)
+                verify_checksum(path, expected, "sha256", min_prefix=MIN_PREFIX)
             except ChecksumError as exc:
                 raise WeightsError(str(exc)) from None
     state, files = convert_checkpoint(source, inputs)
