@@ -35,6 +35,7 @@ fails naming the leftovers / the missing keys. Nothing is written under the outp
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -579,6 +580,22 @@ def init_from_pretrained(
 
 
 Downloader = Callable[..., Path]
+PINS = "pins.json"  # in the download cache: sha256 of each file without a published checksum, at first use
+
+
+def _read_pins(path: Path) -> dict[str, str]:
+    """``{file name: sha256}`` pinned on first use; a damaged pins file is an error, never silently reset."""
+    if not path.is_file():
+        return {}
+    try:
+        pins = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WeightsError(
+            f"{path}: not a pins file ({exc}); fix or remove it (its files are re-pinned)"
+        ) from exc
+    if not isinstance(pins, dict) or not all(isinstance(v, str) and len(v) == 64 for v in pins.values()):
+        raise WeightsError(f"{path}: expected {{file name: sha256 hex digest}}")
+    return pins
 
 
 def fetch_pretrained(
@@ -598,6 +615,9 @@ def fetch_pretrained(
 
     Raw downloads stay in ``cache_dir`` (outside the stage's output, so an interrupted download resumes on the
     next run). A URL without a scheme is a path relative to ``root`` (the authors' files, kept locally).
+    A file without a published checksum is pinned on first use (its sha256 in ``cache_dir/pins.json``) and
+    verified against that pin afterwards; a download that is not the expected checkpoint (an HTML page from
+    a proxy, another architecture) is removed, never cached.
 
     Returns:
         ``{name: {"url", "sha256", "pinned", "depth", "stem_widths", "dropped", "file"}}`` (the manifest).
@@ -606,6 +626,8 @@ def fetch_pretrained(
         from pipeline.data.download import download
     out_dir, cache_dir, root = Path(out_dir), Path(cache_dir), Path(root)
     out_dir.mkdir(parents=True, exist_ok=True)
+    pins_path = cache_dir / PINS
+    pins = _read_pins(pins_path)
     manifest: dict[str, dict[str, Any]] = {}
     optional = set(optional)
     for b in backbones:
@@ -621,31 +643,48 @@ def fetch_pretrained(
             manifest[b.name] = {"name": b.name, "url": b.url, "missing": True}
             continue
         raw = cache_dir / Path(b.url).name
-        full = b.sha256 if b.sha256 and len(b.sha256) == 64 else None
+        pin = pins.get(raw.name) if not b.sha256 else None
+        expected = b.sha256 or pin
+        full = expected if expected and len(expected) == 64 else None
         try:
             download(url, raw, checksum=full, algo="sha256", progress=progress)
-            # mmseg's published prefix (8 hex digits of a torch.hub file name) or nothing published
-            digest = verify_checksum(raw, b.sha256, min_prefix=8) if b.sha256 else file_digest(raw)
+            # mmseg's published prefix (8 hex digits of a torch.hub file name), a first-use pin, or nothing
+            digest = verify_checksum(raw, expected, min_prefix=8) if expected else file_digest(raw)
         except (ValueError, OSError) as exc:  # ChecksumError, DownloadError, WeightsError
             raw.unlink(missing_ok=True)  # wrong bytes are not kept (a partial .part is, for resuming)
-            raise WeightsError(f"{b.name} ({b.url}): {exc}") from exc
-        if not b.sha256:
+            why = (
+                f" (pinned on first use in {pins_path}; remove that entry if the release changed)"
+                if pin
+                else ""
+            )
+            raise WeightsError(f"{b.name} ({b.url}): {exc}{why}") from exc
+        try:
+            state, info = convert_backbone(raw, b.layout)
+            if (info["depth"], tuple(info["stem_widths"]), info["width"]) != (
+                b.depth,
+                tuple(b.stem_widths),
+                b.width,
+            ):
+                raise WeightsError(
+                    f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
+                    f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
+                )
+        except WeightsError as exc:  # not the checkpoint the URL should serve: never cache it
+            raw.unlink(missing_ok=True)
+            raise WeightsError(
+                f"{exc}. {raw.name} from {b.url} is not the expected {b.name} checkpoint; the file was removed, "
+                "so the next run downloads it again (a proxy or login page in the way? check the URL)"
+            ) from exc
+        if not expected:
+            pins[raw.name] = digest  # pinned on first use: later runs verify the cached file against it
+            atomic_write_json(pins_path, pins, indent=2, sort_keys=True)
             print(
-                f"[pretrained] WARNING {b.name}: no published checksum; sha256 {digest} recorded in the "
-                f"manifest -- pin it in pipeline/model/weights.py BACKBONES",
+                f"[pretrained] WARNING {b.name}: no published checksum; sha256 {digest} pinned on first use in "
+                f"{pins_path} (later runs verify against it)",
                 file=sys.stderr,
             )
-        state, info = convert_backbone(raw, b.layout)
-        if (info["depth"], tuple(info["stem_widths"]), info["width"]) != (
-            b.depth,
-            tuple(b.stem_widths),
-            b.width,
-        ):
-            raise WeightsError(
-                f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
-                f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
-            )
         entry = {"name": b.name, "url": b.url, "sha256": digest, "pinned": bool(b.sha256), **info}
+        entry["verified"] = "published checksum" if b.sha256 else ("first-use pin" if pin else "pinned now")
         save_backbone(out_dir / f"{b.name}.pt", state, entry)
         manifest[b.name] = entry | {"file": f"{b.name}.pt"}
     atomic_write_json(out_dir / "manifest.json", manifest, indent=2, sort_keys=True)
