@@ -243,7 +243,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
-    from pipeline.model.weights import backbones_in_params, fetch_pretrained
+    from pipeline.model.backbones import backbones_in_params, fetch_pretrained
 
     params = load_params(args.params)
     if args.benchmark:

@@ -149,7 +149,7 @@ class ModelConfig:
     # PPM concatenation: "bins" = [x, bins...] in the order of `bins` (semseg/mmseg/CSAIL: [x, 1, 2, 3, 6]);
     # "reversed" = Caffe's [x, 6, 3, 2, 1] (pspnet_reference.yaml conventions_for_weight_parity).
     ppm_order: Literal["bins", "reversed"] = "bins"
-    # ImageNet backbone to start from: a name in pipeline.model.weights.BACKBONES (e.g. "csail-resnet50"),
+    # ImageNet backbone to start from: a name in pipeline.model.backbones.BACKBONES (e.g. "csail-resnet50"),
     # converted by the `pretrained` stage to data/pretrained/<name>.pt; "" = random initialisation.
     pretrained: str = ""
 

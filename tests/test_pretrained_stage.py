@@ -25,9 +25,10 @@ from pipeline.cli import main
 from pipeline.config import ModelConfig, load_params
 from pipeline.data.download import download
 from pipeline.files import file_digest as file_sha256
-from pipeline.model import weights
+from pipeline.model import backbones as weights
+from pipeline.model.backbones import Backbone, fetch_pretrained, init_from_pretrained
 from pipeline.model.pspnet import build_model
-from pipeline.model.weights import Backbone, WeightsError, fetch_pretrained, init_from_pretrained
+from pipeline.model.weights import WeightsError
 
 TINY = ModelConfig(depth=50, width=0.125, stem_widths=(8, 8, 16), head_channels=16, aux_channels=8)
 fast_download = functools.partial(download, backoff=0.01, timeout=10)
@@ -188,7 +189,7 @@ def test_dvc_stage_and_table() -> None:
     )
     assert (
         stage["do"]["outs"] == ["data/pretrained/${key}"]
-        and "pipeline/model/weights.py" in stage["do"]["deps"]
+        and "pipeline/model/backbones.py" in stage["do"]["deps"]
     )
     assert "data/pretrained/${key}" in stages["train"]["do"]["deps"]  # training waits for its backbone
     assert (ROOT / "stages" / "pretrained.py").is_file()

@@ -22,18 +22,15 @@ from reference_nets import (
 from pipeline.cli import main
 from pipeline.config import ModelConfig
 from pipeline.files import file_digest as file_sha256
+from pipeline.model.backbones import convert_backbone, init_from_pretrained, load_backbone, save_backbone
 from pipeline.model.checkpoint import load_model
 from pipeline.model.pspnet import build_model
 from pipeline.model.weights import (
     WeightsError,
-    convert_backbone,
     fill,
     import_checkpoint,
     infer_model_config,
-    init_from_pretrained,
-    load_backbone,
     remap,
-    save_backbone,
 )
 
 
@@ -225,7 +222,7 @@ def test_backbone_conversion_and_loading(tmp_path: Path, layout: str) -> None:
 def test_init_from_pretrained_checks_the_model(tmp_path: Path) -> None:
     import dataclasses
 
-    from pipeline.model import weights
+    from pipeline.model import backbones as weights
 
     state, info = convert_backbone(_save(tmp_path, "r.pth", imagenet_deep()), "imagenet-deep")
     root = tmp_path / "project"

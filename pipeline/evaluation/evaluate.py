@@ -75,8 +75,8 @@ def evaluate_benchmark(
     """
     from pipeline import plots, tracking
     from pipeline.data.benchmarks import class_names, palette
-    from pipeline.model.checkpoint import load_model
     from pipeline.files import file_digest as file_sha256
+    from pipeline.model.checkpoint import load_model
 
     d, e = bench.data, bench.eval
     model, meta = load_model(model_path)

@@ -37,9 +37,9 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
 from pipeline.evaluation.inference import Protocol, predict
 from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.model.backbones import init_from_pretrained
 from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
-from pipeline.model.weights import init_from_pretrained
 from pipeline.training.losses import pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
 from pipeline.training.sampler import IterationSampler
