@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from pipeline import preflight
 from pipeline.config import ConfigError, load_params
 
 
@@ -57,6 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.launcher import train
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     result = train(
         args.benchmark,
         params,
@@ -77,6 +78,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import evaluate_benchmark
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     if args.checkpoint:
         return _evaluate_checkpoint(args, params)
     if not (args.model and args.data and args.out):
@@ -124,8 +126,8 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     from pipeline.evaluation import benchmark as ev
     from pipeline.evaluation import outputs
     from pipeline.evaluation.split import evaluate_split
+    from pipeline.files import file_digest
     from pipeline.model.checkpoint import CheckpointError
-    from pipeline.model.weights import file_sha256
 
     bench = params.benchmark(args.benchmark)
     path = Path(args.checkpoint)
@@ -137,7 +139,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
         print(f"pspnet evaluate: {exc}", file=sys.stderr)
         return 2
     chosen = {k: v for k, v in ev.protocols(bench).items() if args.protocol in (k, "both")}
-    sha = file_sha256(path)
+    sha = file_digest(path)
     source = (meta.get("conventions") or {}).get("source", "pspnet-repro")
     uri, run_id = _checkpoint_run(args.benchmark, params, path, meta, sha, source)
     status = "FAILED"
@@ -223,7 +225,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
-    from pipeline.model.weights import backbones_in_params, fetch_pretrained
+    from pipeline.model.backbones import backbones_in_params, fetch_pretrained
 
     params = load_params(args.params)
     if args.benchmark:
@@ -258,6 +260,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.sweeps.tune import sweep
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     s = result.summary
     print(result.table.to_string(index=False))
@@ -273,6 +276,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from pipeline.sweeps.study import run_study
 
     params = load_params(args.params)
+    preflight.check_services(params, _root())
     summary = run_study(args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     print(summary["markdown"])
     print(f"[study] {args.out}/study.md (MLflow parent run {summary['parent_run_id']})")
@@ -288,15 +292,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.metrics import score_dirs
+    from pipeline.evaluation.score import score_folders
+    from pipeline.files import atomic_write_text
 
-    scores = score_dirs(Path(args.pred_dir), Path(args.gt_dir), args.num_classes, args.ignore_index)
+    scores = score_folders(Path(args.pred_dir), Path(args.gt_dir), args.num_classes, args.ignore_index)
     out = {k: scores[k] for k in ("miou", "macc", "aacc", "iou")}
     text = json.dumps(out, indent=2, allow_nan=True)
     if args.json:
-        tmp = Path(args.json).with_name(f".{Path(args.json).name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.json)
+        atomic_write_text(Path(args.json), text)
     print(text)
     return 0
 
@@ -352,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="IN OUT; CSAIL: ENC DEC OUT or ENC,DEC OUT")
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--benchmark", default="", help="refuse a checkpoint with another number of classes")
-    p.add_argument("--sha256", default="", help="expected SHA-256 (or prefix) of each input, comma-separated")
+    p.add_argument(
+        "--sha256",
+        default="",
+        help="expected SHA-256 of each input (full, or >= 16 hex digits), comma-separated",
+    )
     p.add_argument(
         "--align-corners",
         choices=("true", "false"),

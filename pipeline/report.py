@@ -17,6 +17,7 @@ import pandas as pd
 
 from pipeline import plots
 from pipeline.config import BenchmarkConfig
+from pipeline.files import atomic_write_text
 
 
 def read_evaluation(reports_dir: Path) -> dict:
@@ -135,9 +136,7 @@ def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, m
     curve = pd.read_csv(reports_dir / "train_curve.csv")
     plots.train_curve(curve, reports_dir / "train_curve.png", f"{benchmark}: training")
     path = reports_dir / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render(benchmark, bench, metrics, per_class, train_info))
-    os.replace(tmp, path)
+    atomic_write_text(path, render(benchmark, bench, metrics, per_class, train_info))
     return path
 
 
@@ -193,7 +192,5 @@ def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Pat
             "",
         ]
     path = out / "README.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

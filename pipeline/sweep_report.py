@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,12 +17,7 @@ import yaml
 
 from pipeline import ablation, plots
 from pipeline.config import StudyConfig, SweepConfig
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from pipeline.files import atomic_write_text
 
 
 def write_sweep(
@@ -33,8 +27,8 @@ def write_sweep(
     ``tune.md`` (each to a temporary name, then renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    _atomic(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
-    _atomic(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
     promote = {
         "benchmark": cfg.benchmark,
         "best_val_miou": best["best_miou"],
@@ -46,14 +40,14 @@ def write_sweep(
             f"benchmarks.{cfg.benchmark}.model.reduction": best["reduction"],
         },
     }
-    _atomic(out_dir / "tune_best.yaml", yaml.safe_dump(promote, sort_keys=False))
+    atomic_write_text(out_dir / "tune_best.yaml", yaml.safe_dump(promote, sort_keys=False))
     plots.sweep_scatter(
         table,
         list(searched),
         out_dir / "tune_miou.png",
         f"sweep {summary['sweep']}: best validation mIoU per trial",
     )
-    _atomic(out_dir / "tune.md", sweep_markdown(table, summary))
+    atomic_write_text(out_dir / "tune.md", sweep_markdown(table, summary))
 
 
 def sweep_markdown(table: pd.DataFrame, summary: dict) -> str:
@@ -144,10 +138,10 @@ def write_study(
         same_benchmark=same_benchmark,
     )
 
-    _atomic(out_dir / "runs.csv", runs.to_csv(index=False, float_format="%.6g"))
-    _atomic(out_dir / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
-    _atomic(out_dir / "study.md", text)
-    _atomic(out_dir / "directions.json", json.dumps(dirs.to_dict(orient="records"), indent=2))
+    atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "cells.csv", cells.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out_dir / "study.md", text)
+    atomic_write_text(out_dir / "directions.json", json.dumps(dirs.to_dict(orient="records"), indent=2))
     plots.study_bars(
         cells, f"{key}/miou", out_dir / "study.png", f"{name}: mIoU ({key}) mean ± std over seeds"
     )

@@ -21,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import MlflowConfig
+from pipeline.files import atomic_path
 
 CONFIG_HASH_TAG = "pspnet.config_hash"
 BENCHMARK_TAG = "pspnet.benchmark"
@@ -165,9 +166,8 @@ def write_train_curve(uri: str, run_id: str, path: Path) -> pd.DataFrame:
         curve = curve.merge(frame, on="iteration", how="outer")
     curve = curve.sort_values("iteration")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    curve.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        curve.to_csv(tmp, index=False, float_format="%.6g")
     return curve
 
 

@@ -1,7 +1,7 @@
 """DVC entry point of the `pretrained` stage: `python stages/pretrained.py ARGS` = `pspnet pretrained ARGS`.
 
 Downloads, verifies and converts the ImageNet backbones that `model.pretrained` names (see dvc.yaml and
-pipeline/model/weights.py BACKBONES for the URLs and checksums).
+pipeline/model/backbones.py BACKBONES for the URLs and checksums).
 """
 
 import sys

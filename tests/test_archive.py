@@ -122,3 +122,25 @@ def test_extract_unknown_type(tmp_path: Path) -> None:
     path.write_bytes(b"x")
     with pytest.raises(ValueError, match="data.rar"):
         safe_extract(path, tmp_path / "out")
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar"])
+def test_folder_entry_through_a_link_already_in_dest_is_refused(tmp_path: Path, fmt: str) -> None:
+    """A folder member under a symlink that was in dest before extraction must not create a folder outside."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "link").symlink_to(outside)
+    archive = tmp_path / f"dirs.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr(zipfile.ZipInfo("link/made/"), b"")
+    else:
+        with tarfile.open(archive, "w") as tf:
+            info = tarfile.TarInfo("link/made")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+    with pytest.raises((UnsafeArchiveError, tarfile.OutsideDestinationError), match="outside"):
+        safe_extract(archive, dest)
+    assert not (outside / "made").exists()

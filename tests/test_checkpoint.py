@@ -123,3 +123,56 @@ def test_weights_not_matching_config(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path / "absent.pt")
+
+
+def test_malformed_header_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path, _ = saved(tmp_path)
+    good = torch.load(path, weights_only=True)
+    cases = {
+        "num_classes": ("three", r"model\.pt: num_classes is 'three', expected an integer in \[2, 255\]"),
+        "width": ("wide", r"model\.pt: model_config\.width: expected a number"),
+        "head_channels": (
+            10**9,
+            r"model\.pt: model_config\.head_channels: got 1000000000, expected a value in",
+        ),
+    }
+    for key, (value, match) in cases.items():
+        payload = {**good, "model_config": dict(good["model_config"])}
+        if key == "num_classes":
+            payload["num_classes"] = value
+        else:
+            payload["model_config"][key] = value
+        torch.save(payload, path)
+        with pytest.raises(CheckpointError, match=match):
+            load_model(path)
+
+
+_PEAK = """
+import resource, sys
+from pipeline.model.checkpoint import CheckpointError, load_model
+try:
+    load_model(sys.argv[1])
+except CheckpointError as exc:
+    print("refused:", exc)
+print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_crafted_header_cannot_size_the_model_before_it_is_checked(tmp_path: Path) -> None:
+    """A header that describes a 1.6 GB model over a tiny file: refused by the shapes of a storage-less
+    skeleton, before any real model is built (the old code built it first, then failed to load)."""
+    import subprocess
+    import sys
+
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["width"] = 6.0  # within the schema's range; the file holds width-0.125 tensors
+    torch.save(payload, path)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert (
+        "refused:" in proc.stdout and "model.pt: the weights do not fit the model its header" in proc.stdout
+    )
+    peak = int(proc.stdout.split("peak_mb")[1])
+    assert peak < 1200, f"{peak} MB peak: the model was built before the header was checked"

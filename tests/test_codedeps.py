@@ -194,7 +194,7 @@ def test_dvc_status_reruns_exactly_the_stages_that_import_the_change(committed_r
 
     # A default that params.yaml does not set: every training is different, so train@ must rerun.
     changed = _changed_after_edit(
-        repo, env, "pipeline/config.py", "momentum: float = 0.9", "momentum: float = 0.95"
+        repo, env, "pipeline/config.py", "momentum: float = num(0.9,", "momentum: float = num(0.95,"
     )
     assert {n for n in names if n.startswith("train@")} <= changed
     assert {"train", "evaluate", "study", "tune"} <= _kinds(changed)

@@ -1,3 +1,6 @@
+import dataclasses
+import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -5,6 +8,7 @@ import pytest
 from pipeline.config import (
     BenchmarkConfig,
     ConfigError,
+    Params,
     benchmark_from_dict,
     config_hash,
     load_params,
@@ -65,3 +69,103 @@ def test_round_trip_and_hash():
     assert config_hash(changed) != config_hash(bench)
     with pytest.raises(ConfigError):
         replace(bench, **{"train.nope": 1})
+
+
+def _numeric(tp) -> bool:
+    """Whether an annotation holds an int or float (directly, in a tuple or an Optional); Literal/bool do not."""
+    if tp in (int, float):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal or origin is dict:
+        return False
+    return any(_numeric(a) for a in typing.get_args(tp) if a is not Ellipsis)
+
+
+def _schema_fields(cls, path: tuple[str, ...]):
+    """(dotted path in the tiny params, field, annotation) of every field reachable from ``cls``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        key = {"benchmarks": "synthetic", "sweeps": "synthetic", "studies": "synthetic-demo"}.get(f.name)
+        if key:  # dict of sections: walk the entry the project's params define
+            yield from _schema_fields(typing.get_args(tp)[1], (*path, f.name, key))
+        elif dataclasses.is_dataclass(tp):
+            yield from _schema_fields(tp, (*path, f.name))
+        else:
+            yield (*path, f.name), f, tp
+
+
+def _outside(bounds, default):
+    """A value just outside ``bounds``, of the default's kind (an int for an int field)."""
+    if bounds.lo is not None:
+        value = bounds.lo if bounds.lo_open else bounds.lo - 1
+    else:
+        value = bounds.hi if bounds.hi_open else bounds.hi + 1
+    return int(value) if isinstance(default, int) and float(value).is_integer() else value
+
+
+def test_every_numeric_field_declares_a_range_checked_at_load_with_its_dotted_key():
+    """Walk the schema: a numeric field without a declared range fails here; each range is enforced at load
+    time with the field's dotted key (first item for a list)."""
+    checked = []
+    for path, f, tp in _schema_fields(Params, ()):
+        if not _numeric(tp):
+            continue
+        bounds = f.metadata.get("range")
+        assert bounds is not None, f"{'.'.join(path)}: numeric field without a range (declare it with num())"
+        raw = tiny_params_dict()
+        node = raw
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        default = f.default if f.default is not None else bounds.lo or 1
+        bad = _outside(bounds, default[0] if isinstance(default, tuple) else default)
+        node[path[-1]] = [bad, *list(default)[1:]] if isinstance(default, tuple) else bad
+        with pytest.raises(ConfigError) as err:
+            params_from_dict(raw)
+        assert ".".join(path) in str(err.value) and repr(bad) in str(err.value), str(err.value)
+        checked.append(".".join(path))
+    assert "benchmarks.synthetic.train.log_every" in checked and len(checked) > 60
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "named"),
+    [
+        ("train", "log_every", 0, "train.log_every"),
+        ("train", "checkpoint_every", -5, "train.checkpoint_every"),
+        ("train", "val_every", 0, "train.val_every"),
+        ("train", "cpus_per_worker", 0, "train.cpus_per_worker"),
+        ("data", "std", [0, 0, 0], "data.std[0]"),
+        ("data", "ignore_index", 3, "data.ignore_index"),
+        ("eval", "crop_size", -1, "eval.crop_size"),
+    ],
+)
+def test_issue_values_out_of_range_fail_at_load(tmp_path, section, key, value, named):
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"][section][key] = value
+    path = write_params(tmp_path / "params.yaml", raw)
+    with pytest.raises(ConfigError, match=rf"benchmarks\.synthetic\.{re.escape(named)}: got"):
+        load_params(path)
+
+
+def test_synthetic_size_and_augment_relations():
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"]["data"]["synthetic"]["size"] = 64  # synthetic.py draws 96..256
+    with pytest.raises(ConfigError, match=r"synthetic\.size: got 64, expected a value in \[96, 256\]"):
+        params_from_dict(raw)
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"]["train"]["augment"].update(scale_min=1.5, scale_max=1.0)
+    with pytest.raises(ConfigError, match=r"augment\.scale_min.*scale_max"):
+        params_from_dict(raw)
+
+
+def test_study_cell_override_errors_keep_the_dotted_path_and_allowed_keys():
+    raw = tiny_params_dict()
+    raw["studies"]["synthetic-demo"]["cells"]["baseline"] = {"train.augment.flipp": False}
+    with pytest.raises(ConfigError) as err:
+        params_from_dict(raw)
+    msg = str(err.value)
+    assert "studies.synthetic-demo.cells.baseline" in msg and "'train.augment.flipp'" in msg
+    assert "flip" in msg and "crop_size" in msg  # the keys allowed at that level
+    raw["studies"]["synthetic-demo"]["cells"]["baseline"] = {"train.log_every": 0}
+    with pytest.raises(ConfigError, match=r"cells\.baseline\.train\.log_every: got 0"):
+        params_from_dict(raw)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.evaluation.metrics import ConfusionMatrix, score_dirs
+from pipeline.evaluation.metrics import ConfusionMatrix
 
 GT = np.array([0, 0, 0, 1, 1, 2, 2, 2, 255])
 PRED = np.array([0, 0, 1, 1, 2, 2, 2, 0, 1])
@@ -124,39 +123,3 @@ def test_all_reduce_gloo_two_processes(tmp_path: Path) -> None:
     single.update(PRED, GT)
     for rank in range(2):
         assert torch.equal(torch.load(tmp_path / f"mat{rank}.pt"), single.mat)
-
-
-def _write(folder: Path, name: str, arr: np.ndarray) -> None:
-    folder.mkdir(exist_ok=True)
-    assert cv2.imwrite(str(folder / f"{name}.png"), arr.astype(np.uint8))
-
-
-def test_score_dirs(tmp_path: Path) -> None:
-    gt = GT.reshape(3, 3)
-    pred = PRED.reshape(3, 3)
-    _write(tmp_path / "gt", "a", gt)
-    _write(tmp_path / "pred", "a", pred)
-    _write(tmp_path / "gt", "b", gt)
-    _write(tmp_path / "pred", "b", np.where(gt == 255, 0, gt))
-    s = score_dirs(tmp_path / "pred", tmp_path / "gt", 3)
-    cm = ConfusionMatrix(3)
-    cm.update(PRED, GT)
-    cm.update(np.where(GT == 255, 0, GT), GT)
-    expected = cm.compute()
-    assert s["num_images"] == 2
-    assert s["miou"] == pytest.approx(expected["miou"])
-    assert s["aacc"] == pytest.approx(13 / 16)
-    assert s["iou"] == pytest.approx(expected["iou"])
-
-
-def test_score_dirs_errors(tmp_path: Path) -> None:
-    _write(tmp_path / "gt", "a", np.zeros((3, 3)))
-    _write(tmp_path / "gt", "b", np.zeros((3, 3)))
-    _write(tmp_path / "pred", "a", np.zeros((3, 4)))
-    with pytest.raises(ValueError, match=r"without a prediction.*'b'"):
-        score_dirs(tmp_path / "pred", tmp_path / "gt", 3)
-    _write(tmp_path / "pred", "b", np.zeros((3, 3)))
-    with pytest.raises(ValueError, match=r"a\.png.*\(3, 4\)"):
-        score_dirs(tmp_path / "pred", tmp_path / "gt", 3)
-    with pytest.raises(FileNotFoundError):
-        score_dirs(tmp_path / "nope", tmp_path / "gt", 3)

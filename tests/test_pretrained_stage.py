@@ -24,9 +24,11 @@ from reference_nets import imagenet_deep
 from pipeline.cli import main
 from pipeline.config import ModelConfig, load_params
 from pipeline.data.download import download
-from pipeline.model import weights
+from pipeline.files import file_digest as file_sha256
+from pipeline.model import backbones as weights
+from pipeline.model.backbones import Backbone, fetch_pretrained, init_from_pretrained
 from pipeline.model.pspnet import build_model
-from pipeline.model.weights import Backbone, WeightsError, fetch_pretrained, file_sha256, init_from_pretrained
+from pipeline.model.weights import WeightsError
 
 TINY = ModelConfig(depth=50, width=0.125, stem_widths=(8, 8, 16), head_channels=16, aux_channels=8)
 fast_download = functools.partial(download, backoff=0.01, timeout=10)
@@ -187,7 +189,7 @@ def test_dvc_stage_and_table() -> None:
     )
     assert (
         stage["do"]["outs"] == ["data/pretrained/${key}"]
-        and "pipeline/model/weights.py" in stage["do"]["deps"]
+        and "pipeline/model/backbones.py" in stage["do"]["deps"]
     )
     assert "data/pretrained/${key}" in stages["train"]["do"]["deps"]  # training waits for its backbone
     assert (ROOT / "stages" / "pretrained.py").is_file()
@@ -225,3 +227,37 @@ def test_a_missing_study_only_backbone_is_skipped(tmp_path: Path) -> None:
     assert manifest == {"tiny-local": {"name": "tiny-local", "url": "initmodel/absent.pth", "missing": True}}
     with pytest.raises(WeightsError, match="absent.pth"):  # required: an error naming the file
         fetch_pretrained([local_only], tmp_path / "out", root=tmp_path, cache_dir=tmp_path / "c")
+
+
+def test_bad_download_without_checksum_is_not_cached_and_good_ones_are_pinned(
+    tmp_path: Path, server: _Server, backbone_bytes
+) -> None:
+    """Issue 15, finding 4: a proxy's HTML page served as resnet50-imagenet.pth was kept forever. It is now
+    removed with a message saying it is not a checkpoint; the next run downloads again; the good file is
+    pinned on first use and a later change of the served bytes is refused."""
+    data, _ = backbone_bytes
+    entry = _entry(f"{server.url}/resnet50-imagenet.pth", None)  # nothing published (CSAIL's files)
+    out, cache = tmp_path / "pretrained", tmp_path / "cache"
+    run = functools.partial(fetch_pretrained, [entry], out, root=tmp_path, cache_dir=cache,
+                            download=fast_download, progress=False)  # fmt: skip
+    server.files["resnet50-imagenet.pth"] = b"<!DOCTYPE html><html><body>Proxy login</body></html>"
+    with pytest.raises(WeightsError, match=r"not a PyTorch file at all \(a web page.*is not the expected"):
+        run()
+    assert not (cache / "resnet50-imagenet.pth").exists() and not (cache / "pins.json").exists()
+
+    server.files["resnet50-imagenet.pth"] = data  # the proxy is gone: the next run fetches the real file
+    before = len(server.requests)
+    manifest = run()
+    assert len(server.requests) == before + 1
+    pins = json.loads((cache / "pins.json").read_text())
+    assert pins == {"resnet50-imagenet.pth": file_sha256_bytes(data)}
+    assert manifest[entry.name]["verified"] == "pinned now"
+    assert run()[entry.name]["verified"] == "first-use pin"  # cached, verified against the pin, no request
+    assert len(server.requests) == before + 1
+
+    other = data[:-1] + bytes([data[-1] ^ 0xFF])
+    (cache / "resnet50-imagenet.pth").write_bytes(other)  # the cached file changed on disk
+    server.files["resnet50-imagenet.pth"] = other  # and the server now serves those other bytes too
+    with pytest.raises(WeightsError, match=r"checksum mismatch.*pinned on first use in .*pins\.json"):
+        run()
+    assert not (cache / "resnet50-imagenet.pth").exists()

@@ -122,3 +122,19 @@ def test_prepare_cleans_up_what_an_interrupted_run_left(archives: Path, tmp_path
     (leftover / "big.bin").write_bytes(b"x" * 1000)
     prepare("synthetic", _bench(), archives, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]
+
+
+def test_prepare_names_an_archive_that_is_not_a_zip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The right name and a matching checksum, but not a ZIP (issue 15, finding 5): exit 2 naming the file."""
+    archives = tmp_path / "archives"
+    fetch("synthetic", _bench(), archives, progress=False)
+    fake = archives / SYNTHETIC_ARCHIVE
+    fake.write_bytes(b"<!DOCTYPE html><html>Please log in</html>")
+    import hashlib
+
+    sums = {SYNTHETIC_ARCHIVE: {"sha256": hashlib.sha256(fake.read_bytes()).hexdigest()}}
+    (archives / CHECKSUMS).write_text(json.dumps(sums))
+    with pytest.raises(ValueError, match=rf"{SYNTHETIC_ARCHIVE}: not a readable ZIP archive"):
+        prepare("synthetic", _bench(), archives, tmp_path / "prepared", progress=False)
+    assert not (tmp_path / "prepared").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]  # no extraction folder left

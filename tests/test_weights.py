@@ -21,19 +21,16 @@ from reference_nets import (
 
 from pipeline.cli import main
 from pipeline.config import ModelConfig
+from pipeline.files import file_digest as file_sha256
+from pipeline.model.backbones import convert_backbone, init_from_pretrained, load_backbone, save_backbone
 from pipeline.model.checkpoint import load_model
 from pipeline.model.pspnet import build_model
 from pipeline.model.weights import (
     WeightsError,
-    convert_backbone,
-    file_sha256,
     fill,
     import_checkpoint,
     infer_model_config,
-    init_from_pretrained,
-    load_backbone,
     remap,
-    save_backbone,
 )
 
 
@@ -167,7 +164,7 @@ def test_wrong_class_count_truncated_checksum_and_pickle(tmp_path: Path) -> None
     src = _save(tmp_path, "s.pth", semseg_checkpoint(num_classes=5))
     _refused(tmp_path, "semseg", [src], r"s\.pth: the checkpoint predicts 5 classes, the benchmark expects 150",
              num_classes=150)  # fmt: skip
-    _refused(tmp_path, "semseg", [src], r"s\.pth: checksum mismatch", checksums=["0" * 64])
+    _refused(tmp_path, "semseg", [src], r"s\.pth: sha256 checksum mismatch", checksums=["0" * 64])
     data = src.read_bytes()
     trunc = tmp_path / "trunc.pth"
     trunc.write_bytes(data[: len(data) // 2])
@@ -225,7 +222,7 @@ def test_backbone_conversion_and_loading(tmp_path: Path, layout: str) -> None:
 def test_init_from_pretrained_checks_the_model(tmp_path: Path) -> None:
     import dataclasses
 
-    from pipeline.model import weights
+    from pipeline.model import backbones as weights
 
     state, info = convert_backbone(_save(tmp_path, "r.pth", imagenet_deep()), "imagenet-deep")
     root = tmp_path / "project"
@@ -284,3 +281,16 @@ def test_evaluate_checkpoint_logs_a_new_run(tmp_path: Path, tiny_prepared: Path,
     import_checkpoint("csail", [_save(tmp_path, "e5.pth", enc), _save(tmp_path, "d5.pth", dec)], other)
     argv[argv.index(str(ck))] = str(other)
     assert main(argv) == 2
+
+
+def test_a_short_sha256_prefix_is_not_verification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`import-weights --sha256 4` used to pass as verified (issue 15, finding 7): the full digest or >= 16 hex."""
+    src = _save(tmp_path, "s.pth", semseg_checkpoint(num_classes=5))
+    digest = file_sha256(src)
+    out = tmp_path / "o.pt"
+    for short in (digest[:1], digest[:15]):
+        code = main(["import-weights", "--source", "semseg", str(src), str(out), "--sha256", short])
+        assert code == 2 and not out.exists()
+        assert "s.pth: expected sha256 checksum" in capsys.readouterr().err
+    for enough in (digest[:16], digest):
+        assert main(["import-weights", "--source", "semseg", str(src), str(out), "--sha256", enough]) == 0

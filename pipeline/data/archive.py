@@ -1,6 +1,5 @@
-"""Download-side helpers shared by every benchmark: checksums and archive extraction that cannot escape.
+"""Archive extraction that cannot escape its destination (checksums: :mod:`pipeline.files`).
 
-    verify_checksum(Path("data/raw/ADEChallengeData2016.zip"), "219e16...", algo="sha1")
     files = safe_extract(Path("data/raw/ADEChallengeData2016.zip"), Path("data/extracted/ade20k"))
 
 ``safe_extract`` checks every member before writing anything: absolute names, ``..`` components, links that
@@ -10,7 +9,6 @@ with :class:`UnsafeArchiveError`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import shutil
@@ -20,37 +18,17 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-_ALGOS = ("md5", "sha1", "sha256")
+from pipeline.files import ChecksumError, file_digest, verify_checksum  # noqa: F401 (re-exported)
+
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
 
-class ChecksumError(ValueError):
-    """A file's digest differs from the expected one."""
+class BadArchiveError(ValueError):
+    """A file named like an archive is not one (or is damaged)."""
 
 
 class UnsafeArchiveError(ValueError):
     """An archive member would be written (or point) outside the destination, or is a device file."""
-
-
-def file_digest(path: str | Path, algo: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks. ``algo`` is ``"md5"``, ``"sha1"`` or ``"sha256"``."""
-    if algo not in _ALGOS:
-        raise ValueError(f"checksum algorithm {algo!r}: expected one of {_ALGOS}")
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_checksum(path: str | Path, expected: str, algo: str = "sha256") -> None:
-    """Raise :class:`ChecksumError` naming the file, algorithm, expected and actual digest when they differ."""
-    actual = file_digest(path, algo)
-    if actual.lower() != expected.strip().lower():
-        raise ChecksumError(
-            f"{path}: {algo} checksum mismatch: expected {expected.strip().lower()}, got {actual} "
-            "(a partial or corrupted download? delete the file and download it again)"
-        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,6 +155,7 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
     if not archive.is_file():
         raise FileNotFoundError(f"{archive}: archive not found")
     dest.mkdir(parents=True, exist_ok=True)
+    _check_readable(archive, kind)
     root = dest.resolve()
     written: list[Path] = []
     if kind == "zip":
@@ -187,7 +166,8 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
                 if not m.name:
                     continue
                 out = root / m.name
-                if m.kind == "dir":
+                if m.kind == "dir":  # a folder entry may pass through a link already in dest, too
+                    _ensure_inside(root, out, archive)
                     out.mkdir(parents=True, exist_ok=True)
                     continue
                 _ensure_inside(root, out.parent, archive)
@@ -207,6 +187,25 @@ def safe_extract(archive: str | Path, dest: str | Path) -> list[Path]:
             tf.extractall(root, members=[m.source for m in members], filter="data")
             written = [root / m.name for m in members if m.kind != "dir" and m.name]
     return written
+
+
+def _check_readable(archive: Path, kind: str) -> None:
+    """Refuse, naming the file, an archive that its reader cannot open (an HTML page saved under its name)."""
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                zf.infolist()
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                tf.getmembers()
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        with open(archive, "rb") as f:
+            head = f.read(32)
+        raise BadArchiveError(
+            f"{archive}: not a readable {kind.upper()} archive ({exc}; it begins {head!r}). Its checksum "
+            "matched what is configured, so the configured checksum was taken from this wrong file: fix "
+            "data.checksums (or remove the pin in checksums.json) and fetch the archive again"
+        ) from None
 
 
 def _ensure_inside(root: Path, path: Path, archive: Path) -> None:

@@ -18,16 +18,23 @@ from __future__ import annotations
 
 import colorsys
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from pipeline.config import BenchmarkConfig, DataConfig
 from pipeline.data import ade20k, cityscapes, synthetic, voc
-from pipeline.data.archive import file_digest, safe_extract, verify_checksum
+from pipeline.data.archive import safe_extract
 from pipeline.data.download import Release, download
 from pipeline.data.prepare import MANIFEST, DataError, prepare_ade_layout
+from pipeline.files import (
+    atomic_write_json,
+    file_digest,
+    is_temp_of,
+    swap_dir,
+    temp_prefix,
+    verify_checksum,
+)
 
 CHECKSUMS = "checksums.json"
 SYNTHETIC_ARCHIVE = "SyntheticScenes.zip"
@@ -74,12 +81,6 @@ def palette(bench: BenchmarkConfig) -> list[tuple[int, int, int]]:
         tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95))
         for i in range(bench.data.num_classes)
     ]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
             progress=progress,
         )
     sums = {SYNTHETIC_ARCHIVE: {"sha256": sha}}
-    _write_json(out_dir / CHECKSUMS, sums)
+    atomic_write_json(out_dir / CHECKSUMS, sums, indent=2, sort_keys=True)
     _remove(out_dir, stale)
     return sums
 
@@ -171,14 +172,14 @@ def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bo
         if digest is None:  # nothing published (Cityscapes): pin what we got for the prepare stage
             algo, digest = "sha256", file_digest(dest, "sha256")
         sums[release.name] = {algo: digest.lower()}
-    _write_json(out_dir / CHECKSUMS, sums)
+    atomic_write_json(out_dir / CHECKSUMS, sums, indent=2, sort_keys=True)
     _remove(out_dir, stale)
     return sums
 
 
 def _own_names(name: str) -> set[str]:
     """The names fetch gives a file it writes: the file, its download ``.part`` and its temporary names."""
-    return {name, f"{name}.part", f".{name}.tmp"}
+    return {name, f"{name}.part", temp_prefix(name)}
 
 
 def _claim_fetch_folder(out_dir: Path, names: list[str], command: str) -> list[str]:
@@ -208,11 +209,13 @@ def _claim_fetch_folder(out_dir: Path, names: list[str], command: str) -> list[s
         if not isinstance(listed, dict):
             raise DataError(f"{sums_path}: not a checksums file written by `pspnet {command}`")
         earlier = [str(k) for k in listed if "/" not in str(k) and str(k) not in (".", "..")]
-    ours = {CHECKSUMS, f".{CHECKSUMS}.tmp"}
+    ours = {CHECKSUMS, temp_prefix(CHECKSUMS)}
     for name in [*names, *earlier]:
         ours |= _own_names(name)
     foreign = sorted(
-        p.name for p in out_dir.iterdir() if p.name not in ours and not _is_own_temp(p.name, names)
+        p.name
+        for p in out_dir.iterdir()
+        if p.name not in ours and not _is_own_temp(p.name, [*names, *earlier, CHECKSUMS])
     )
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -224,13 +227,13 @@ def _claim_fetch_folder(out_dir: Path, names: list[str], command: str) -> list[s
     stale = [n for n in earlier if n not in names]
     return sorted(
         {m for n in stale for m in _own_names(n)}
-        | {p.name for p in out_dir.iterdir() if _is_own_temp(p.name, names)}
+        | {p.name for p in out_dir.iterdir() if _is_own_temp(p.name, [*names, *earlier, CHECKSUMS])}
     )
 
 
 def _is_own_temp(entry: str, names: list[str]) -> bool:
-    """A temporary file of an interrupted archive build (``.NAME.tmp-PID``, see synthetic.build_archive)."""
-    return any(entry.startswith(f".{name}.tmp-") for name in names)
+    """A temporary file of an interrupted write of one of ``names`` (``pipeline.files.is_temp_of``)."""
+    return any(is_temp_of(entry, name) for name in names)
 
 
 def _remove(folder: Path, names: list[str]) -> None:
@@ -304,9 +307,7 @@ def _remove_leftovers(out_dir: Path) -> None:
 
 def _swap_in(staged: Path, out_dir: Path, *, aside: Path) -> None:
     """Put ``staged`` at ``out_dir``: the old folder is renamed aside first, so a kill leaves one of the two."""
-    if out_dir.exists():
-        os.replace(out_dir, aside)
-    os.replace(staged, out_dir)
+    swap_dir(staged, out_dir, aside=aside)
 
 
 def expected_sizes(d: DataConfig) -> dict[str, int]:
@@ -424,7 +425,7 @@ def prepare(
             "archives": sums,
             **{k: v for k, v in extra.items() if v is not None},
         }
-        _write_json(staged / MANIFEST, manifest)
+        atomic_write_json(staged / MANIFEST, manifest, indent=2, sort_keys=True)
         _swap_in(staged, out_dir, aside=Path(tmp) / "previous")
     if len(sums) == 1:
         manifest["archive_sha256"] = file_digest(archives / next(iter(sums)))

@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.archive import ChecksumError, file_digest
+from pipeline.files import ChecksumError, file_digest
 
 CHUNK = 1 << 20
 USER_AGENT = "pspnet-pipeline/1.0 (+urllib)"

@@ -20,7 +20,6 @@ otherwise labels are kept as they are. Rows are sorted by id and the bytes are d
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from pipeline.data.archive import file_digest
+from pipeline.files import atomic_write_json, file_digest, swap_dir
 
 MANIFEST = "manifest.json"
 BATCH_ROWS = 8  # rows per record batch: small, so a random read decodes little
@@ -123,22 +122,6 @@ def _encode_row(
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
-
-
 def prepare_split(
     image_dir: Path,
     label_dir: Path,
@@ -228,8 +211,10 @@ def prepare_split(
             "shards": shards,
             "split_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
         }
-        _write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out_dir)
+        atomic_write_json(tmp / MANIFEST, manifest, newline=True, indent=2, sort_keys=True)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        swap_dir(tmp, out_dir, aside=old)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -302,5 +287,5 @@ def prepare_ade_layout(
             "".join(m["split_hash"] for m in splits.values()).encode()
         ).hexdigest(),
     }
-    _write_json(out_dir / MANIFEST, summary)
+    atomic_write_json(out_dir / MANIFEST, summary, newline=True, indent=2, sort_keys=True)
     return summary

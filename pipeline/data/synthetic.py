@@ -28,8 +28,6 @@ ignored after the ADE label shift).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -37,6 +35,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from pipeline.files import atomic_path, atomic_write_bytes, file_digest
 
 CLASS_NAMES: tuple[str, ...] = ("sky", "ground", "water", "road", "vegetation", "boat", "car", "pole")
 CONTEXT_CLASSES: tuple[str, ...] = ("boat", "car")
@@ -317,12 +317,6 @@ def scene_of(label: np.ndarray, *, reduced: bool = False) -> str | None:
 # Files and archive
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def generate(
     root: Path,
     *,
@@ -367,8 +361,8 @@ def generate(
         ok_png, png = cv2.imencode(".png", label)
         if not (ok_jpg and ok_png):
             raise RuntimeError(f"cv2 could not encode synthetic image {stem}")
-        _write_bytes(root / "images" / folder / f"{stem}.jpg", jpg.tobytes())
-        _write_bytes(root / "annotations" / folder / f"{stem}.png", png.tobytes())
+        atomic_write_bytes(root / "images" / folder / f"{stem}.jpg", jpg.tobytes())
+        atomic_write_bytes(root / "annotations" / folder / f"{stem}.png", png.tobytes())
 
 
 def build_archive(
@@ -412,9 +406,7 @@ def build_archive(
         entries = sorted(
             p.relative_to(tmp).as_posix() + ("/" if p.is_dir() else "") for p in [top, *top.rglob("*")]
         )
-        partial = archive_path.with_name(f".{archive_path.name}.tmp-{os.getpid()}")
-        digest = hashlib.sha256()
-        try:
+        with atomic_path(archive_path) as partial:
             with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as zf:
                 for name in entries:
                     info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
@@ -425,14 +417,8 @@ def build_archive(
                     else:
                         info.external_attr = 0o100644 << 16
                         zf.writestr(info, (Path(tmp) / name).read_bytes())
-            with open(partial, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            os.replace(partial, archive_path)
-        finally:
-            if partial.exists():
-                partial.unlink()
-    return digest.hexdigest()
+            digest = file_digest(partial, "sha256")
+    return digest
 
 
 def colorize(label: np.ndarray, *, reduced: bool = False) -> np.ndarray:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipeline import codedeps
+from pipeline.files import atomic_write_bytes
 
 # The modules that turn a model and a split into confusion matrices (in one process or over Ray tasks).
 SCORING_CODE = ("pipeline.evaluation.split", "pipeline.evaluation.distributed")
@@ -81,9 +81,7 @@ def save(
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     path = cache_dir / f"{key}.npz"
-    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

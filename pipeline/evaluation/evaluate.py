@@ -161,7 +161,7 @@ def evaluate_benchmark(
     """
     from pipeline.data.benchmarks import class_names
     from pipeline.evaluation import outputs
-    from pipeline.model.weights import file_sha256
+    from pipeline.files import file_digest as file_sha256
 
     e = bench.eval
     model, meta = load_for_benchmark(benchmark, bench, model_path)

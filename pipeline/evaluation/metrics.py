@@ -20,10 +20,8 @@ class occurs and the two agree.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -127,67 +125,6 @@ class ConfusionMatrix:
             "iou": iou.tolist(),
             "acc": acc.tolist(),
         }
-
-
-def _read_label(path: Path) -> np.ndarray:
-    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise ValueError(f"{path}: could not be read as an image")
-    if label.ndim != 2:
-        raise ValueError(f"{path}: expected a single-channel label map, got shape {label.shape}")
-    return label
-
-
-def score_dirs(
-    pred_dir: str | Path, gt_dir: str | Path, num_classes: int, ignore_index: int = 255
-) -> dict[str, Any]:
-    """Score a folder of predicted PNG label maps against a folder of ground-truth PNGs, paired by file stem.
-
-    Returns:
-        ``{"miou", "macc", "aacc", "iou": [...], "acc": [...], "num_images"}``.
-
-    Raises:
-        FileNotFoundError: a folder does not exist.
-        ValueError: no pairs, a prediction or ground truth without its partner, unreadable files, shapes that
-            differ, or label values out of range.
-    """
-    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    for d in (pred_dir, gt_dir):
-        if not d.is_dir():
-            raise FileNotFoundError(f"{d}: not a directory")
-    preds = {p.stem: p for p in sorted(pred_dir.glob("*.png"))}
-    gts = {p.stem: p for p in sorted(gt_dir.glob("*.png"))}
-    missing_pred = sorted(set(gts) - set(preds))
-    missing_gt = sorted(set(preds) - set(gts))
-    if missing_pred or missing_gt:
-        parts = []
-        if missing_pred:
-            parts.append(
-                f"{len(missing_pred)} ground truths without a prediction in {pred_dir} (e.g. {missing_pred[:5]})"
-            )
-        if missing_gt:
-            parts.append(
-                f"{len(missing_gt)} predictions without a ground truth in {gt_dir} (e.g. {missing_gt[:5]})"
-            )
-        raise ValueError("; ".join(parts))
-    if not gts:
-        raise ValueError(f"no PNG files to score in {gt_dir}")
-
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    for stem, gt_path in gts.items():
-        pred = _read_label(preds[stem])
-        gt = _read_label(gt_path)
-        if pred.shape != gt.shape:
-            raise ValueError(
-                f"{preds[stem]}: prediction shape {pred.shape} != ground truth {gt_path} shape {gt.shape}"
-            )
-        try:
-            cm.update(pred.astype(np.int64), gt.astype(np.int64))
-        except ValueError as exc:
-            raise ValueError(f"{preds[stem]} vs {gt_path}: {exc}") from exc
-    scores = cm.compute()
-    scores["num_images"] = len(gts)
-    return scores
 
 
 def pair_accuracy(matrix: np.ndarray, a: int, b: int) -> dict[str, float]:

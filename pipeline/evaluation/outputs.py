@@ -11,7 +11,6 @@ Every file is written to a temporary name and renamed.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pandas as pd
 from pipeline.config import BenchmarkConfig
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.split import SplitResult
+from pipeline.files import atomic_write_text
 
 TABLES = ("per_class.csv", "metrics.json", "evaluation.json")
 FIGURES = ("predictions.png", "per_class_iou.png", "confusion_matrix.png")
@@ -40,9 +40,7 @@ def per_class_table(names: Sequence[str], results: Mapping[str, SplitResult]) ->
 
 
 def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Self-describing model files: the weights together with everything needed to rebuild and use them.
+"""Self-describing model files, and the one place that calls ``torch.save`` / ``torch.load``.
 
     save_model("model.pt", model, model_config=to_dict(cfg.model), num_classes=150,
                conventions={"mean": [...], "std": [...], "channel_order": "RGB", "align_corners": False})
@@ -8,27 +8,76 @@ File layout (one ``torch.save`` of a plain dict; loadable with ``weights_only=Tr
 
     {"format": "pspnet-repro/1", "model_config": {...}, "num_classes": int, "conventions": {...},
      "state_dict": {...}, "extra": {...} | None}
+
+Every torch file of the project (model files, converted backbones, released weights, the training state in a
+Ray checkpoint) is written by :func:`save_torch` (atomically) and read by :func:`load_torch` (``weights_only``,
+errors naming the file and what it should have been).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, _build, to_dict
+from pipeline.config import ConfigError, DataConfig, ModelConfig, _build, to_dict
+from pipeline.files import atomic_open
 from pipeline.model.pspnet import PSPNet, build_model
 
 FORMAT = "pspnet-repro/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A model file is not one written by :func:`save_model`, is damaged, or does not match its model."""
+
+
+def save_torch(path: str | Path, payload: Any) -> None:
+    """``torch.save`` of plain data (tensors, dicts, lists, numbers, strings) to ``path``, atomically."""
+    with atomic_open(path) as f:
+        torch.save(payload, f)
+
+
+def _not_torch_hint(path: Path) -> str:
+    """Why a file that torch cannot read may not be a torch file at all (an HTML page saved under its name)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch's zip format / a legacy pickle
+        return ""
+    page = head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"{"))
+    what = " (a web page: a proxy's or login page saved instead of the file?)" if page else ""
+    return f"it is not a PyTorch file at all{what}; it begins {head[:40]!r}"
+
+
+def load_torch(
+    path: str | Path,
+    what: str,
+    *,
+    error: type[Exception] = CheckpointError,
+    map_location: str | torch.device = "cpu",
+) -> Any:
+    """``torch.load(path, weights_only=True)``; every failure raises ``error`` naming the file and ``what`` it
+    should be (a missing file, one that is no torch file at all, a damaged one, one that needs arbitrary
+    unpickling)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+        hint = _not_torch_hint(path)
+        if hint:
+            raise error(f"{path}: not {what}: {hint}") from exc
+        if isinstance(exc, pickle.UnpicklingError):
+            raise error(
+                f"{path}: refusing to load with weights_only=True (expected {what}): the file is damaged or "
+                f"holds objects that need arbitrary unpickling ({exc})"
+            ) from exc
+        raise error(
+            f"{path}: not a readable torch file, expected {what} (truncated or damaged?): {exc}"
+        ) from exc
 
 
 def save_model(
@@ -65,16 +114,7 @@ def save_model(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": None if extra is None else to_dict(dict(extra)),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_torch(path, payload)
 
 
 def _model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
@@ -82,6 +122,42 @@ def _model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
         return _build(ModelConfig, dict(raw), f"{where}: model_config")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
+
+
+def _check_header(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, int]:
+    """The model a file describes, checked before any real memory is spent on it: the header against the
+    params schema's limits, then the shapes of a skeleton built on the ``meta`` device (no storage) against the
+    file's own tensors, so that a crafted header cannot size a model beyond what the file holds."""
+    cfg = _model_config_from_dict(payload["model_config"], str(path))
+    num_classes = payload["num_classes"]
+    limits = {f.name: f.metadata["range"] for f in dataclasses.fields(DataConfig) if "range" in f.metadata}
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or not limits["num_classes"].holds(num_classes)
+    ):
+        raise CheckpointError(
+            f"{path}: num_classes is {num_classes!r}, expected an integer {limits['num_classes']}"
+        )
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: state_dict must be a mapping of names to tensors")
+    with torch.device("meta"):
+        skeleton = build_model(cfg, num_classes).state_dict()
+    missing = sorted(set(skeleton) - set(state))
+    unexpected = sorted(set(state) - set(skeleton))
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in skeleton.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: the weights do not fit the model its header describes (model_config, num_classes "
+            f"{num_classes}): missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} "
+            f"({len(unexpected)}), shapes {wrong[:5]} ({len(wrong)})"
+        )
+    return cfg, num_classes
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PSPNet, dict[str, Any]]:
@@ -99,15 +175,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file not found")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refusing to load; the file holds objects that need arbitrary unpickling "
-            f"(expected a {FORMAT!r} model file written by save_model): {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch file (truncated or damaged?): {exc}") from exc
+    payload = load_torch(path, f"a {FORMAT!r} model file written by save_model", map_location=map_location)
 
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: expected a dict with format {FORMAT!r}, got {type(payload).__name__}")
@@ -122,8 +190,8 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
             f"{path}: model_config must be a dict, got {type(payload['model_config']).__name__}"
         )
 
-    cfg = _model_config_from_dict(payload["model_config"], str(path))
-    model = build_model(cfg, int(payload["num_classes"]))
+    cfg, num_classes = _check_header(payload, path)
+    model = build_model(cfg, num_classes)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except RuntimeError as exc:

@@ -1,4 +1,5 @@
-"""Released weights into our layout: PSPNet checkpoints of semseg, mmseg and CSAIL, and ImageNet backbones.
+"""Released weights into our layout: PSPNet checkpoints of semseg, mmseg and CSAIL, and the key rules of the
+ImageNet backbones (fetched, pinned and loaded by :mod:`pipeline.model.backbones`).
 
     pspnet import-weights --source semseg train_epoch_100.pth models/semseg-psp50-ade20k.pt
     pspnet import-weights --source mmseg  pspnet_r50-d8_512x512_80k_ade20k_....pth models/mmseg-psp50.pt
@@ -35,15 +36,8 @@ fails naming the leftovers / the missing keys. Nothing is written under the outp
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import pickle
 import re
-import sys
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +45,12 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ModelConfig, to_dict
-from pipeline.model.checkpoint import save_model
-from pipeline.model.pspnet import PSPNet, build_model
-from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE, DilatedResNet
+from pipeline.files import MIN_PREFIX, ChecksumError, file_digest, verify_checksum
+from pipeline.model.checkpoint import load_torch, save_model
+from pipeline.model.pspnet import build_model
+from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE
 
-BACKBONE_FORMAT = "pspnet-repro-backbone/1"
-PRETRAINED_DIR = Path("data/pretrained")  # relative to the project root; pretrained@NAME writes <this>/NAME
 SOURCES = ("semseg", "mmseg", "csail")
-BACKBONE_LAYERS = ("layer0", "layer1", "layer2", "layer3", "layer4")
 
 # RGB on 0-255: mean [0.485, 0.456, 0.406] * 255, std [0.229, 0.224, 0.225] * 255 (all three PyTorch sources;
 # CSAIL divides by 255 first and uses the 0-1 values, which is the same map).
@@ -158,41 +150,13 @@ _EXAMPLE_KEYS = {
 }
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_checksum(path: Path, sha256: str | None) -> str:
-    """The file's SHA-256; raises :class:`WeightsError` naming the file when ``sha256`` (full hex digest or
-    a prefix such as a torch.hub filename suffix) does not match."""
-    actual = file_sha256(path)
-    if sha256 and not actual.startswith(sha256.lower()):
-        raise WeightsError(f"{path}: checksum mismatch: sha256 is {actual}, expected {sha256}")
-    return actual
-
-
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a ``.pth`` file: unwraps ``{"state_dict": ...}`` and strips DDP's ``module.`` prefix.
 
     Loads with ``weights_only=True``: a file that needs arbitrary unpickling is refused.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{path}: refusing to load with weights_only=True (the file is damaged or holds objects that "
-            f"need arbitrary unpickling): {exc}"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path}: not a readable torch file (truncated or damaged?): {exc}") from exc
+    obj = load_torch(path, "a weights file (a PyTorch checkpoint)", error=WeightsError)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
@@ -377,7 +341,7 @@ def convert_checkpoint(
         layout = f"csail-{role}" if source == "csail" else source
         part, _ = remap(read_state_dict(path), layout, str(path))
         state.update(part)
-        files.append({"file": path.name, "sha256": file_sha256(path), "role": role})
+        files.append({"file": path.name, "sha256": file_digest(path), "role": role})
     return state, files
 
 
@@ -398,7 +362,8 @@ def import_checkpoint(
         out: destination (written atomically, and only when everything fits).
         num_classes: when given (the benchmark's), a checkpoint predicting another number is refused.
         align_corners: override the source's default (mmseg's 769x769 Cityscapes configs use True).
-        checksums: expected SHA-256 (or a prefix) per input; None or "" skips one.
+        checksums: expected SHA-256 per input (the full digest, or a prefix of at least 16 hex digits);
+            None or "" skips one.
 
     Returns:
         The metadata written: ``model_config``, ``num_classes``, ``conventions``, ``extra``.
@@ -408,7 +373,10 @@ def import_checkpoint(
         if expected:
             if not path.is_file():
                 raise WeightsError(f"{path}: weights file not found")
-            verify_checksum(path, expected)
+            try:
+                verify_checksum(path, expected, "sha256", min_prefix=MIN_PREFIX)
+            except ChecksumError as exc:
+                raise WeightsError(str(exc)) from None
     state, files = convert_checkpoint(source, inputs)
     where = ", ".join(str(p) for p in inputs)
     conv = _SOURCE_CONVENTIONS[source]
@@ -438,258 +406,3 @@ def import_checkpoint(
     extra = {"imported_from": files}
     save_model(out, model, model_config=cfg, num_classes=n, conventions=conventions, extra=extra)
     return {"model_config": to_dict(cfg), "num_classes": n, "conventions": conventions, "extra": extra}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# ImageNet backbones: the table, the conversion, and loading into a model
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """One ImageNet-pretrained ResNet we can start training from.
-
-    Attributes:
-        name: the value of ``model.pretrained`` in params.yaml; the converted file is ``<name>.pt``.
-        depth, stem_widths: the architecture it fits (``model.depth``, ``model.stem_widths``; width 1.0).
-        layout: key layout of the file, "imagenet-deep" or "imagenet-v1c".
-        url: http(s)/file URL, or a path relative to the project root for files with no public URL.
-        sha256: the full SHA-256 to verify, or a published prefix; None where nothing is published or pinned.
-        note: where the URL and checksum come from.
-        width: the width multiplier it was trained at (1.0 for every released file).
-    """
-
-    name: str
-    depth: int
-    stem_widths: tuple[int, int, int]
-    layout: str
-    url: str
-    sha256: str | None
-    note: str
-    width: float = 1.0
-
-
-_CSAIL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet"
-_MMSEG = "https://download.openmmlab.com/pretrain/third_party"
-# Sources: pspnet_reference.yaml csail_semantic_segmentation_pytorch.urls, mmsegmentation.pretrained_backbone
-# (mmcv model_zoo/open_mmlab.json), semseg_hszhao.downloads. No full SHA-256 is published for any of them and
-# none could be pinned here (no network): CSAIL's and semseg's are verified against nothing until pinned
-# (the stage prints the digest to pin and records it in data/pretrained/manifest.json); mmseg's are verified
-# against the 8-hex SHA-256 prefix in their file names (torch.hub convention).
-BACKBONES: dict[str, Backbone] = {
-    b.name: b
-    for b in (
-        Backbone("csail-resnet50", 50, (64, 64, 128), "imagenet-deep", f"{_CSAIL}/resnet50-imagenet.pth", None,
-                 "CSAIL deep-stem ResNet-50 (same architecture as the authors'); no checksum published"),
-        Backbone("csail-resnet101", 101, (64, 64, 128), "imagenet-deep", f"{_CSAIL}/resnet101-imagenet.pth",
-                 None, "CSAIL deep-stem ResNet-101; no checksum published"),
-        Backbone("mmseg-resnet50-v1c", 50, (32, 32, 64), "imagenet-v1c", f"{_MMSEG}/resnet50_v1c-2cccc1ad.pth",
-                 "2cccc1ad", "mmseg ResNetV1c-50 (open-mmlab://resnet50_v1c); sha256 prefix from file name"),
-        Backbone("mmseg-resnet101-v1c", 101, (32, 32, 64), "imagenet-v1c",
-                 f"{_MMSEG}/resnet101_v1c-e67eebb6.pth", "e67eebb6",
-                 "mmseg ResNetV1c-101 (open-mmlab://resnet101_v1c); sha256 prefix from file name"),
-        Backbone("semseg-resnet50-v2", 50, (64, 64, 128), "imagenet-deep", "initmodel/resnet50_v2.pth", None,
-                 "the authors' ImageNet ResNet-50 (semseg README Google Drive folder): place it locally"),
-        Backbone("semseg-resnet101-v2", 101, (64, 64, 128), "imagenet-deep", "initmodel/resnet101_v2.pth", None,
-                 "the authors' ImageNet ResNet-101 (semseg README Google Drive folder): place it locally"),
-        Backbone("semseg-resnet152-v2", 152, (64, 64, 128), "imagenet-deep", "initmodel/resnet152_v2.pth", None,
-                 "the authors' ImageNet ResNet-152 (semseg README Google Drive folder): place it locally"),
-    )
-}  # fmt: skip
-
-
-def backbone_for(name: str, cfg: ModelConfig, where: str = "model.pretrained") -> Backbone:
-    """The table entry ``name``, checked to fit the model section ``cfg`` (depth, stem widths, width 1)."""
-    if name not in BACKBONES:
-        raise WeightsError(f"{where}: unknown backbone {name!r}; expected one of {sorted(BACKBONES)}")
-    b = BACKBONES[name]
-    if (b.depth, tuple(b.stem_widths), b.width) != (cfg.depth, tuple(cfg.stem_widths), cfg.width):
-        raise WeightsError(
-            f"{where}: {name} is a ResNet-{b.depth} with stem {list(b.stem_widths)} at width {b.width}; the model is "
-            f"depth {cfg.depth}, stem_widths {list(cfg.stem_widths)}, width {cfg.width}"
-        )
-    return b
-
-
-def backbones_in_params(params: Any, benchmark: str | None = None) -> tuple[list[Backbone], set[str]]:
-    """The distinct backbones that ``model.pretrained`` names in ``params`` (a :class:`pipeline.config.Params`):
-    of every benchmark, or of ``benchmark`` and of the study cells run on it; each is checked to fit the model
-    section that names it.
-
-    Returns:
-        ``(backbones, optional)``: ``optional`` holds the names only study cells use (a study-only backbone
-        without a public URL may be missing without stopping the benchmark's own training).
-    """
-    from pipeline.config import study_cell_config
-
-    chosen: dict[str, Backbone] = {}
-    needed: set[str] = set()
-    for bench_name, bench in params.benchmarks.items():
-        if benchmark not in (None, bench_name):
-            continue
-        if bench.model.pretrained:
-            where = f"benchmarks.{bench_name}.model.pretrained"
-            chosen[bench.model.pretrained] = backbone_for(bench.model.pretrained, bench.model, where)
-            needed.add(bench.model.pretrained)
-        for key, study in params.studies.items():
-            if study.benchmark != bench_name:
-                continue
-            for cell in study.cells:
-                model = study_cell_config(bench, study, cell, seed=study.seeds[0]).model
-                if model.pretrained:
-                    where = f"studies.{key}.cells.{cell}: model.pretrained"
-                    chosen[model.pretrained] = backbone_for(model.pretrained, model, where)
-    return list(chosen.values()), set(chosen) - needed
-
-
-def convert_backbone(path: str | Path, layout: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """An ImageNet ResNet file into our ``layer0..layer4`` names, checked to fill a :class:`DilatedResNet`.
-
-    Returns:
-        The state dict and ``{"depth", "width", "stem_widths", "dropped"}``.
-    """
-    if layout not in ("imagenet-deep", "imagenet-v1c"):
-        raise WeightsError(f"unknown backbone layout {layout!r}; expected imagenet-deep or imagenet-v1c")
-    path = Path(path)
-    state, dropped = remap(read_state_dict(path), layout, str(path))
-    arch = infer_backbone(state, str(path))
-    net = DilatedResNet(arch["depth"], width=arch["width"], stem_widths=arch["stem_widths"])
-    fill(net, state, str(path))  # every key of the backbone filled, none left over
-    return net.state_dict(), {**arch, "stem_widths": list(arch["stem_widths"]), "dropped": dropped}
-
-
-def save_backbone(path: str | Path, state: dict[str, Tensor], info: dict[str, Any]) -> None:
-    """Write a converted backbone (``{"format", "backbone", "state_dict"}``) atomically."""
-    payload = {"format": BACKBONE_FORMAT, "backbone": to_dict(dict(info)), "state_dict": dict(state)}
-    _atomic(Path(path), lambda f: torch.save(payload, f))
-
-
-def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
-    """Load a converted backbone file into ``model.layer0..layer4`` (strictly); returns its ``backbone`` info."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(
-            f"{path}: converted backbone not found (run the `pretrained` stage: dvc repro pretrained@BENCHMARK)"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise WeightsError(f"{path}: not a readable backbone file (truncated or damaged?): {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("format") != BACKBONE_FORMAT:
-        raise WeightsError(f"{path}: not a converted backbone (expected format {BACKBONE_FORMAT!r})")
-    state = payload["state_dict"]
-    for name in BACKBONE_LAYERS:
-        prefix = f"{name}."
-        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        fill(getattr(model, name), part, f"{path} [{name}]")
-    leftover = sorted(k for k in state if k.split(".")[0] not in BACKBONE_LAYERS)
-    if leftover:
-        raise WeightsError(f"{path}: keys outside layer0..layer4: {leftover[:10]}")
-    return payload["backbone"]
-
-
-def pretrained_file(name: str, benchmark: str, root: str | Path | None = None) -> Path:
-    """``<root>/data/pretrained/<benchmark>/<name>.pt`` (pretrained@BENCHMARK's output); ``root`` defaults to
-    the project holding this package."""
-    base = Path(root) if root else Path(__file__).resolve().parents[2]
-    return base / PRETRAINED_DIR / benchmark / f"{name}.pt"
-
-
-def init_from_pretrained(
-    model: PSPNet, cfg: ModelConfig, benchmark: str, root: str | Path | None = None
-) -> Path | None:
-    """Start ``model`` from the converted ImageNet backbone that ``cfg.pretrained`` names (no-op when empty).
-
-    The one call the training worker makes after ``build_model``.
-    """
-    if not cfg.pretrained:
-        return None
-    backbone_for(cfg.pretrained, cfg)
-    path = pretrained_file(cfg.pretrained, benchmark, root)
-    load_backbone(model, path)
-    return path
-
-
-Downloader = Callable[..., Path]
-
-
-def fetch_pretrained(
-    backbones: Iterable[Backbone],
-    out_dir: str | Path,
-    *,
-    root: str | Path,
-    cache_dir: str | Path,
-    download: Downloader | None = None,
-    progress: bool = True,
-    optional: Iterable[str] = (),
-) -> dict[str, dict[str, Any]]:
-    """Download, verify and convert each backbone to ``out_dir/<name>.pt``; write ``out_dir/manifest.json``.
-
-    A backbone named in ``optional`` that has no public URL and whose local file is absent is skipped with a
-    warning (its manifest entry says so); the training that needs it then fails naming the file to place.
-
-    Raw downloads stay in ``cache_dir`` (outside the stage's output, so an interrupted download resumes on the
-    next run). A URL without a scheme is a path relative to ``root`` (the authors' files, kept locally).
-
-    Returns:
-        ``{name: {"url", "sha256", "pinned", "depth", "stem_widths", "dropped", "file"}}`` (the manifest).
-    """
-    if download is None:
-        from pipeline.data.download import download
-    out_dir, cache_dir, root = Path(out_dir), Path(cache_dir), Path(root)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest: dict[str, dict[str, Any]] = {}
-    optional = set(optional)
-    for b in backbones:
-        url = b.url if "://" in b.url else str(root / b.url)
-        if "://" not in b.url and not Path(url).is_file():
-            if b.name not in optional:
-                raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
-            print(
-                f"[pretrained] WARNING {b.name} skipped: {url} is absent ({b.note}); only study cells use it. "
-                f"Place it and run `dvc repro -f pretrained@<benchmark>`.",
-                file=sys.stderr,
-            )
-            manifest[b.name] = {"name": b.name, "url": b.url, "missing": True}
-            continue
-        raw = cache_dir / Path(b.url).name
-        full = b.sha256 if b.sha256 and len(b.sha256) == 64 else None
-        try:
-            download(url, raw, checksum=full, algo="sha256", progress=progress)
-            digest = verify_checksum(raw, b.sha256)
-        except (ValueError, OSError) as exc:  # ChecksumError, DownloadError, WeightsError
-            raw.unlink(missing_ok=True)  # wrong bytes are not kept (a partial .part is, for resuming)
-            raise WeightsError(f"{b.name} ({b.url}): {exc}") from exc
-        if not b.sha256:
-            print(
-                f"[pretrained] WARNING {b.name}: no published checksum; sha256 {digest} recorded in the "
-                f"manifest -- pin it in pipeline/model/weights.py BACKBONES",
-                file=sys.stderr,
-            )
-        state, info = convert_backbone(raw, b.layout)
-        if (info["depth"], tuple(info["stem_widths"]), info["width"]) != (
-            b.depth,
-            tuple(b.stem_widths),
-            b.width,
-        ):
-            raise WeightsError(
-                f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
-                f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
-            )
-        entry = {"name": b.name, "url": b.url, "sha256": digest, "pinned": bool(b.sha256), **info}
-        save_backbone(out_dir / f"{b.name}.pt", state, entry)
-        manifest[b.name] = entry | {"file": f"{b.name}.pt"}
-    text = json.dumps(manifest, indent=2, sort_keys=True)
-    _atomic(out_dir / "manifest.json", lambda f: f.write(text.encode()))
-    return manifest
-
-
-def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

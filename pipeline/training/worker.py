@@ -37,8 +37,9 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
 from pipeline.evaluation.inference import Protocol
 from pipeline.evaluation.split import evaluate_split
+from pipeline.model.backbones import init_from_pretrained
+from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
-from pipeline.model.weights import init_from_pretrained
 from pipeline.training.losses import pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
 from pipeline.training.sampler import IterationSampler
@@ -62,10 +63,7 @@ def effective_base_lr(bench: BenchmarkConfig) -> float:
 def load_training_state(ckdir: Path, bench: BenchmarkConfig, device: torch.device) -> dict:
     """The training state saved in a Ray checkpoint folder; refuses corrupt files and other configurations."""
     path = Path(ckdir) / STATE_FILE
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated/corrupt file, or one that needs arbitrary unpickling
-        raise CheckpointMismatchError(f"{path}: not a readable training checkpoint ({exc})") from exc
+    state = load_torch(path, "a training checkpoint", error=CheckpointMismatchError, map_location=device)
     expected = config_hash(bench)
     if not isinstance(state, dict) or state.get("config_hash") != expected:
         got = state.get("config_hash") if isinstance(state, dict) else type(state).__name__
@@ -350,14 +348,14 @@ def _report(
         ray.train.report(report, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(
+        save_torch(
+            Path(tmp) / STATE_FILE,
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "iteration": step,
                 "config_hash": config_hash(bench),
             },
-            Path(tmp) / STATE_FILE,
         )
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
