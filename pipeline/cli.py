@@ -108,6 +108,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"[evaluate] {key} ({s['protocol']}): mIoU {100 * s['miou']:.2f}  mAcc {100 * s['macc']:.2f}  "
             f"aAcc {100 * s['aacc']:.2f}"
         )
+    if run_id:  # the model into MLflow's registry (pspnet-NAME); alias "best" = best ms mIoU so far
+        reg = tracking.publish_model(uri, run_id, model_path, params, args.benchmark)
+        print(f"[evaluate] registered {reg['name']} v{reg['version']} (best: v{reg['best_version']})")
     return 0
 
 

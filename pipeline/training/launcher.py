@@ -191,6 +191,7 @@ def train(
         run_id = tracking.start_run(
             uri, exp_id, run_name=f"{benchmark}-{chash}", tags=tags, params=flatten(bench)
         )
+        tracking.log_run_inputs(uri, run_id, data_dir, benchmark, f"{stage}@{benchmark}", root)
         print(f"[train] MLflow run {run_id} ({uri})", flush=True)
     else:
         print(f"[train] resuming unfinished MLflow run {run_id}", flush=True)
