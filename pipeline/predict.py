@@ -143,6 +143,34 @@ def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> 
     )
 
 
+def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> LabelMapper:
+    """The model ``pspnet predict --model`` names: a registry URI (``models:/pspnet-NAME@best``,
+    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the project's MLflow store, a model file, or the folder
+    holding ``model.pt`` (the train stage's output)."""
+    from pipeline.config import load_params
+
+    params = load_params(params_path)
+    if model.startswith(("models:/", "runs:/")):
+        from mlflow.exceptions import MlflowException
+
+        from pipeline import tracking
+
+        uri = tracking.tracking_uri(params.mlflow, Path.cwd())
+        try:
+            loaded = tracking.load_registered(uri, model)
+        except (MlflowException, OSError) as exc:
+            raise PredictError(f"{model}: cannot load it from the MLflow store {uri}: {exc}") from exc
+        if not isinstance(loaded, LabelMapper):
+            raise PredictError(
+                f"{model}: a {type(loaded).__name__}, not a model logged by the evaluate stage"
+            )
+        return loaded
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.pt"
+    return labeler_from_file(path, params, benchmark)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Inputs
 
