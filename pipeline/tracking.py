@@ -21,9 +21,10 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import MlflowConfig
 
-# MLflow 3.17's UI opens an experiment on its GenAI overview (traces, tokens) unless this experiment tag says
-# otherwise; "custom_model_development" ("Machine learning") opens it on the training-runs table (checked in
-# headless Chromium against `mlflow ui`, tests/test_mlflow_ui.py).
+# The experiment kind MLflow's UI offers for model training ("Machine learning"). MLflow 3.17.2's UI build reads
+# the page's kind from its "GenAI | Model training" switch instead (checked in headless Chromium against
+# `mlflow ui`: with this tag alone an experiment still opens on the GenAI overview), so the links we print
+# carry the switch: see ui_runs_url and tests/test_mlflow_ui.py.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 BEST_ALIAS = "best"  # the registered version with the best multi-scale mIoU so far
@@ -245,6 +246,12 @@ def log_run_inputs(uri: str, run_id: str, data_dir: Path, benchmark: str, stage:
     datasets = dataset_inputs(data_dir, benchmark, root)
     if datasets:
         client.log_inputs(run_id, datasets=datasets)
+
+
+def ui_runs_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs. MLflow 3.17's UI opens experiments on its GenAI
+    overview unless its "Model training" switch is on; ``workflowType=machine_learning`` turns it on."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def registered_model_name(benchmark: str) -> str:
