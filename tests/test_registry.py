@@ -132,3 +132,45 @@ def test_run_inputs_and_source_tags(store, tmp_path: Path) -> None:
     }
     assert run.data.tags["mlflow.source.name"] == "train@synthetic"
     assert run.data.tags["mlflow.source.type"] == "PROJECT"
+
+
+def test_evaluate_stage_registers_and_predict_reads_models_uri(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The user's path: `pspnet evaluate` (the DVC stage) registers the trained run's model and sets `best`;
+    `pspnet predict --model models:/pspnet-synthetic@best` labels a folder of JPEGs with it."""
+    import cv2
+    from conftest import write_params
+
+    from pipeline.cli import main
+
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"]["eval"]["cache_dir"] = str(tmp_path / "cache")
+    params_path = write_params(tmp_path / "params.yaml", raw)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    exp = tracking.ensure_experiment(uri, "pspnet-synthetic", tmp_path)
+    run_id = tracking.start_run(uri, exp, run_name="trained", tags={}, params={})
+    tracking.finish_run(uri, run_id)
+    model_dir = tmp_path / "models" / "synthetic"
+    _model_file(model_dir / "model.pt", seed=3)
+    (model_dir / "train_info.json").write_text(json.dumps({"run_id": run_id}))
+    argv = ["evaluate", "--benchmark", "synthetic", "--params", str(params_path), "--model", str(model_dir)]
+    assert main([*argv, "--data", str(tiny_prepared), "--out", str(tmp_path / "reports")]) == 0
+    assert "registered pspnet-synthetic v1 (best: v1)" in capsys.readouterr().out
+    best = MlflowClient(uri).get_model_version_by_alias("pspnet-synthetic", "best")
+    assert best.run_id == run_id
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(photos / f"p{i}.jpg"), _images(1, seed=10 + i)[0])
+    out = tmp_path / "pred"
+    argv = ["predict", str(photos), "--model", "models:/pspnet-synthetic@best", "--out", str(out)]
+    assert main([*argv, "--params", str(params_path)]) == 0
+    direct = labeler_from_file(model_dir / "model.pt", params_from_dict(raw))
+    for i in range(2):
+        rgb = cv2.cvtColor(cv2.imread(str(photos / f"p{i}.jpg")), cv2.COLOR_BGR2RGB)
+        labels = cv2.imread(str(out / "labels" / f"p{i}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(labels, direct.scores(rgb, "ss").argmax(0).numpy())
