@@ -96,13 +96,17 @@ def test_bad_inputs_name_the_file_and_write_nothing(project, tmp_path: Path, cap
     broken = tmp_path / "photos" / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
     out = tmp_path / "p1"
-    _run_fails(["predict", str(tmp_path / "photos"), *base, "--out", str(out)], capsys, str(broken), "readable")
+    _run_fails(
+        ["predict", str(tmp_path / "photos"), *base, "--out", str(out)], capsys, str(broken), "readable"
+    )
     assert not (out / "labels").exists()  # checked before anything is written
     broken.unlink()
 
     grey = tmp_path / "grey.png"
     cv2.imwrite(str(grey), np.full((20, 30), 128, np.uint8))
-    _run_fails(["predict", str(photos[0]), str(grey), *base, "--out", str(out)], capsys, str(grey), "greyscale")
+    _run_fails(
+        ["predict", str(photos[0]), str(grey), *base, "--out", str(out)], capsys, str(grey), "greyscale"
+    )
 
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00" * 64)
@@ -151,9 +155,7 @@ def _reread(fmt: str, out: Path, stems: list[str]) -> dict[str, np.ndarray]:
         }
 
 
-@pytest.mark.parametrize(
-    ("fmt", "num_classes"), [("cityscapes", 19), ("voc", 21), ("ade20k", 150)]
-)
+@pytest.mark.parametrize(("fmt", "num_classes"), [("cityscapes", 19), ("voc", 21), ("ade20k", 150)])
 def test_server_formats_round_trip(fmt: str, num_classes: int, tmp_path: Path) -> None:
     names = {
         "cityscapes": list(cityscapes.CLASS_NAMES),
