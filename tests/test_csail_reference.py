@@ -23,6 +23,7 @@ mit = pytest.importorskip(
 from mit_semseg.lib.nn import SynchronizedBatchNorm2d  # noqa: E402
 from mit_semseg.models import resnet as mit_resnet  # noqa: E402
 
+pytestmark = pytest.mark.slow  # full-size ResNet-50 encoder + PPM decoder, written and read back (about 20 s)
 TOL = 1e-4
 NUM_CLASSES = 7
 

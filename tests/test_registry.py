@@ -21,6 +21,8 @@ from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.predict import labeler_from_file
 
+pytestmark = pytest.mark.slow  # a real MLflow store, models logged and loaded (about 30 s)
+
 
 @pytest.fixture()
 def store(tmp_path: Path) -> tuple[str, str]:
