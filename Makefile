@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.5
 
-.PHONY: install demo study tune cluster-demo test test-fast lint mlflow-ui clean
+.PHONY: install browser demo study tune cluster-demo test test-fast lint mlflow-ui clean
 
 install: $(STAMP)
 
@@ -16,7 +16,16 @@ $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e '.[dev]'
+	$(VENV)/bin/python -m pip install --quiet --no-deps $$($(VENV)/bin/python -c \
+	  'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["reference-nodeps"])')
 	@touch $(STAMP)
+
+## Headless Chromium for tests/test_mlflow_ui.py (Debian's package; nothing to do when it is installed).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+	@chromium --version
 
 ## The whole pipeline on the embedded synthetic benchmark: CPU, a local Ray cluster, MLflow in ./mlflow.db.
 demo: $(STAMP)
@@ -26,6 +35,7 @@ demo: $(STAMP)
 	@echo
 	@echo "Report:       reports/README.md (benchmark: reports/synthetic/report.md; studies: reports/studies/)"
 	@echo "MLflow UI:    .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000"
+	@echo "              (MLflow 3.17 opens experiments on its GenAI overview: click 'Model training' at the top left once)"
 
 ## The full synthetic Tables 1 and 2 (7 + 5 cells x 3 seeds at the demo budget; after `make demo` its 5 cells
 ## are reused and 21 runs remain: about 25 minutes on 2 cores).
@@ -43,7 +53,7 @@ cluster-demo: $(STAMP)
 	python cluster/demo.py
 
 ## The test suite (what CI runs through .ci/run).
-test: $(STAMP)
+test: $(STAMP) browser
 	python -m pytest -q
 
 ## Unit tests only (no Ray / DVC / MLflow end-to-end runs).

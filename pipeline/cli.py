@@ -11,6 +11,8 @@
     pspnet import-weights --source {semseg,mmseg,csail} IN [IN2] OUT [--benchmark NAME] [--sha256 HEX,...]
     pspnet pretrained --out data/pretrained --cache data/downloads/pretrained
     pspnet score PRED_DIR GT_DIR --num-classes N [--ignore-index 255] [--json OUT]
+    pspnet predict IMAGES_OR_DIR... --model PATH_OR_MODELS_URI --out DIR [--protocol ss|ms]
+                   [--format cityscapes|voc|ade20k]
 """
 
 from __future__ import annotations
@@ -105,6 +107,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run_id=run_id,
     )
     _print_scores("", done["metrics"], done["facts"])
+    if run_id:  # the model into MLflow's registry (pspnet-NAME); alias "best" = best ms mIoU so far
+        reg = tracking.publish_model(uri, run_id, model_path, params, args.benchmark)
+        print(f"[evaluate] registered {reg['name']} v{reg['version']} (best: v{reg['best_version']})")
     return 0
 
 
@@ -291,6 +296,20 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import load_labeler, predict_images
+
+    labeler = load_labeler(args.model, args.params, args.benchmark)
+    out = predict_images(
+        labeler, args.inputs, Path(args.out), protocol=args.protocol, fmt=args.format or None
+    )
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(out["classes"].items(), key=lambda kv: -kv[1])[:8])
+    print(f"[predict] {out['images']} image(s) -> {out['labels']}, {out['overlays']}; pixels: {classes}")
+    if out["submission"]:
+        print(f"[predict] --format {args.format}: {out['submission']}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.evaluation.score import score_folders
     from pipeline.files import atomic_write_text
@@ -389,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports")
     p.add_argument("--benchmark", action="append", default=[], help="a reports/NAME folder (repeatable)")
     p.add_argument("--study", action="append", default=[], help="a reports/studies/NAME folder (repeatable)")
+    p = sub.add_parser("predict", help="label maps, overlays and benchmark-server files for images")
+    p.set_defaults(fn=cmd_predict)
+    p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files and/or folders of images")
+    p.add_argument("--model", required=True, help="model.pt, its folder, or models:/pspnet-NAME@best")
+    p.add_argument("--out", required=True)
+    p.add_argument("--protocol", choices=("ss", "ms"), default="ss")
+    p.add_argument("--format", choices=("cityscapes", "voc", "ade20k"), default="", help="server submission")
+    p.add_argument("--benchmark", default="", help="for a model file that records none (imported weights)")
+    p.add_argument("--params", default="params.yaml")
     p = add("score", cmd_score, "score PNG predictions against PNG ground truth")
     p.add_argument("pred_dir")
     p.add_argument("gt_dir")

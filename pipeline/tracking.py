@@ -23,6 +23,14 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import MlflowConfig
 from pipeline.files import atomic_path
 
+# The experiment kind MLflow's UI offers for model training ("Machine learning"). MLflow 3.17.2's UI build reads
+# the page's kind from its "GenAI | Model training" switch instead (checked in headless Chromium against
+# `mlflow ui`: with this tag alone an experiment still opens on the GenAI overview), so the links we print
+# carry the switch: see ui_runs_url and tests/test_mlflow_ui.py.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+BEST_ALIAS = "best"  # the registered version with the best multi-scale mIoU so far
+BEST_METRIC = "ms/miou"
 CONFIG_HASH_TAG = "pspnet.config_hash"
 BENCHMARK_TAG = "pspnet.benchmark"
 CODE_TAG = "pspnet.code"
@@ -57,11 +65,15 @@ def ensure_experiment(uri: str, name: str, root: Path) -> str:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # experiments made before the tag existed
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:"):
         location = (root.resolve() / "mlartifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 def git_commit(root: Path) -> str:
@@ -237,3 +249,176 @@ def open_parent_run(
 def log_table(uri: str, run_id: str, table, artifact_file: str) -> None:
     """A pandas DataFrame as an MLflow table artifact (``.json`` or ``.parquet`` names only)."""
     MlflowClient(uri).log_table(run_id, data=table, artifact_file=artifact_file)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run sources and inputs, the model registry
+
+
+def source_tags(stage: str, root: Path) -> dict[str, str]:
+    """MLflow's standard source tags (the run table's Source column): the DVC stage and the git commit."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE
+
+    commit = git_commit(root)
+    tags = {MLFLOW_SOURCE_NAME: stage, MLFLOW_SOURCE_TYPE: "PROJECT"}
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit.removesuffix("-dirty")
+        tags["mlflow.source.git.dirty"] = str(commit.endswith("-dirty")).lower()
+    return tags
+
+
+def dataset_inputs(data_dir: Path, benchmark: str, root: Path) -> list:
+    """The prepared splits of ``data_dir`` (its ``manifest.json``) as MLflow dataset inputs: name
+    ``BENCHMARK-SPLIT``, digest the split hash (first 16 hex: MLflow's digest column holds 36 characters),
+    source the DVC path of the split (relative to the project when inside it)."""
+    import json as _json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    manifest = _json.loads(manifest_path.read_text())
+    out = []
+    for split, info in sorted((manifest.get("splits") or {}).items()):
+        path = (data_dir / str(info.get("dir", split))).resolve()
+        try:
+            path_text = path.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            path_text = str(path)
+        dataset = Dataset(
+            name=f"{benchmark}-{split}",
+            digest=str(info.get("split_hash", ""))[:16],
+            source_type="local",
+            source=_json.dumps({"uri": path_text}),
+            profile=_json.dumps({"num_rows": info.get("rows"), "shards": info.get("shards")}),
+        )
+        context = "training" if split == "train" else "validation"
+        out.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    return out
+
+
+def log_run_inputs(uri: str, run_id: str, data_dir: Path, benchmark: str, stage: str, root: Path) -> None:
+    """Record where a training run comes from: the standard source tags and the prepared splits as inputs."""
+    client = MlflowClient(uri)
+    set_tags(uri, run_id, source_tags(stage, root))
+    datasets = dataset_inputs(data_dir, benchmark, root)
+    if datasets:
+        client.log_inputs(run_id, datasets=datasets)
+
+
+def ui_runs_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's training runs. MLflow 3.17's UI opens experiments on its GenAI
+    overview unless its "Model training" switch is on; ``workflowType=machine_learning`` turns it on."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def registered_model_name(benchmark: str) -> str:
+    return f"pspnet-{benchmark}"
+
+
+def use_store(uri: str) -> None:
+    """Point MLflow's fluent API (``mlflow.pytorch.log_model``, ``mlflow.pyfunc.load_model``) at ``uri``, for
+    tracking and the model registry. Left set afterwards: with MLflow 3.17, switching the registry URI back to
+    another store made later ``MlflowClient(uri)`` registry searches in the same process come back empty."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+def model_requirements() -> list[str]:
+    """The pinned packages the logged model needs at load time (the versions installed here)."""
+    from importlib.metadata import version
+
+    dists = ("torch", "numpy", "opencv-python-headless", "pillow", "pyyaml", "tqdm", "mlflow")
+    return [f"{d}=={version(d)}" for d in dists]
+
+
+def publish_model(uri: str, run_id: str, model_path: Path, params: Any, benchmark: str) -> dict[str, Any]:
+    """Log the run's model with ``mlflow.pytorch.log_model`` and register it as ``pspnet-BENCHMARK`` (once per
+    run), then move the ``best`` alias to the version with the best multi-scale mIoU so far.
+
+    The logged model is a :class:`pipeline.predict.LabelMapper`: ``mlflow.pyfunc.load_model(
+    "models:/pspnet-NAME@best").predict(images)`` maps (N, H, W, 3) uint8 RGB to (N, H, W) int64 labels
+    (``params={"protocol": "ms"}`` for the multi-scale protocol). The evaluate stage calls this.
+
+    Returns:
+        ``{"name", "version", "best_version", "best_miou"}``.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from pipeline.predict import LabelMapper, labeler_from_file
+
+    name = registered_model_name(benchmark)
+    client = MlflowClient(uri)
+    mine = [v for v in _versions(client, name) if v.run_id == run_id]
+    if mine:
+        version = mine[0].version
+    else:
+        labeler: LabelMapper = labeler_from_file(model_path, params, benchmark)
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]),
+            params=ParamSchema([ParamSpec("protocol", "string", "ss")]),
+        )
+        example = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+        use_store(uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pytorch.log_model(
+                labeler,
+                name="model",
+                signature=signature,
+                input_example=example,
+                pip_requirements=model_requirements(),
+                code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
+                # pickled, not MLflow 3's default torch.export ("pt2") graph: the test protocol (resizing,
+                # sliding windows, flips) runs numpy/OpenCV code between forward passes
+                serialization_format="pickle",
+                registered_model_name=name,
+                await_registration_for=60,
+            )
+        version = str(info.registered_model_version)
+    best = update_best_alias(uri, benchmark)
+    return {"name": name, "version": str(version), **best}
+
+
+def _versions(client: MlflowClient, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return list(client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        return []
+
+
+def update_best_alias(uri: str, benchmark: str, metric: str = BEST_METRIC) -> dict[str, Any]:
+    """Set the ``best`` alias of ``pspnet-BENCHMARK`` on the version whose run has the highest ``metric``
+    (ties: the older version keeps it); versions whose run has no such metric are not candidates."""
+    import math
+
+    client = MlflowClient(uri)
+    name = registered_model_name(benchmark)
+    scored = []
+    for v in _versions(client, name):
+        value = client.get_run(v.run_id).data.metrics.get(metric) if v.run_id else None
+        if value is not None and math.isfinite(value):
+            scored.append((value, -int(v.version), v.version))
+    if not scored:
+        return {"best_version": None, "best_miou": None}
+    value, _, version = max(scored)
+    client.set_registered_model_alias(name, BEST_ALIAS, str(version))
+    return {"best_version": str(version), "best_miou": value}
+
+
+def load_registered(uri: str, model_uri: str) -> Any:
+    """The :class:`pipeline.predict.LabelMapper` at ``model_uri`` (``models:/pspnet-NAME@best``,
+    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the store at ``uri``."""
+    import mlflow.pytorch
+
+    use_store(uri)
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")

@@ -6,6 +6,10 @@ Written from the documented conventions in ``shared/reference/pspnet_reference.y
 and the forwards are plain ``torch.nn.functional`` calls that read those keys directly. Nothing here imports
 ``pipeline.model``, so a parity test compares two independent implementations.
 
+CSAIL's forward pass is not stood in for: its own code is installable (``mit-semseg``) and
+``tests/test_csail_reference.py`` imports files written by it. ``csail_checkpoints`` stays for the
+small, fast layout tests (key names and widths; it writes no SynchronizedBatchNorm buffers).
+
 Tiny widths: stage planes ``P = (8, 16, 32, 64)`` (bottleneck outputs 32 .. 256), stems of 8-8-16 (semseg,
 CSAIL) or 4-4-8 (mmseg's V1c halves the deep stem: 32-32-64 at full size).
 """
@@ -300,21 +304,3 @@ def mmseg_forward(checkpoint: dict, x: Tensor, align_corners: bool = False) -> d
     )
     out = F.interpolate(low, size=size, mode="bilinear", align_corners=align_corners)
     return {"out": out, "aux_low": aux}
-
-
-def csail_forward(encoder: dict, decoder: dict, x: Tensor) -> dict[str, Tensor]:
-    """CSAIL ``SegmentationModule`` inference: ResnetDilated(dilate_scale 8) + PPMDeepsup; ``align_corners``
-    False everywhere. ``"out"``: the logits at ``segSize`` (the source returns their softmax: ``"prob"``);
-    ``"aux_low"``: the deep-supervision logits on conv4 (layer3) at 1/8 (training branch, dropout off)."""
-    size = x.shape[-2:]
-    x = _stem(x, encoder, [(f"conv{i}.weight", f"bn{i}.") for i in (1, 2, 3)])
-    c3, c4 = _stages(x, encoder, "", contract=True)
-    branches = [(f"ppm.{i}.1.weight", f"ppm.{i}.2.") for i in range(4)]
-    feats = torch.cat([c4, *_ppm(c4, branches, decoder, False)], 1)
-    low = _head(
-        feats, decoder, "conv_last.0.weight", "conv_last.1.", "conv_last.4.weight", "conv_last.4.bias"
-    )
-    out = F.interpolate(low, size=size, mode="bilinear", align_corners=False)
-    ds = F.relu(_bn(_conv(c3, decoder["cbr_deepsup.0.weight"]), decoder, "cbr_deepsup.1."))
-    aux = _conv(ds, decoder["conv_last_deepsup.weight"], bias=decoder["conv_last_deepsup.bias"])
-    return {"out": out, "prob": out.softmax(1), "aux_low": aux}

@@ -26,6 +26,7 @@ Source layouts (pspnet_reference.yaml ``semseg_hszhao``, ``mmsegmentation``,
                      conv_last.{0,1,4}.*      -> cls.{0,1,4}.*
                      cbr_deepsup.{0,1}.*      -> aux.{0,1}.*   (deep supervision: 1024 -> 512, 3x3)
                      conv_last_deepsup.*      -> aux.4.*
+            both: SynchronizedBatchNorm2d's _tmp_running_mean/_tmp_running_var/_running_iter are checked and dropped
     ImageNet backbones: "imagenet-deep" (CSAIL resnet*-imagenet.pth, semseg resnet*_v2.pth: conv1..bn3,
             layer1..4, fc) and "imagenet-v1c" (mmseg resnet*_v1c: stem.*, layer1..4, fc) -> layer0..layer4;
             the ImageNet classifier ``fc.*`` is the one key family dropped on purpose.
@@ -139,6 +140,48 @@ _RULES: dict[str, list[Rule]] = {
 _RULES["imagenet-deep"] = [*_RULES["csail-encoder"], (r"fc\.(weight|bias)", None)]
 _RULES["imagenet-v1c"] = [(r"stem\.([0-9])\.(weight|" + _BN + ")", r"layer0.\1.\2"), (_STAGES, r"\1")]
 _RULES["imagenet-v1c"] += [(r"fc\.(weight|bias)", None)]
+
+_SYNC_BN_BUFFERS = ("_tmp_running_mean", "_tmp_running_var", "_running_iter")
+
+
+def drop_sync_bn_buffers(state: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """``state`` without the three extra buffers of CSAIL's ``SynchronizedBatchNorm2d``, after checking them.
+
+    CSAIL's train.py saves ``net.state_dict()``, which holds ``_tmp_running_mean``, ``_tmp_running_var`` and
+    ``_running_iter`` beside each BN layer's ``running_mean``/``running_var`` (mit_semseg/lib/nn/modules/
+    batchnorm.py). They only feed its multi-GPU moving average: ``running_* = _tmp_running_* / _running_iter``
+    after every synchronised step; single-device training leaves them at their initial values (0, 1, iter 1).
+    Each trio must be complete, sit beside a BN layer of the same width, and (when ``_running_iter`` has moved)
+    agree with that layer's running statistics; the eval forward pass reads only ``running_mean``/``_var``.
+    """
+    layers = {k.rsplit(".", 1)[0] for k in state if k.rsplit(".", 1)[-1] in _SYNC_BN_BUFFERS}
+    for layer in sorted(layers):
+        p = f"{layer}." if layer else ""
+        trio = [f"{p}{name}" for name in _SYNC_BN_BUFFERS]
+        absent = [k for k in (*trio, f"{p}running_mean", f"{p}running_var") if k not in state]
+        if absent:
+            raise WeightsError(
+                f"{where}: SynchronizedBatchNorm buffers of {layer!r} incomplete: missing {absent}"
+            )
+        tmp_mean, tmp_var, iters = (state[k].double() for k in trio)
+        mean, var = state[f"{p}running_mean"].double(), state[f"{p}running_var"].double()
+        if tmp_mean.shape != mean.shape or tmp_var.shape != var.shape or iters.numel() != 1:
+            raise WeightsError(
+                f"{where}: {layer!r}: {trio[0]} {tuple(tmp_mean.shape)}, {trio[1]} {tuple(tmp_var.shape)}, "
+                f"{trio[2]} {tuple(iters.shape)}; expected ({mean.numel()},), ({mean.numel()},), (1,)"
+            )
+        if not (torch.isfinite(iters).all() and iters.item() > 0):
+            raise WeightsError(f"{where}: {trio[2]} is {iters.item()}, expected a positive number")
+        if iters.item() != 1.0 and not (
+            torch.allclose(tmp_mean / iters, mean, rtol=1e-4, atol=1e-6)
+            and torch.allclose(tmp_var / iters, var, rtol=1e-4, atol=1e-6)
+        ):
+            raise WeightsError(
+                f"{where}: {layer!r}: running_mean/running_var disagree with {trio[0]}/{trio[1]} divided by "
+                f"{trio[2]} ({iters.item():g}): the file is inconsistent (edited or damaged?)"
+            )
+    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] not in _SYNC_BN_BUFFERS}
+
 
 _EXAMPLE_KEYS = {
     "semseg": "layer0.0.weight, layer4.2.bn3.running_var, ppm.features.0.1.weight, cls.4.bias",
@@ -339,7 +382,10 @@ def convert_checkpoint(
     files = []
     for path, role in zip(inputs, roles, strict=True):
         layout = f"csail-{role}" if source == "csail" else source
-        part, _ = remap(read_state_dict(path), layout, str(path))
+        raw = read_state_dict(path)
+        if source == "csail":
+            raw = drop_sync_bn_buffers(raw, str(path))
+        part, _ = remap(raw, layout, str(path))
         state.update(part)
         files.append({"file": path.name, "sha256": file_digest(path), "role": role})
     return state, files

@@ -145,6 +145,7 @@ def _open_run(
     run_id = tracking.start_run(
         uri, exp_id, run_name=f"{benchmark}-{chash}", tags=tags, params=flatten(bench)
     )
+    tracking.log_run_inputs(uri, run_id, data_dir, benchmark, f"{stage}@{benchmark}", root)
     print(f"[train] MLflow run {run_id} ({uri})", flush=True)
     return run_id
 

@@ -1,0 +1,370 @@
+"""``pspnet predict``: label maps, colour overlays and benchmark-server submissions for a folder of images.
+
+    pspnet predict photos/ --model models/synthetic/model.pt --out predictions/
+    pspnet predict a.jpg b.jpg --model models:/pspnet-synthetic@best --out predictions/ --protocol ms
+    pspnet predict leftImg8bit/test/ --model models/cityscapes/model.pt --out sub/ --format cityscapes
+
+Writes into ``--out``:
+
+    labels/<stem>.png    class indices 0..C-1 (uint8), the map the evaluate stage scores
+    overlays/<stem>.png  the image blended with the class colours, a legend of the classes present
+    and with --format:
+    cityscapes/<stem>.png                                  labelIds (the server's 34-id convention)
+    voc/results/VOC2012/Segmentation/comp6_test_cls/<stem>.png + voc_results.tar.gz
+                                                           palette PNGs (indices 0..20, the VOC colour map)
+    ade20k/<stem>.png + ade20k_submission.zip              values 1..150 (class index + 1), one PNG per image
+
+:class:`LabelMapper` is the model users load: a PSPNet with its protocols, normalisation, class names and
+palette, mapping ``(N, H, W, 3)`` uint8 RGB to ``(N, H, W)`` int64 labels. It is what the MLflow registry
+holds (``pipeline.tracking.publish_model``), so ``mlflow.pyfunc.load_model("models:/pspnet-NAME@best")
+.predict(images)`` returns label maps.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.config import Params
+from pipeline.evaluation.inference import Protocol, predict, protocol_from_config
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+FORMATS = ("cityscapes", "voc", "ade20k")
+# What each evaluation server scores (pspnet_reference.yaml datasets): classes the model must predict.
+FORMAT_CLASSES = {"cityscapes": 19, "voc": 21, "ade20k": 150}
+
+
+class PredictError(ValueError):
+    """An input image, the model or an option that ``pspnet predict`` cannot use (the message names it)."""
+
+
+class LabelMapper(nn.Module):
+    """A PSPNet that maps RGB images to label maps under the benchmark's test protocols.
+
+    Args:
+        net: the network (returns ``{"out": logits}`` at its input size).
+        protocols: ``{"ss": Protocol, "ms": Protocol}`` (``pipeline.evaluation.inference``).
+        mean, std: RGB normalisation on the 0-255 scale.
+        class_names, palette: one name and one RGB colour per class.
+        benchmark: where the model was trained (informational).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        protocols: Mapping[str, Protocol],
+        mean: Sequence[float],
+        std: Sequence[float],
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]],
+        benchmark: str = "",
+    ) -> None:
+        super().__init__()
+        self.net = net.eval()
+        self.protocols = dict(protocols)
+        self.mean = [float(v) for v in mean]
+        self.std = [float(v) for v in std]
+        self.class_names = list(class_names)
+        self.palette = [tuple(int(c) for c in rgb) for rgb in palette]
+        self.benchmark = benchmark
+        if len(self.class_names) != len(self.palette):
+            raise PredictError(f"{len(self.class_names)} class names but {len(self.palette)} palette colours")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def scores(self, image: np.ndarray, protocol: str = "ss") -> Tensor:
+        """Softmax scores (C, H, W) of one (H, W, 3) uint8 RGB image."""
+        if protocol not in self.protocols:
+            raise PredictError(f"protocol {protocol!r} is not one of {sorted(self.protocols)}")
+        with torch.inference_mode():
+            return predict(self.net, image, self.protocols[protocol], self.mean, self.std, self.num_classes)
+
+    def forward(self, images: Tensor, protocol: str = "ss") -> Tensor:
+        """(N, H, W, 3) uint8 RGB (or one (H, W, 3) image) -> (N, H, W) int64 class indices."""
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+            raise PredictError(
+                f"expected (N, H, W, 3) uint8 RGB images, got {images.dtype} {tuple(images.shape)}"
+            )
+        maps = [self.scores(img.cpu().numpy(), protocol).argmax(0) for img in images]  # each (H, W)
+        return torch.stack(maps).to(torch.int64)
+
+
+def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> LabelMapper:
+    """A :class:`LabelMapper` from a model file (ours or imported). The benchmark (``benchmark``, else the one
+    the file was trained for) gives the protocols, class names and palette."""
+    from pipeline.data.benchmarks import class_names, palette
+    from pipeline.model.checkpoint import CheckpointError, load_model
+
+    path = Path(path)
+    try:
+        net, meta = load_model(path)
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise PredictError(
+            f"{exc} (expected a model file written by `pspnet train` or `import-weights`)"
+        ) from exc
+    benchmark = benchmark or str((meta.get("extra") or {}).get("benchmark") or "")
+    if not benchmark:
+        raise PredictError(
+            f"{path}: records no benchmark; give --benchmark NAME (its eval protocol, class names and palette)"
+        )
+    bench = params.benchmark(benchmark)
+    if meta["num_classes"] != bench.data.num_classes:
+        raise PredictError(
+            f"{path}: the model predicts {meta['num_classes']} classes, benchmark {benchmark!r} has "
+            f"{bench.data.num_classes}"
+        )
+    conv = meta.get("conventions") or {}
+    return LabelMapper(
+        net,
+        protocols={
+            "ss": protocol_from_config(bench.eval, False),
+            "ms": protocol_from_config(bench.eval, True),
+        },
+        mean=conv.get("mean", bench.data.mean),
+        std=conv.get("std", bench.data.std),
+        class_names=class_names(bench),
+        palette=palette(bench),
+        benchmark=benchmark,
+    )
+
+
+def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> LabelMapper:
+    """The model ``pspnet predict --model`` names: a registry URI (``models:/pspnet-NAME@best``,
+    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the project's MLflow store, a model file, or the folder
+    holding ``model.pt`` (the train stage's output)."""
+    from pipeline.config import load_params
+
+    params = load_params(params_path)
+    if model.startswith(("models:/", "runs:/")):
+        from mlflow.exceptions import MlflowException
+
+        from pipeline import tracking
+
+        uri = tracking.tracking_uri(params.mlflow, Path.cwd())
+        try:
+            loaded = tracking.load_registered(uri, model)
+        except (MlflowException, OSError) as exc:
+            raise PredictError(f"{model}: cannot load it from the MLflow store {uri}: {exc}") from exc
+        if not isinstance(loaded, LabelMapper):
+            raise PredictError(
+                f"{model}: a {type(loaded).__name__}, not a model logged by the evaluate stage"
+            )
+        return loaded
+    path = Path(model)
+    if path.is_dir():
+        path = path / "model.pt"
+    return labeler_from_file(path, params, benchmark)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """The image files named by ``inputs`` (files, or folders read non-recursively), sorted per folder."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise PredictError(f"{item}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise PredictError(f"{item}: no such file or folder")
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise PredictError(
+                f"{path} and {seen[path.stem]}: two inputs named {path.stem!r} (outputs would clash)"
+            )
+        seen[path.stem] = path
+    return files
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; an unreadable, grey, 16-bit or otherwise unusual image is refused by name."""
+    data = np.fromfile(path, np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if image is None:
+        raise PredictError(f"{path}: not a readable image (expected a JPEG/PNG/... RGB photo)")
+    if image.dtype != np.uint8:
+        raise PredictError(f"{path}: {image.dtype} pixels; expected an 8-bit RGB image")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        raise PredictError(f"{path}: a greyscale image; the model expects 3-channel RGB (convert it first)")
+    if image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise PredictError(f"{path}: {image.shape} pixels; expected an (H, W, 3) RGB image")
+    return cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, png = cv2.imencode(".png", array)
+    if not ok:
+        raise PredictError(f"{path}: could not encode the PNG")
+    _atomic(path, lambda f: f.write(png.tobytes()))
+
+
+def _atomic(path: Path, write: Callable[[Any], None]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def overlay(
+    image: np.ndarray, labels: np.ndarray, palette: Sequence[Sequence[int]], names: Sequence[str]
+) -> np.ndarray:
+    """(H, W + legend, 3) uint8 RGB: the image blended half with the class colours, and a legend of the
+    classes present (most pixels first) with their share of the image."""
+    from PIL import Image, ImageDraw
+
+    colours = np.asarray(palette, np.uint8)
+    blend = (0.5 * image + 0.5 * colours[labels]).astype(np.uint8)
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    present = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    row, pad = 16, 6
+    width = 8 + max(len(f"{names[c]} 100.0%") for c in present) * 7
+    height = max(image.shape[0], pad + row * len(present))
+    canvas = Image.new("RGB", (image.shape[1] + width, height), (255, 255, 255))
+    canvas.paste(Image.fromarray(blend), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    x0 = image.shape[1] + pad
+    for i, c in enumerate(present):
+        y = pad + i * row
+        draw.rectangle([x0, y, x0 + 10, y + 10], fill=tuple(int(v) for v in colours[c]), outline=(0, 0, 0))
+        draw.text((x0 + 14, y - 1), f"{names[c]} {100 * counts[c] / labels.size:.1f}%", fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def submission_map(labels: np.ndarray, fmt: str) -> np.ndarray:
+    """The PNG values each server reads: Cityscapes labelIds, VOC indices 0..20, ADE20K 1..150."""
+    if fmt == "cityscapes":
+        from pipeline.data.cityscapes import train_to_label_ids
+
+        return train_to_label_ids(labels)
+    if fmt == "voc":
+        return labels.astype(np.uint8)
+    if fmt == "ade20k":
+        return (labels + 1).astype(np.uint8)  # class index 0..149 -> the release's 1..150 (0 = "other")
+    raise PredictError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+
+
+def _write_voc(path: Path, labels: np.ndarray) -> None:
+    from PIL import Image
+
+    from pipeline.data.voc import palette as voc_palette
+
+    im = Image.fromarray(labels.astype(np.uint8), mode="P")
+    flat = [v for rgb in voc_palette(256) for v in rgb]
+    im.putpalette(flat)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda f: im.save(f, format="PNG"))
+
+
+VOC_RESULTS = Path("results/VOC2012/Segmentation/comp6_test_cls")
+
+
+def predict_images(
+    labeler: LabelMapper,
+    inputs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    protocol: str = "ss",
+    fmt: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Label every image of ``inputs`` into ``out_dir`` (see the module docstring for the layout).
+
+    Every input is read and checked before the first output is written, so a bad image stops the run with
+    nothing written; each file is written under a temporary name and renamed.
+
+    Returns:
+        ``{"images": n, "labels": dir, "overlays": dir, "submission": file or None, "classes": {name: pixels}}``.
+    """
+    from tqdm import tqdm
+
+    if protocol not in labeler.protocols:
+        raise PredictError(f"--protocol {protocol!r} is not one of {sorted(labeler.protocols)}")
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise PredictError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+        if labeler.num_classes != FORMAT_CLASSES[fmt]:
+            raise PredictError(
+                f"--format {fmt}: the server scores {FORMAT_CLASSES[fmt]} classes, the model predicts "
+                f"{labeler.num_classes} (benchmark {labeler.benchmark or '?'})"
+            )
+    files = collect_images(inputs)
+    for path in files:  # all inputs are checked before anything is written
+        read_rgb(path)
+    out = Path(out_dir)
+    totals = np.zeros(labeler.num_classes, np.int64)
+    written: list[Path] = []
+    for path in tqdm(
+        files, desc=f"predict [{labeler.protocols[protocol].name}]", unit="img", disable=not progress
+    ):
+        image = read_rgb(path)
+        labels = labeler.scores(image, protocol).argmax(0).numpy().astype(np.uint8)  # (H, W)
+        totals += np.bincount(labels.ravel(), minlength=labeler.num_classes)
+        _write_png(out / "labels" / f"{path.stem}.png", labels)
+        vis = overlay(image, labels, labeler.palette, labeler.class_names)
+        _write_png(out / "overlays" / f"{path.stem}.png", cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+        if fmt == "voc":
+            target = out / "voc" / VOC_RESULTS / f"{path.stem}.png"
+            _write_voc(target, labels)
+        elif fmt is not None:
+            target = out / fmt / f"{path.stem}.png"
+            _write_png(target, submission_map(labels, fmt))
+        if fmt is not None:
+            written.append(target)
+    submission = None
+    if fmt == "ade20k":  # the scene-parsing server takes one ZIP of <image name>.png files
+        submission = out / "ade20k_submission.zip"
+
+        def write_zip(f: Any) -> None:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+                for p in written:
+                    z.write(p, p.name)
+
+        _atomic(submission, write_zip)
+    elif fmt == "voc":  # the VOC server takes an archive of the results/ tree
+        submission = out / "voc_results.tar.gz"
+
+        def write_tar(f: Any) -> None:
+            with tarfile.open(fileobj=f, mode="w:gz") as t:
+                for p in written:
+                    t.add(p, str(VOC_RESULTS / p.name))
+
+        _atomic(submission, write_tar)
+    present = {labeler.class_names[c]: int(totals[c]) for c in np.flatnonzero(totals)}
+    return {
+        "images": len(files),
+        "labels": str(out / "labels"),
+        "overlays": str(out / "overlays"),
+        "submission": str(submission) if submission else (str(out / fmt) if fmt else None),
+        "classes": present,
+    }

@@ -1,0 +1,179 @@
+"""``pspnet predict``: label maps and overlays for a folder of JPEGs, errors naming the bad file (exit 2), and
+the benchmark servers' formats re-read with each dataset's own reading code (mIoU 1.0 against the labels)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_params_dict, write_params
+
+from pipeline.cli import main
+from pipeline.config import params_from_dict
+from pipeline.data import cityscapes, voc
+from pipeline.data.prepare import label_lut
+from pipeline.evaluation.inference import Protocol
+from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.model.checkpoint import save_model
+from pipeline.model.pspnet import build_model
+from pipeline.predict import LabelMapper, labeler_from_file, predict_images
+
+
+def _photos(folder: Path, n: int = 3, seed: int = 0) -> list[Path]:
+    """JPEG 'photos': smooth colour fields with blobs, so that a random network predicts several classes."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = 48 + 8 * i, 64
+        low = rng.integers(0, 256, (4, 5, 3)).astype(np.uint8)
+        img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC)
+        cv2.circle(img, (w // 2, h // 2), 10, tuple(int(v) for v in rng.integers(0, 256, 3)), -1)
+        paths.append(folder / f"img_{i:02d}.jpg")
+        cv2.imwrite(str(paths[-1]), img)
+    return paths
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> tuple[Path, Path]:
+    """A params.yaml of the tiny synthetic benchmark and a model file trained for it (random weights)."""
+    raw = tiny_params_dict()
+    params_path = write_params(tmp_path / "params.yaml", raw)
+    bench = params_from_dict(raw).benchmark("synthetic")
+    torch.manual_seed(0)
+    model = build_model(bench.model, bench.data.num_classes).eval()
+    model_path = tmp_path / "models" / "model.pt"
+    save_model(
+        model_path,
+        model,
+        model_config=bench.model,
+        num_classes=bench.data.num_classes,
+        conventions={"mean": list(bench.data.mean), "std": list(bench.data.std)},
+        extra={"benchmark": "synthetic"},
+    )
+    return params_path, model_path
+
+
+def test_predict_folder_of_jpegs(project, tmp_path: Path, capsys) -> None:
+    params_path, model_path = project
+    photos = _photos(tmp_path / "photos")
+    out = tmp_path / "pred"
+    argv = ["predict", str(tmp_path / "photos"), "--model", str(model_path.parent), "--out", str(out)]
+    assert main([*argv, "--params", str(params_path)]) == 0
+    labeler = labeler_from_file(model_path, params_from_dict(tiny_params_dict()))
+    seen = set()
+    for photo in photos:
+        labels = cv2.imread(str(out / "labels" / f"{photo.stem}.png"), cv2.IMREAD_UNCHANGED)
+        rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+        assert labels.shape == rgb.shape[:2] and labels.dtype == np.uint8
+        assert np.array_equal(labels, labeler.scores(rgb, "ss").argmax(0).numpy())  # the model's own labels
+        seen |= set(np.unique(labels).tolist())
+        vis = cv2.imread(str(out / "overlays" / f"{photo.stem}.png"))
+        assert vis.shape[0] >= rgb.shape[0] and vis.shape[1] > rgb.shape[1]  # the image plus a legend
+        legend = vis[: rgb.shape[0], rgb.shape[1] :]
+        assert (legend < 250).any()  # something is drawn there
+    assert len(seen) >= 2
+    assert "3 image(s)" in capsys.readouterr().out
+
+
+def _run_fails(argv: list[str], capsys, *names: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for name in names:
+        assert name in err, err
+    return err
+
+
+def test_bad_inputs_name_the_file_and_write_nothing(project, tmp_path: Path, capsys) -> None:
+    params_path, model_path = project
+    photos = _photos(tmp_path / "photos", n=2)
+    base = ["--model", str(model_path), "--params", str(params_path)]
+
+    broken = tmp_path / "photos" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    out = tmp_path / "p1"
+    _run_fails(
+        ["predict", str(tmp_path / "photos"), *base, "--out", str(out)], capsys, str(broken), "readable"
+    )
+    assert not (out / "labels").exists()  # checked before anything is written
+    broken.unlink()
+
+    grey = tmp_path / "grey.png"
+    cv2.imwrite(str(grey), np.full((20, 30), 128, np.uint8))
+    _run_fails(
+        ["predict", str(photos[0]), str(grey), *base, "--out", str(out)], capsys, str(grey), "greyscale"
+    )
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00" * 64)
+    argv = ["predict", str(photos[0]), "--model", str(junk), "--params", str(params_path), "--out", str(out)]
+    _run_fails(argv, capsys, str(junk))
+
+    argv = ["predict", str(photos[0]), *base, "--out", str(out), "--format", "ade20k"]
+    _run_fails(argv, capsys, "150 classes")  # an 8-class model cannot make an ADE20K submission
+
+    missing = tmp_path / "nowhere"
+    _run_fails(["predict", str(missing), *base, "--out", str(out)], capsys, str(missing))
+    assert not out.exists()
+
+
+def _labeler(num_classes: int, names: list[str], palette: list) -> LabelMapper:
+    cfg = params_from_dict(tiny_params_dict()).benchmark("synthetic").model
+    torch.manual_seed(num_classes)
+    net = build_model(cfg, num_classes).eval()
+    whole = Protocol(mode="whole", base_size=64)
+    return LabelMapper(
+        net,
+        protocols={"ss": whole, "ms": Protocol(scales=(0.75, 1.0), flip=True, mode="whole", base_size=64)},
+        mean=[123.675, 116.28, 103.53],
+        std=[58.395, 57.12, 57.375],
+        class_names=names,
+        palette=palette,
+        benchmark="test",
+    )
+
+
+def _reread(fmt: str, out: Path, stems: list[str]) -> dict[str, np.ndarray]:
+    """Each server file read back into class indices by the dataset's own reading code."""
+    if fmt == "cityscapes":  # the prepare stage's labelId -> trainId table
+        lut = cityscapes.label_lut()
+        return {s: lut[cv2.imread(str(out / "cityscapes" / f"{s}.png"), cv2.IMREAD_UNCHANGED)] for s in stems}
+    if fmt == "voc":  # VOC's palette PNG reader
+        folder = out / "voc" / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
+        return {s: voc.read_voc_label(folder / f"{s}.png") for s in stems}
+    # ADE20K: the submission ZIP, names <image>.png, values 1..150, read with the release's 1..150 -> 0..149
+    with zipfile.ZipFile(out / "ade20k_submission.zip") as z:
+        assert sorted(z.namelist()) == sorted(f"{s}.png" for s in stems)
+        lut = label_lut(150, reduce_zero_label=True, ignore_index=255)
+        return {
+            s: lut[cv2.imdecode(np.frombuffer(z.read(f"{s}.png"), np.uint8), cv2.IMREAD_UNCHANGED)]
+            for s in stems
+        }
+
+
+@pytest.mark.parametrize(("fmt", "num_classes"), [("cityscapes", 19), ("voc", 21), ("ade20k", 150)])
+def test_server_formats_round_trip(fmt: str, num_classes: int, tmp_path: Path) -> None:
+    names = {
+        "cityscapes": list(cityscapes.CLASS_NAMES),
+        "voc": list(voc.CLASS_NAMES),
+        "ade20k": [f"class_{i}" for i in range(150)],
+    }[fmt]
+    palette = list(cityscapes.PALETTE) if fmt == "cityscapes" else voc.palette(num_classes)
+    labeler = _labeler(num_classes, names, palette)
+    photos = _photos(tmp_path / "photos", n=3, seed=num_classes)
+    out = tmp_path / "out"
+    summary = predict_images(labeler, [tmp_path / "photos"], out, fmt=fmt, protocol="ms", progress=False)
+    stems = [p.stem for p in photos]
+    labels = {s: cv2.imread(str(out / "labels" / f"{s}.png"), cv2.IMREAD_UNCHANGED) for s in stems}
+    back = _reread(fmt, out, stems)
+    cm = ConfusionMatrix(num_classes)
+    for s in stems:
+        cm.update(back[s], labels[s])
+    scores = cm.compute()
+    assert scores["miou"] == 1.0 and scores["aacc"] == 1.0
+    assert int((~np.isnan(np.asarray(scores["iou"], dtype=float))).sum()) >= 2  # several classes took part
+    assert summary["images"] == 3 and Path(summary["submission"]).exists()

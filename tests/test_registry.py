@@ -1,0 +1,178 @@
+"""MLflow as people use it: models logged with ``mlflow.pytorch.log_model`` and registered per benchmark, the
+``best`` alias, ``models:/`` URIs through pyfunc, datasets as run inputs, source tags, the experiment kind.
+
+Everything runs against a real SQLite store in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_params_dict
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.config import params_from_dict
+from pipeline.model.checkpoint import save_model
+from pipeline.model.pspnet import build_model
+from pipeline.predict import labeler_from_file
+
+pytestmark = pytest.mark.slow  # a real MLflow store, models logged and loaded (about 30 s)
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> tuple[str, str]:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "pspnet-synthetic", tmp_path)
+    return uri, exp
+
+
+def _model_file(path: Path, seed: int) -> Path:
+    params = params_from_dict(tiny_params_dict())
+    bench = params.benchmark("synthetic")
+    torch.manual_seed(seed)
+    model = build_model(bench.model, bench.data.num_classes).eval()
+    save_model(
+        path,
+        model,
+        model_config=bench.model,
+        num_classes=bench.data.num_classes,
+        conventions={"mean": list(bench.data.mean), "std": list(bench.data.std), "channel_order": "RGB"},
+        extra={"benchmark": "synthetic"},
+    )
+    return path
+
+
+def _images(n: int = 2, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 40, 56, 3), dtype=np.uint8)
+
+
+def test_experiment_is_a_model_training_experiment(store, tmp_path: Path) -> None:
+    uri, exp = store
+    client = MlflowClient(uri)
+    assert client.get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made before the tag existed gets it when next used
+    old = client.create_experiment("old")
+    tracking.ensure_experiment(uri, "old", tmp_path)
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
+
+
+def test_registry_best_alias_and_pyfunc_predict(store, tmp_path: Path) -> None:
+    import mlflow.pyfunc
+
+    uri, exp = store
+    params = params_from_dict(tiny_params_dict())
+    runs, paths = [], []
+    for i, miou in enumerate([0.40, 0.55, 0.50]):
+        run_id = tracking.start_run(uri, exp, run_name=f"r{i}", tags={}, params={})
+        tracking.log_metrics(uri, run_id, {"ms/miou": miou, "ss/miou": miou - 0.01})
+        tracking.finish_run(uri, run_id)
+        paths.append(_model_file(tmp_path / f"m{i}.pt", seed=i))
+        info = tracking.publish_model(uri, run_id, paths[-1], params, "synthetic")
+        runs.append(run_id)
+        assert info["name"] == "pspnet-synthetic" and info["version"] == str(i + 1)
+        assert info["best_version"] == ("1" if i == 0 else "2")  # 0.55 stays best when 0.50 arrives
+    client = MlflowClient(uri)
+    assert client.get_model_version_by_alias("pspnet-synthetic", "best").run_id == runs[1]
+    # publishing the same run again registers nothing new
+    assert tracking.publish_model(uri, runs[2], paths[2], params, "synthetic")["version"] == "3"
+    assert len(client.search_model_versions("name = 'pspnet-synthetic'")) == 3
+
+    images = _images()
+    tracking.use_store(uri)
+    model = mlflow.pyfunc.load_model("models:/pspnet-synthetic@best")
+    labels = model.predict(images)
+    labels_ms = model.predict(images, params={"protocol": "ms"})
+    meta = model.metadata
+    assert meta.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+    assert any(r.startswith("torch==") for r in _requirements(model))
+    # the registered model's labels are those of the model file it was made from, under each protocol
+    direct = labeler_from_file(paths[1], params)
+    assert labels.shape == (2, 40, 56) and labels.dtype == np.int64
+    for k in range(2):
+        assert np.array_equal(labels[k], direct.scores(images[k], "ss").argmax(0).numpy())
+        assert np.array_equal(labels_ms[k], direct.scores(images[k], "ms").argmax(0).numpy())
+    other = labeler_from_file(paths[0], params)
+    assert not np.array_equal(labels[0], other.scores(images[0], "ss").argmax(0).numpy())  # not any model
+    loaded = tracking.load_registered(uri, "models:/pspnet-synthetic/1")
+    assert loaded.class_names == direct.class_names
+
+
+def _requirements(model) -> list[str]:
+    from mlflow.artifacts import download_artifacts
+
+    path = Path(download_artifacts(f"{model.metadata.artifact_path}/requirements.txt"))
+    return path.read_text().split() if path.is_file() else []
+
+
+def test_run_inputs_and_source_tags(store, tmp_path: Path) -> None:
+    uri, exp = store
+    data = tmp_path / "data" / "prepared" / "synthetic"
+    data.mkdir(parents=True)
+    manifest = {
+        "splits": {
+            "train": {"dir": "train", "rows": 24, "shards": 3, "split_hash": "a" * 64},
+            "val": {"dir": "val", "rows": 8, "shards": 1, "split_hash": "b" * 64},
+        },
+        "dataset_hash": "c" * 64,
+    }
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    run_id = tracking.start_run(uri, exp, run_name="r", tags={}, params={})
+    tracking.log_run_inputs(uri, run_id, data, benchmark="synthetic", stage="train@synthetic", root=tmp_path)
+    run = MlflowClient(uri).get_run(run_id)
+    found = {
+        d.dataset.name: (d.dataset.digest, json.loads(d.dataset.source)["uri"], d.tags[0].value)
+        for d in run.inputs.dataset_inputs
+    }
+    assert found == {
+        "synthetic-train": ("a" * 16, "data/prepared/synthetic/train", "training"),
+        "synthetic-val": ("b" * 16, "data/prepared/synthetic/val", "validation"),
+    }
+    assert run.data.tags["mlflow.source.name"] == "train@synthetic"
+    assert run.data.tags["mlflow.source.type"] == "PROJECT"
+
+
+def test_evaluate_stage_registers_and_predict_reads_models_uri(
+    tiny_prepared: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The user's path: `pspnet evaluate` (the DVC stage) registers the trained run's model and sets `best`;
+    `pspnet predict --model models:/pspnet-synthetic@best` labels a folder of JPEGs with it."""
+    import cv2
+    from conftest import write_params
+
+    from pipeline.cli import main
+
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"]["eval"]["cache_dir"] = str(tmp_path / "cache")
+    params_path = write_params(tmp_path / "params.yaml", raw)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    exp = tracking.ensure_experiment(uri, "pspnet-synthetic", tmp_path)
+    run_id = tracking.start_run(uri, exp, run_name="trained", tags={}, params={})
+    tracking.finish_run(uri, run_id)
+    model_dir = tmp_path / "models" / "synthetic"
+    _model_file(model_dir / "model.pt", seed=3)
+    (model_dir / "train_info.json").write_text(json.dumps({"run_id": run_id}))
+    argv = ["evaluate", "--benchmark", "synthetic", "--params", str(params_path), "--model", str(model_dir)]
+    assert main([*argv, "--data", str(tiny_prepared), "--out", str(tmp_path / "reports")]) == 0
+    assert "registered pspnet-synthetic v1 (best: v1)" in capsys.readouterr().out
+    best = MlflowClient(uri).get_model_version_by_alias("pspnet-synthetic", "best")
+    assert best.run_id == run_id
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(photos / f"p{i}.jpg"), _images(1, seed=10 + i)[0])
+    out = tmp_path / "pred"
+    argv = ["predict", str(photos), "--model", "models:/pspnet-synthetic@best", "--out", str(out)]
+    assert main([*argv, "--params", str(params_path)]) == 0
+    direct = labeler_from_file(model_dir / "model.pt", params_from_dict(raw))
+    for i in range(2):
+        rgb = cv2.cvtColor(cv2.imread(str(photos / f"p{i}.jpg")), cv2.COLOR_BGR2RGB)
+        labels = cv2.imread(str(out / "labels" / f"p{i}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(labels, direct.scores(rgb, "ss").argmax(0).numpy())
