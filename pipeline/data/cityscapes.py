@@ -62,6 +62,19 @@ def label_lut(ignore_index: int = 255) -> np.ndarray:
     return lut
 
 
+def train_to_label_ids(pred: np.ndarray) -> np.ndarray:
+    """(H, W) trainIds 0..18 -> labelIds for the benchmark server; anything else -> 0 ("unlabeled")."""
+    inverse = np.zeros(256, np.uint8)
+    for label_id, train_id in LABEL_TO_TRAIN.items():
+        inverse[train_id] = label_id
+    pred = np.asarray(pred)
+    if pred.ndim != 2 or pred.min(initial=0) < 0 or pred.max(initial=0) > 255:
+        raise ValueError(
+            f"expected an (H, W) map of trainIds 0..{NUM_CLASSES - 1}, got {pred.dtype} {pred.shape}"
+        )
+    return inverse[pred.astype(np.uint8)]
+
+
 def download_instructions(folder: Path, missing: list[str]) -> str:
     """What a user must do to provide the login-protected packages."""
     steps = "\n".join(f"  - {r.name} ({SIZES[r.name]}): {r.url}" for r in RELEASES if r.name in missing)
