@@ -189,9 +189,8 @@ def test_dvc_stage_and_table() -> None:
     assert stage["do"]["cmd"].startswith(
         "python stages/pretrained.py --benchmark ${key} --out data/pretrained/${key}"
     )
-    assert (
-        stage["do"]["outs"] == ["data/pretrained/${key}"]
-        and "pipeline/model/backbones.py" in expand_deps(stage["do"]["deps"])
+    assert stage["do"]["outs"] == ["data/pretrained/${key}"] and "pipeline/model/backbones.py" in expand_deps(
+        stage["do"]["deps"]
     )
     assert "data/pretrained/${key}" in stages["train"]["do"]["deps"]  # training waits for its backbone
     assert (ROOT / "stages" / "pretrained.py").is_file()
