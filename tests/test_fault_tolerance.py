@@ -42,7 +42,9 @@ def _history(root: Path, key: str) -> tuple[str, list[tuple[int, float]]]:
     uri = tracking.tracking_uri(_params().mlflow, root)
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["pspnet-synthetic"], output_format="list")
-    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    assert len(runs) == 1, (
+        f"expected one MLflow run, found {[(r.info.run_name, r.info.status) for r in runs]}"
+    )
     return runs[0].info.status, tracking.metric_history(uri, runs[0].info.run_id, [key])[key]
 
 
