@@ -64,11 +64,12 @@ def tiny_prepared(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_mlflow_uri(monkeypatch):
+def _isolated_mlflow_uri():
     """``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI, which the pipeline honours: keep one
     test's store from leaking into the next, nor into the next module's module-scoped fixtures (which run
-    before this fixture of their first test)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before this fixture of their first test). Removed before and after, never restored: a value restored
+    here would be the one a module-scoped fixture leaked."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
