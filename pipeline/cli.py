@@ -30,15 +30,20 @@ def _root() -> Path:
     return Path.cwd().resolve()
 
 
+def _check_services(params) -> None:
+    """Fail in seconds, naming the URI, when the MLflow server or the Ray cluster does not answer."""
+    from pipeline import tracking
+
+    preflight.check_services(tracking.tracking_uri(params.mlflow, _root()), params.ray.address)
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     from pipeline.data.benchmarks import fetch
 
     params = load_params(args.params)
     bench = params.benchmark(args.benchmark)
     if bench.data.source != "synthetic":
-        from pipeline.training.launcher import preflight
-
-        preflight(bench, params.ray.address, force=args.force)
+        preflight.check_devices(bench, params.ray.address, force=args.force)
     sums = fetch(args.benchmark, params.benchmark(args.benchmark), Path(args.out))
     print(f"[fetch] {args.out}: " + ", ".join(f"{k} {v}" for k, v in sums.items()))
     return 0
@@ -59,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.training.launcher import train
 
     params = load_params(args.params)
-    preflight.check_services(params, _root())
+    _check_services(params)
     result = train(
         args.benchmark,
         params,
@@ -80,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import evaluate_benchmark
 
     params = load_params(args.params)
-    preflight.check_services(params, _root())
+    _check_services(params)
     if args.checkpoint:
         return _evaluate_checkpoint(args, params)
     if not (args.model and args.data and args.out):
@@ -125,74 +130,26 @@ def _print_scores(prefix: str, metrics: dict, facts: dict) -> None:
 
 def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
     """``evaluate --checkpoint``: score any model file and log it as a new run of the benchmark's experiment."""
-    from pipeline import tracking
-    from pipeline.data.benchmarks import class_names
-    from pipeline.data.shards import ShardedSegmentation
-    from pipeline.evaluation import benchmark as ev
-    from pipeline.evaluation import outputs
-    from pipeline.evaluation.split import evaluate_split
-    from pipeline.files import file_digest
+    from pipeline.evaluation.model_file import evaluate_model_file
     from pipeline.model.checkpoint import CheckpointError
 
-    bench = params.benchmark(args.benchmark)
     path = Path(args.checkpoint)
-    data = Path(args.data or f"data/prepared/{args.benchmark}")
-    out = Path(args.out or f"reports/{args.benchmark}/checkpoints/{path.stem}")
     try:
-        model, meta = ev.load_for_benchmark(args.benchmark, bench, path)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        done = evaluate_model_file(
+            args.benchmark,
+            params,
+            path,
+            data=Path(args.data or f"data/prepared/{args.benchmark}"),
+            out=Path(args.out or f"reports/{args.benchmark}/checkpoints/{path.stem}"),
+            protocol=args.protocol,
+            root=_root(),
+        )
+    except (CheckpointError, FileNotFoundError) as exc:
         print(f"pspnet evaluate: {exc}", file=sys.stderr)
         return 2
-    chosen = {k: v for k, v in ev.protocols(bench).items() if args.protocol in (k, "both")}
-    sha = file_digest(path)
-    source = (meta.get("conventions") or {}).get("source", "pspnet-repro")
-    uri, run_id = _checkpoint_run(args.benchmark, params, path, meta, sha, source)
-    status = "FAILED"
-    try:
-        settings = ev.scoring_settings(bench, meta, on_gpu=False)
-        results = evaluate_split(model, ShardedSegmentation(data / "val"), chosen, **settings)
-        names = class_names(bench, data)
-        context = ev.context_scores(bench, names, results)
-        metrics = ev.scores(results, context)
-        facts = ev.run_facts(args.benchmark, path, results, settings, [])
-        facts |= {"checkpoint": str(path), "sha256": sha, "source": source}
-        _print_scores(f"{path.name} ", metrics, facts)
-        written = outputs.write_tables(out, names, results, metrics, facts)
-        flat = {k: v for k, v in ev.flat_metrics(results, names, context).items() if "/iou/" not in k}
-        outputs.log_to_mlflow(uri, run_id, results, flat, written)
-        status = "FINISHED"
-    finally:
-        tracking.finish_run(uri, run_id, status)
-    print(f"[evaluate] MLflow run {run_id}; {out / 'metrics.json'}")
+    _print_scores(f"{path.name} ", done["metrics"], done["facts"])
+    print(f"[evaluate] MLflow run {done['run_id']}; {done['out'] / 'metrics.json'}")
     return 0
-
-
-def _checkpoint_run(benchmark: str, params, path: Path, meta: dict, sha: str, source: str) -> tuple[str, str]:
-    """A new MLflow run of the benchmark's experiment for an evaluated model file: ``(uri, run_id)``."""
-    from pipeline import tracking
-    from pipeline.config import flatten
-
-    bench = params.benchmark(benchmark)
-    root = _root()
-    uri = tracking.tracking_uri(params.mlflow, root)
-    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, benchmark), root)
-    run_id = tracking.start_run(
-        uri,
-        exp,
-        run_name=f"checkpoint-{path.stem}",
-        tags={
-            tracking.BENCHMARK_TAG: benchmark,
-            "pspnet.kind": "checkpoint-evaluation",
-            "pspnet.checkpoint.file": str(path),
-            "pspnet.checkpoint.sha256": sha,
-            "pspnet.checkpoint.source": source,
-            "git_commit": tracking.git_commit(root),
-        },
-        params=flatten(meta["model_config"], "model.")
-        | flatten(bench.eval, "eval.")
-        | {"num_classes": bench.data.num_classes},
-    )
-    return uri, run_id
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
@@ -265,7 +222,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipeline.sweeps.tune import sweep
 
     params = load_params(args.params)
-    preflight.check_services(params, _root())
+    _check_services(params)
     result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     s = result.summary
     print(result.table.to_string(index=False))
@@ -281,7 +238,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from pipeline.sweeps.study import run_study
 
     params = load_params(args.params)
-    preflight.check_services(params, _root())
+    _check_services(params)
     summary = run_study(args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     print(summary["markdown"])
     print(f"[study] {args.out}/study.md (MLflow parent run {summary['parent_run_id']})")
@@ -323,32 +280,24 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pspnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.set_defaults(fn=fn)
-        if name != "score":
-            p.add_argument("--params", default="params.yaml")
-            p.add_argument("--benchmark", required=True)
-        return p
-
-    p = add("fetch", cmd_fetch, "generate or fetch a benchmark's archives")
+def _fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="fetch even if no GPU cluster is configured")
-    p = add("prepare", cmd_prepare, "verify, extract and shard a benchmark")
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archives", required=True)
     p.add_argument("--out", required=True)
-    p = add("train", cmd_train, "train PSPNet with Ray Train")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--curve", default="")
     p.add_argument("--force", action="store_true", help="start even if the cluster lacks the GPUs asked for")
-    p = add("evaluate", cmd_evaluate, "single- and multi-scale evaluation")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="a trained model.pt file or the folder holding it")
     p.add_argument(
         "--checkpoint",
@@ -360,19 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="", help="default with --checkpoint: reports/NAME/checkpoints/<file stem>"
     )
-    p = add("report", cmd_report, "write the markdown report")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reports", required=True)
     p.add_argument("--model", required=True)
-    p = sub.add_parser(
-        "import-weights",
-        help="convert a released semseg / mmseg / CSAIL checkpoint into our model file",
-        description=cmd_import_weights.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(fn=cmd_import_weights)
+
+
+def _import_weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", required=True, choices=("semseg", "mmseg", "csail"))
     p.add_argument("paths", nargs="+", metavar="PATH", help="IN OUT; CSAIL: ENC DEC OUT or ENC,DEC OUT")
-    p.add_argument("--params", default="params.yaml")
     p.add_argument("--benchmark", default="", help="refuse a checkpoint with another number of classes")
     p.add_argument(
         "--sha256",
@@ -385,44 +331,102 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="override the source's default (mmseg 769x769 Cityscapes configs: true)",
     )
-    p = sub.add_parser("pretrained", help="download, verify and convert the ImageNet backbones in params")
-    p.set_defaults(fn=cmd_pretrained)
-    p.add_argument("--params", default="params.yaml")
+
+
+def _pretrained_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark", default="", help="only this benchmark's backbone (DVC: pretrained@NAME)")
     p.add_argument("--out", required=True, help="folder for <name>.pt and manifest.json")
     p.add_argument("--cache", required=True, help="folder for the raw downloads (resumed across runs)")
-    p = sub.add_parser("tune", help="a Ray Tune sweep (params.yaml `sweeps`)")
-    p.set_defaults(fn=cmd_tune)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--sweep", required=True)
-    p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("study", help="an ablation study (params.yaml `studies`)")
-    p.set_defaults(fn=cmd_study)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--study", required=True)
-    p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
-    p.add_argument("--out", required=True)
-    p = sub.add_parser("summary", help="reports/README.md from the benchmarks' and studies' outputs")
-    p.set_defaults(fn=cmd_summary)
+
+
+def _sweep_args(key: str):
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument(f"--{key}", required=True)
+        p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
+        p.add_argument("--out", required=True)
+
+    return add
+
+
+def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reports")
     p.add_argument("--benchmark", action="append", default=[], help="a reports/NAME folder (repeatable)")
     p.add_argument("--study", action="append", default=[], help="a reports/studies/NAME folder (repeatable)")
-    p = sub.add_parser("predict", help="label maps, overlays and benchmark-server files for images")
-    p.set_defaults(fn=cmd_predict)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGES_OR_DIR", help="image files and/or folders of images")
     p.add_argument("--model", required=True, help="model.pt, its folder, or models:/pspnet-NAME@best")
     p.add_argument("--out", required=True)
     p.add_argument("--protocol", choices=("ss", "ms"), default="ss")
     p.add_argument("--format", choices=("cityscapes", "voc", "ade20k"), default="", help="server submission")
     p.add_argument("--benchmark", default="", help="for a model file that records none (imported weights)")
-    p.add_argument("--params", default="params.yaml")
-    p = add("score", cmd_score, "score PNG predictions against PNG ground truth")
+
+
+def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("pred_dir")
     p.add_argument("gt_dir")
     p.add_argument("--num-classes", type=int, required=True)
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--json", default="")
+
+
+# name -> (function, help, its arguments, --params, a required --benchmark)
+COMMANDS = {
+    "fetch": (cmd_fetch, "generate or fetch a benchmark's archives", _fetch_args, True, True),
+    "prepare": (cmd_prepare, "verify, extract and shard a benchmark", _prepare_args, True, True),
+    "train": (cmd_train, "train PSPNet with Ray Train", _train_args, True, True),
+    "evaluate": (cmd_evaluate, "single- and multi-scale evaluation", _evaluate_args, True, True),
+    "report": (cmd_report, "write the markdown report", _report_args, True, True),
+    "import-weights": (
+        cmd_import_weights,
+        "convert a released semseg / mmseg / CSAIL checkpoint into our model file",
+        _import_weights_args,
+        True,
+        False,
+    ),
+    "pretrained": (
+        cmd_pretrained,
+        "download, verify and convert the ImageNet backbones in params",
+        _pretrained_args,
+        True,
+        False,
+    ),
+    "tune": (cmd_tune, "a Ray Tune sweep (params.yaml `sweeps`)", _sweep_args("sweep"), True, False),
+    "study": (cmd_study, "an ablation study (params.yaml `studies`)", _sweep_args("study"), True, False),
+    "summary": (
+        cmd_summary,
+        "reports/README.md from the benchmarks' and studies' outputs",
+        _summary_args,
+        False,
+        False,
+    ),
+    "predict": (
+        cmd_predict,
+        "label maps, overlays and benchmark-server files for images",
+        _predict_args,
+        True,
+        False,
+    ),
+    "score": (cmd_score, "score PNG predictions against PNG ground truth", _score_args, False, False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pspnet", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_, add_arguments, with_params, with_benchmark) in COMMANDS.items():
+        p = sub.add_parser(
+            name, help=help_, description=fn.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        p.set_defaults(fn=fn)
+        if with_params:
+            p.add_argument("--params", default="params.yaml")
+        if with_benchmark:
+            p.add_argument("--benchmark", required=True)
+        add_arguments(p)
     return parser
 
 

@@ -5,7 +5,8 @@ wrong Ray address a long connection timeout. Each check takes a few seconds at m
 what to do.
 
     from pipeline import preflight
-    preflight.check_services(params, root)   # train / tune / study / evaluate, right after loading params
+    preflight.check_services(uri, address)   # train / tune / study / evaluate, right after loading params
+    preflight.check_devices(bench, address)  # fetch of a GPU benchmark: before any download
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipeline.config import Params
+from pipeline.config import BenchmarkConfig
 
 TIMEOUT_S = 5.0
 
 
 class ServiceUnreachable(ValueError):
     """A service the command needs (MLflow tracking server, Ray cluster) does not answer."""
+
+
+class ScalingError(ValueError):
+    """The requested workers / batch / devices cannot run as configured."""
 
 
 def check_tracking(uri: str, timeout: float = TIMEOUT_S) -> None:
@@ -70,9 +74,25 @@ def check_ray_address(address: str, timeout: float = TIMEOUT_S) -> None:
         ) from None
 
 
-def check_services(params: Params, root: Path) -> None:
-    """The MLflow store and the Ray address this project's commands would use (env vars first)."""
-    from pipeline import tracking
+def check_services(tracking_uri: str, ray_address: str = "") -> None:
+    """The MLflow store and the Ray address (``RAY_ADDRESS`` when the params name none) a command will use."""
+    check_tracking(tracking_uri)
+    check_ray_address(ray_address or os.environ.get("RAY_ADDRESS", ""))
 
-    check_tracking(tracking.tracking_uri(params.mlflow, root))
-    check_ray_address(params.ray.address or os.environ.get("RAY_ADDRESS", ""))
+
+def check_devices(bench: BenchmarkConfig, address: str = "", force: bool = False) -> None:
+    """Before any download: a GPU configuration needs a cluster (``RAY_ADDRESS``) or a local GPU."""
+    if not bench.train.use_gpu or force:
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    raise ScalingError(
+        f"this benchmark trains on {bench.train.num_workers} GPU workers (train.use_gpu: true), but no Ray "
+        "cluster is configured (RAY_ADDRESS / ray.address) and this machine has no GPU. Point RAY_ADDRESS at "
+        "a GPU cluster (README: 'Running on a cluster'), or run the CPU demo with `make demo`; "
+        "pass --force to go on anyway."
+    )

@@ -10,7 +10,6 @@ launch are retried by Ray (``FailureConfig(max_failures)``) from the latest chec
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pipeline import tracking
 from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_dict
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
+from pipeline.preflight import ScalingError
 from pipeline.storage import check_storage, stage_split
 from pipeline.training.cluster import build_trainer, default_storage, init_ray, loop_config, ray_address
 from pipeline.training.worker import (
@@ -34,10 +34,6 @@ from pipeline.training.worker import (
 )
 
 PAPER_BN_BATCH = 16  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
-
-
-class ScalingError(ValueError):
-    """The requested workers / batch / devices cannot run as configured."""
 
 
 @dataclass(frozen=True)
@@ -64,20 +60,6 @@ def check_scaling(bench: BenchmarkConfig, *, gpus_available: float | None = None
             "demo with `make demo`; pass --force to start anyway."
         )
     return t.batch_size // t.num_workers
-
-
-def preflight(bench: BenchmarkConfig, address: str = "", force: bool = False) -> None:
-    """Before any download: a GPU configuration needs a cluster (``RAY_ADDRESS``) or a local GPU."""
-    if not bench.train.use_gpu or force:
-        return
-    if address or os.environ.get("RAY_ADDRESS") or torch.cuda.is_available():
-        return
-    raise ScalingError(
-        f"this benchmark trains on {bench.train.num_workers} GPU workers (train.use_gpu: true), but no Ray "
-        "cluster is configured (RAY_ADDRESS / ray.address) and this machine has no GPU. Point RAY_ADDRESS at "
-        "a GPU cluster (README: 'Running on a cluster'), or run the CPU demo with `make demo`; "
-        "pass --force to go on anyway."
-    )
 
 
 def bn_batch(bench: BenchmarkConfig) -> int:

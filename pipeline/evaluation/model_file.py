@@ -1,0 +1,84 @@
+"""``pspnet evaluate --checkpoint FILE``: score any model file (ours or imported) on a prepared benchmark and
+log it as a new run of that benchmark's MLflow experiment.
+
+    evaluate_model_file
+      load_for_benchmark     the model, refused with the file's name when it does not fit the benchmark
+      checkpoint_run         a new MLflow run tagged with the file, its SHA-256 and its source
+      evaluate_split         the chosen protocols on the validation split (the one evaluation path, split.py)
+      outputs.write_tables   per_class.csv, metrics.json, evaluation.json; the numbers into the run
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import tracking
+from pipeline.config import Params, flatten
+from pipeline.data.benchmarks import class_names
+from pipeline.data.shards import ShardedSegmentation
+from pipeline.evaluation import benchmark as ev
+from pipeline.evaluation import outputs
+from pipeline.evaluation.split import evaluate_split
+from pipeline.files import file_digest
+
+
+def checkpoint_run(
+    benchmark: str, params: Params, path: Path, meta: dict, sha: str, root: Path
+) -> tuple[str, str]:
+    """A new MLflow run of the benchmark's experiment for an evaluated model file: ``(uri, run_id)``."""
+    bench = params.benchmark(benchmark)
+    uri = tracking.tracking_uri(params.mlflow, root)
+    exp = tracking.ensure_experiment(uri, tracking.experiment_name(params.mlflow, benchmark), root)
+    run_id = tracking.start_run(
+        uri,
+        exp,
+        run_name=f"checkpoint-{path.stem}",
+        tags={
+            tracking.BENCHMARK_TAG: benchmark,
+            "pspnet.kind": "checkpoint-evaluation",
+            "pspnet.checkpoint.file": str(path),
+            "pspnet.checkpoint.sha256": sha,
+            "pspnet.checkpoint.source": source_of(meta),
+            "git_commit": tracking.git_commit(root),
+        },
+        params=flatten(meta["model_config"], "model.")
+        | flatten(bench.eval, "eval.")
+        | {"num_classes": bench.data.num_classes},
+    )
+    return uri, run_id
+
+
+def source_of(meta: dict) -> str:
+    """Who wrote the file: the importer's recorded source (semseg, mmseg, csail), else this project."""
+    return (meta.get("conventions") or {}).get("source", "pspnet-repro")
+
+
+def evaluate_model_file(
+    benchmark: str, params: Params, path: Path, data: Path, out: Path, protocol: str, root: Path
+) -> dict:
+    """Score ``path`` under ``protocol`` (``ss``, ``ms`` or ``both``) and log a new MLflow run.
+
+    Returns ``{"metrics", "facts", "run_id", "out"}``. Raises ``CheckpointError`` / ``FileNotFoundError`` /
+    ``ValueError`` naming the file before any run is opened when it is not a model of this benchmark.
+    """
+    bench = params.benchmark(benchmark)
+    model, meta = ev.load_for_benchmark(benchmark, bench, path)
+    chosen = {k: v for k, v in ev.protocols(bench).items() if protocol in (k, "both")}
+    sha = file_digest(path)
+    uri, run_id = checkpoint_run(benchmark, params, path, meta, sha, root)
+    status = "FAILED"
+    try:
+        settings = ev.scoring_settings(bench, meta, on_gpu=False)
+        results = evaluate_split(model, ShardedSegmentation(data / "val"), chosen, **settings)
+        names = class_names(bench, data)
+        context = ev.context_scores(bench, names, results)
+        metrics = ev.scores(results, context)
+        facts = ev.run_facts(benchmark, path, results, settings, [])
+        facts |= {"checkpoint": str(path), "sha256": sha, "source": source_of(meta)}
+        written = outputs.write_tables(out, names, results, metrics, facts)
+        flat = {k: v for k, v in ev.flat_metrics(results, names, context).items() if "/iou/" not in k}
+        outputs.log_to_mlflow(uri, run_id, results, flat, written)
+        status = "FINISHED"
+    finally:
+        tracking.finish_run(uri, run_id, status)
+    return {"metrics": metrics, "facts": facts, "run_id": run_id, "out": out}
