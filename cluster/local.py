@@ -14,6 +14,7 @@ The object store is moto's standalone server on 127.0.0.1 with one bucket.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import signal
@@ -136,16 +137,50 @@ def s3_env(endpoint: str) -> dict[str, str]:
     }
 
 
+_AUTH_SETUP_REQUESTS = 4  # create_bucket, create_user, put_user_policy, create_access_key
+
+
+def _client(env: Mapping[str, str], service: str):
+    import boto3
+
+    return boto3.client(
+        service,
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+
+
+def _s3_user(env: Mapping[str, str]) -> dict[str, str]:
+    """An IAM user allowed ``s3:*`` on the server, and its keys (the server's last unauthenticated requests)."""
+    iam = _client(env, "iam")
+    iam.create_user(UserName="pspnet")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="pspnet", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="pspnet")["AccessKey"]
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+
 @contextmanager
-def s3_server(bucket: str = BUCKET, timeout: float = 30) -> Iterator[dict[str, str]]:
+def s3_server(
+    bucket: str = BUCKET, timeout: float = 30, authenticate: bool = False
+) -> Iterator[dict[str, str]]:
     """moto's S3-compatible server on 127.0.0.1 with ``bucket`` created; yields its ``AWS_*`` variables
-    (not exported: the caller decides where they apply). Stopped at the end."""
+    (not exported: the caller decides where they apply). Stopped at the end.
+
+    ``authenticate``: the server checks every request's signature against the keys of its IAM users, as AWS
+    does (moto accepts any key otherwise); the yielded keys are those of a user allowed ``s3:*``."""
     port = _free_port()
     endpoint = f"http://{LOOPBACK}:{port}"
+    env = dict(os.environ)
+    if authenticate:  # the bucket and the user are made by the first requests, unauthenticated
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_AUTH_SETUP_REQUESTS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )  # in this process group: killing the group (a test runner's timeout) stops the server too
     try:
         deadline = time.time() + timeout
@@ -158,15 +193,9 @@ def s3_server(bucket: str = BUCKET, timeout: float = 30) -> Iterator[dict[str, s
                     raise RuntimeError(f"moto server on {endpoint} did not start") from None
                 time.sleep(0.1)
         env = s3_env(endpoint)
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            region_name=env["AWS_DEFAULT_REGION"],
-        ).create_bucket(Bucket=bucket)
+        _client(env, "s3").create_bucket(Bucket=bucket)
+        if authenticate:
+            env |= _s3_user(env)
         yield env
     finally:
         proc.terminate()

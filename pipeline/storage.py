@@ -27,6 +27,11 @@ class StorageError(RuntimeError):
     """The storage URI cannot be used: bad URI, unreachable endpoint, missing bucket, refused credentials."""
 
 
+_DENIED = (
+    "ACCESS_DENIED"  # how pyarrow's S3 filesystem reports a 403 (unknown key, wrong secret, no permission)
+)
+
+
 def is_uri(location: str) -> bool:
     return "://" in location
 
@@ -57,6 +62,11 @@ def check_storage(uri: str) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
+        if _DENIED in str(exc):
+            raise StorageError(
+                f"{uri}: the object store at {_endpoint()} refused the credentials ({exc}); check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) on the driver and every node"
+            ) from exc
         raise StorageError(
             f"{uri}: cannot reach the object store at {_endpoint()} ({exc}); check AWS_ENDPOINT_URL and the "
             "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"

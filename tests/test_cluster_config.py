@@ -49,3 +49,32 @@ def test_local_storage_needs_no_upload_and_bad_uri_is_named(tmp_path):
     assert stage_split(tmp_path / "train", str(tmp_path)) == str(tmp_path / "train")
     with pytest.raises(StorageError, match="nope://x/y"):
         check_storage("nope://x/y")
+
+
+def test_refused_credentials_fail_before_training(tiny_prepared, tmp_path):
+    """An object store that checks signatures (moto with IAM authentication): wrong keys are named as refused
+    credentials before any MLflow run or Ray work; the real user's keys pass the same check."""
+    from cluster.local import patched_env, s3_server
+    from pipeline.training.launcher import train
+
+    raw = tiny_params_dict()
+    raw["ray"] = {"storage_path": "s3://pspnet/runs"}
+    with s3_server(authenticate=True) as env:
+        with patched_env(env):
+            check_storage("s3://pspnet/runs")
+        for wrong in (
+            {"AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+            {"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000"},
+        ):
+            with patched_env(env | wrong):
+                with pytest.raises(
+                    StorageError, match=r"s3://pspnet/runs: the object store at .* refused the cred"
+                ):
+                    train(
+                        "synthetic",
+                        params_from_dict(raw),
+                        data_dir=tiny_prepared,
+                        out_dir=tmp_path / "m",
+                        root=tmp_path,
+                    )
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "m").exists()
