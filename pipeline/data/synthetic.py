@@ -32,6 +32,7 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -151,33 +152,24 @@ def _object_patch(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray,
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One image
+# One image: the steps of ``render_scene``, in the order they draw from the main stream
 
 
-def render_scene(
-    size: int,
-    seed: int | Sequence[int],
-    *,
-    scene: str | None = None,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Draw one synthetic image before noise-free JPEG encoding.
+class _Layout(NamedTuple):
+    """Where the regions of one image lie; every mask is (S, S) bool."""
 
-    Args:
-        size: side ``S`` of the square image, 96..256.
-        seed: entropy for ``numpy.random.SeedSequence`` (``generate`` uses ``(seed, split, index)``).
-        scene: force ``"water"`` or ``"road"``; ``None`` draws it (50/50). Forcing the other scene with the same
-            seed changes only the band's pixels and the boat/car labels: everything else comes from a stream
-            that never sees the scene type.
-        context_distance: boats/cars keep at least ``context_distance * size`` px from every water/road pixel.
-        objects: ``(fewest, most)`` boats/cars tried per image (an object that finds no room is skipped).
-        max_object: the largest long side of an object as a fraction of ``size`` (the smallest is 6 px).
+    rows: np.ndarray  # (S, S) float32 pixel row
+    cols: np.ndarray  # (S, S) float32 pixel column
+    below_sky: np.ndarray  # ground and band
+    band: np.ndarray  # the water/road band
+    ground: np.ndarray  # below the sky and outside the band
+    along: np.ndarray  # (S, S) coordinate along the band (``cols`` or ``rows``)
+    across: np.ndarray  # (S, S) coordinate across the band
+    centre: float  # the band's centre line on the ``across`` axis
 
-    Returns:
-        ``(image (S, S, 3) uint8 RGB, label (S, S) uint8 raw values 0..8, scene)``.
-    """
+
+def _check_args(size: int, scene: str | None, objects: tuple[int, int], max_object: float) -> None:
+    """Reject a size, scene, object count or object size that ``render_scene`` cannot draw."""
     if not (isinstance(size, int) and MIN_SIZE <= size <= MAX_SIZE):
         raise ValueError(f"synthetic image size {size!r}: expected an integer in {MIN_SIZE}..{MAX_SIZE}")
     if scene is not None and scene not in SCENES:
@@ -186,15 +178,11 @@ def render_scene(
         raise ValueError(f"synthetic objects {objects!r}: expected (fewest, most) with 0 <= fewest <= most")
     if not 6 / size < max_object <= 0.5:
         raise ValueError(f"synthetic max_object {max_object!r}: expected a fraction in ({6 / size:.3f}, 0.5]")
-    scene_seq, band_seq, main_seq = np.random.SeedSequence(seed).spawn(3)
-    if scene is None:
-        scene = SCENES[int(np.random.default_rng(scene_seq).integers(2))]
-    band_rng = np.random.default_rng(band_seq)  # the band's texture: the only draws that see the scene
-    rng = np.random.default_rng(main_seq)  # everything else: same for both scenes
-    s = size
-    rows, cols = _coords(s)
 
-    # Layout: sky band, then the scene band along one edge of the remaining area.
+
+def _layout(rng: np.random.Generator, s: int) -> _Layout:
+    """Sky band on top, then the scene band along one edge of the remaining area, with a wavy inner edge."""
+    rows, cols = _coords(s)
     sky_h = int(round(rng.uniform(0.14, 0.22) * s))
     side = ("bottom", "top", "left", "right")[rng.integers(4)]
     area = rng.uniform(BAND_AREA[0], BAND_AREA[1]) * s * s
@@ -220,78 +208,189 @@ def render_scene(
             band = below_sky & (cols >= s - depth + wave)
             centre = s - depth / 2
         along, across = rows, cols
-    ground = below_sky & ~band
+    return _Layout(rows, cols, below_sky, band, below_sky & ~band, along, across, centre)
 
-    # Textures. The ground/sky/vegetation draws come first and from ``rng`` only.
+
+def _paint_regions(
+    rng: np.random.Generator, band_rng: np.random.Generator, lay: _Layout, scene: str, s: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sky, ground and band textures and labels. The sky/ground draws come from ``rng`` only.
+
+    Returns:
+        ``(image (S, S, 3) float, label (S, S) uint8 raw)``.
+    """
     sky_img = _sky(rng, s)
     ground_img = _ground(rng, s)
     if scene == "water":
-        band_img = _water(band_rng, along, across, s)
+        band_img = _water(band_rng, lay.along, lay.across, s)
     else:
-        band_img = _road(band_rng, along, across, centre, s)
-    image = np.where(band[..., None], band_img, np.where(below_sky[..., None], ground_img, sky_img))
-    label = np.where(band, RAW[scene], np.where(below_sky, RAW["ground"], RAW["sky"])).astype(np.uint8)
+        band_img = _road(band_rng, lay.along, lay.across, lay.centre, s)
+    image = np.where(lay.band[..., None], band_img, np.where(lay.below_sky[..., None], ground_img, sky_img))
+    label = np.where(lay.band, RAW[scene], np.where(lay.below_sky, RAW["ground"], RAW["sky"])).astype(
+        np.uint8
+    )
+    return image, label
 
-    # Vegetation blobs: anywhere on the ground, both scenes.
-    ground_idx = np.flatnonzero(ground)
+
+def _pick_pixel(rng: np.random.Generator, flat_idx: np.ndarray, s: int) -> tuple[int, int]:
+    """``(row, col)`` of one of the flat pixel indices ``flat_idx``, drawn uniformly."""
+    return divmod(int(flat_idx[rng.integers(len(flat_idx))]), s)
+
+
+def _add_vegetation(
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, lay: _Layout, ground_idx: np.ndarray
+) -> None:
+    """1-3 vegetation blobs (three overlapping discs each) anywhere on the ground, both scenes; in place."""
+    s = label.shape[0]
     for _ in range(int(rng.integers(1, 4))):
-        cy, cx = divmod(int(ground_idx[rng.integers(len(ground_idx))]), s)
+        cy, cx = _pick_pixel(rng, ground_idx, s)
         blob = np.zeros((s, s), bool)
         for _ in range(3):
             r = rng.uniform(0.03, 0.07) * s
             oy, ox = rng.uniform(-r, r, 2)
-            blob |= (rows - cy - oy) ** 2 + (cols - cx - ox) ** 2 <= r * r
-        blob &= ground
+            blob |= (lay.rows - cy - oy) ** 2 + (lay.cols - cx - ox) ** 2 <= r * r
+        blob &= lay.ground
         green = np.array([55, 125, 45], np.float32) + rng.uniform(-15, 15, 3)
         leaves = (_smooth_noise(rng, s, s // 6) * 14 + rng.normal(0, 8, (s, s)))[..., None]
         image[blob] = (green + leaves)[blob]
         label[blob] = RAW["vegetation"]
 
-    # Poles: thin, standing on the ground, both scenes.
+
+def _add_poles(
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, lay: _Layout, ground_idx: np.ndarray
+) -> None:
+    """0-2 thin poles standing on the ground, both scenes; in place."""
+    s = label.shape[0]
+    rows, cols = lay.rows, lay.cols
     width = max(2, int(round(s / 64)))
     for _ in range(int(rng.integers(0, 3))):
-        by, bx = divmod(int(ground_idx[rng.integers(len(ground_idx))]), s)
+        by, bx = _pick_pixel(rng, ground_idx, s)
         height = int(rng.uniform(0.08, 0.2) * s)
-        pole = (rows <= by) & (rows > by - height) & (cols >= bx) & (cols < bx + width) & ground
+        pole = (rows <= by) & (rows > by - height) & (cols >= bx) & (cols < bx + width) & lay.ground
         metal = rng.uniform(50, 95)
         shade = np.where(cols == bx, 35.0, 0.0)[..., None]  # a highlight on the left edge
         image[pole] = (metal + shade + np.zeros(3, np.float32))[pole]
         label[pole] = RAW["pole"]
 
-    # Clutter: small patches of "other" (raw 0, ignored after the shift).
+
+def _add_clutter(
+    rng: np.random.Generator, image: np.ndarray, label: np.ndarray, lay: _Layout, ground_idx: np.ndarray
+) -> None:
+    """1-3 small noisy patches of "other" (raw 0, ignored after the label shift) on the ground; in place."""
+    s = label.shape[0]
+    rows, cols = lay.rows, lay.cols
     for _ in range(int(rng.integers(1, 4))):
-        cy, cx = divmod(int(ground_idx[rng.integers(len(ground_idx))]), s)
+        cy, cx = _pick_pixel(rng, ground_idx, s)
         ph, pw = rng.integers(3, 4 + s // 16, 2)
-        patch = (rows >= cy) & (rows < cy + ph) & (cols >= cx) & (cols < cx + pw) & ground
+        patch = (rows >= cy) & (rows < cy + ph) & (cols >= cx) & (cols < cx + pw) & lay.ground
         image[patch] = rng.uniform(0, 255, 3) + rng.normal(0, 6, (int(patch.sum()), 1))
         label[patch] = 0
 
-    # Context objects (boat in water scenes, car in road scenes), far from every water/road pixel.
-    not_band = np.where(band, 0, 255).astype(np.uint8)
+
+def _free_region(lay: _Layout, context_distance: float, s: int) -> np.ndarray:
+    """(S, S) uint8, 1 where an object may lie: ground at least ``context_distance * s`` px from the band."""
+    not_band = np.where(lay.band, 0, 255).astype(np.uint8)
     dist = cv2.distanceTransform(not_band, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    free = (ground & (dist >= np.ceil(context_distance * s))).astype(np.uint8)
-    cls = RAW["boat"] if scene == "water" else RAW["car"]
+    return (lay.ground & (dist >= np.ceil(context_distance * s))).astype(np.uint8)
+
+
+def _object_box(rng: np.random.Generator, max_object: float, s: int) -> tuple[int, int]:
+    """``(h, w)`` of one object: long side log-uniform in [6, max_object * s], short side 0.45-1 of it."""
+    long_side = float(np.exp(rng.uniform(np.log(6), np.log(max_object * s))))
+    short_side = max(4.0, long_side * rng.uniform(0.45, 1.0))
+    h, w = (short_side, long_side) if rng.random() < 0.5 else (long_side, short_side)
+    return int(round(h)), int(round(w))
+
+
+def _fit_box(free: np.ndarray, h: int, w: int) -> tuple[int, int, np.ndarray]:
+    """Shrink an ``h x w`` box (by 0.8, down to 6 px) until it fits in ``free`` somewhere.
+
+    Returns:
+        ``(h, w, candidates)``: the box and the flat indices of the centres where it fits (empty: none).
+    """
+    while True:
+        fits = cv2.erode(free, np.ones((h, w), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+        candidates = np.flatnonzero(fits)
+        if len(candidates) or max(h, w) <= 6:
+            return h, w, candidates
+        h, w = max(4, int(h * 0.8)), max(4, int(w * 0.8))
+
+
+def _add_context_objects(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    label: np.ndarray,
+    lay: _Layout,
+    cls: int,
+    *,
+    context_distance: float,
+    objects: tuple[int, int],
+    max_object: float,
+) -> None:
+    """Boats/cars (raw label ``cls``) far from every water/road pixel, never overlapping; in place.
+
+    An object that finds no room even at 6 px is skipped.
+    """
+    s = label.shape[0]
+    free = _free_region(lay, context_distance, s)
     for _ in range(int(rng.integers(objects[0], objects[1] + 1))):
-        long_side = float(np.exp(rng.uniform(np.log(6), np.log(max_object * s))))
-        short_side = max(4.0, long_side * rng.uniform(0.45, 1.0))
-        h, w = (short_side, long_side) if rng.random() < 0.5 else (long_side, short_side)
-        h, w = int(round(h)), int(round(w))
-        while True:  # shrink until the box fits somewhere in the free region
-            fits = cv2.erode(free, np.ones((h, w), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
-            candidates = np.flatnonzero(fits)
-            if len(candidates) or max(h, w) <= 6:
-                break
-            h, w = max(4, int(h * 0.8)), max(4, int(w * 0.8))
+        h, w, candidates = _fit_box(free, *_object_box(rng, max_object, s))
         if not len(candidates):
             continue
-        cy, cx = divmod(int(candidates[rng.integers(len(candidates))]), s)
+        cy, cx = _pick_pixel(rng, candidates, s)
         y0, x0 = cy - h // 2, cx - w // 2  # cv2.erode's default anchor is the kernel centre (k // 2)
         mask, colour = _object_patch(rng, h, w)
         image[y0 : y0 + h, x0 : x0 + w][mask] = colour[mask]
         label[y0 : y0 + h, x0 : x0 + w][mask] = cls
         free[max(0, y0 - 2) : y0 + h + 2, max(0, x0 - 2) : x0 + w + 2] = 0  # no overlapping objects
 
-    image += rng.normal(0, 3, image.shape).astype(np.float32)
+
+def render_scene(
+    size: int,
+    seed: int | Sequence[int],
+    *,
+    scene: str | None = None,
+    context_distance: float = CONTEXT_MIN_DISTANCE,
+    objects: tuple[int, int] = OBJECTS,
+    max_object: float = MAX_OBJECT,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Draw one synthetic image before noise-free JPEG encoding.
+
+    The steps, each drawing from the main stream in this order: layout (sky height, band side and shape),
+    sky and ground textures, vegetation, poles, clutter, boats/cars, sensor noise. Only the band's texture
+    comes from a second stream, the one that sees the scene type.
+
+    Args:
+        size: side ``S`` of the square image, 96..256.
+        seed: entropy for ``numpy.random.SeedSequence`` (``generate`` uses ``(seed, split, index)``).
+        scene: force ``"water"`` or ``"road"``; ``None`` draws it (50/50). Forcing the other scene with the same
+            seed changes only the band's pixels and the boat/car labels: everything else comes from a stream
+            that never sees the scene type.
+        context_distance: boats/cars keep at least ``context_distance * size`` px from every water/road pixel.
+        objects: ``(fewest, most)`` boats/cars tried per image (an object that finds no room is skipped).
+        max_object: the largest long side of an object as a fraction of ``size`` (the smallest is 6 px).
+
+    Returns:
+        ``(image (S, S, 3) uint8 RGB, label (S, S) uint8 raw values 0..8, scene)``.
+    """
+    _check_args(size, scene, objects, max_object)
+    scene_seq, band_seq, main_seq = np.random.SeedSequence(seed).spawn(3)
+    if scene is None:
+        scene = SCENES[int(np.random.default_rng(scene_seq).integers(2))]
+    band_rng = np.random.default_rng(band_seq)  # the band's texture: the only draws that see the scene
+    rng = np.random.default_rng(main_seq)  # everything else: same for both scenes
+
+    lay = _layout(rng, size)
+    image, label = _paint_regions(rng, band_rng, lay, scene, size)
+    ground_idx = np.flatnonzero(lay.ground)
+    _add_vegetation(rng, image, label, lay, ground_idx)
+    _add_poles(rng, image, label, lay, ground_idx)
+    _add_clutter(rng, image, label, lay, ground_idx)
+    cls = RAW["boat"] if scene == "water" else RAW["car"]
+    _add_context_objects(
+        rng, image, label, lay, cls, context_distance=context_distance, objects=objects, max_object=max_object
+    )
+    image += rng.normal(0, 3, image.shape).astype(np.float32)  # sensor noise
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), label, scene
 
 

@@ -131,10 +131,33 @@ class TrainTransform:
         self._rng = np.random.default_rng(seed)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One random sample: draw the steps, warp into the crop, blur, pad, normalise (see the class)."""
         _check_pair(image, label)
-        rng, crop = self._rng, self.crop_size
         h, w = label.shape
+        to_source, (sw, sh), do_blur = self._draw_scale_rotate_flip(h, w)
+        ox, oy = self._draw_crop_origin(sw, sh)
+        to_source = to_source @ np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]])
+        out_image, out_label = self._warp(image, label, to_source[:2].astype(np.float64))
+        if do_blur:
+            out_image = cv2.GaussianBlur(out_image, (BLUR_KERNEL, BLUR_KERNEL), 0)
+        self._pad_outside_canvas(out_image, out_label, ox, oy, sw, sh)
+        margin, crop = self._margin, self.crop_size
+        out_image = out_image[margin : margin + crop, margin : margin + crop]
+        out_label = out_label[margin : margin + crop, margin : margin + crop]
+        return normalize(out_image, self.mean, self.std), torch.from_numpy(out_label.astype(np.int64))
 
+    @property
+    def _margin(self) -> int:
+        """Pixels warped beyond each side of the crop so that the blur sees the crop's true neighbours."""
+        return BLUR_KERNEL // 2 if self.blur else 0
+
+    def _draw_scale_rotate_flip(self, h: int, w: int) -> tuple[np.ndarray, tuple[int, int], bool]:
+        """Steps 1-4: draw scale, angle, blur coin and flip coin in semseg's order.
+
+        Returns:
+            ``(to_source (3, 3) canvas pixel -> source pixel, (sw, sh) canvas size, do_blur)``.
+        """
+        rng = self._rng
         # 1. RandScale: semseg's cv2.resize(fx=s) makes a round(w*s) x round(h*s) canvas.
         if self.scale_min == self.scale_max == 1.0:
             sw, sh = w, h
@@ -154,17 +177,31 @@ class TrainTransform:
         do_blur = self.blur and rng.random() < 0.5
         if self.flip and rng.random() < 0.5:
             to_source = to_source @ np.array([[-1, 0, sw - 1], [0, 1, 0], [0, 0, 1]])
+        return to_source, (sw, sh), do_blur
 
-        # 5. Crop: pad (centred) to at least crop x crop, then a uniform window of the padded canvas.
+    def _draw_crop_origin(self, sw: int, sh: int) -> tuple[int, int]:
+        """Step 5, Crop: pad (centred) to at least crop x crop, then a uniform window of the padded canvas.
+
+        Returns:
+            ``(ox, oy)``: the canvas pixel of output pixel (0, 0), the blur margin included.
+        """
+        crop, margin = self.crop_size, self._margin
         pad_h, pad_w = max(crop - sh, 0), max(crop - sw, 0)
-        h_off = int(rng.integers(0, max(sh, crop) - crop + 1))
-        w_off = int(rng.integers(0, max(sw, crop) - crop + 1))
-        margin = BLUR_KERNEL // 2 if self.blur else 0
-        ox, oy = w_off - pad_w // 2 - margin, h_off - pad_h // 2 - margin  # output pixel -> canvas pixel
-        to_source = to_source @ np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]])
+        h_off = int(self._rng.integers(0, max(sh, crop) - crop + 1))
+        w_off = int(self._rng.integers(0, max(sw, crop) - crop + 1))
+        return w_off - pad_w // 2 - margin, h_off - pad_h // 2 - margin
 
-        size = (crop + 2 * margin, crop + 2 * margin)
-        matrix = to_source[:2].astype(np.float64)
+    def _warp(
+        self, image: np.ndarray, label: np.ndarray, matrix: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Resample the crop (with its margin) through ``matrix`` (2, 3) output pixel -> source pixel.
+
+        Returns:
+            ``(image (c, c, 3) uint8, label (c, c) uint8)`` with ``c = crop + 2 * margin``; image pixels whose
+            source lies outside the image (by the label's nearest-neighbour rule) hold the mean colour.
+        """
+        side = self.crop_size + 2 * self._margin
+        size = (side, side)
         # The image is read from a 1-pixel replicated border, as cv2.resize does at the edges; what lies
         # outside the source (by the label's nearest-neighbour rule) becomes the mean below.
         padded = cv2.copyMakeBorder(image, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
@@ -193,17 +230,19 @@ class TrainTransform:
             borderValue=0,
         ).astype(bool)
         out_image[~in_source] = np.asarray(self._fill, np.uint8)  # rotated-in corners: mean (RandRotate)
-        if do_blur:
-            out_image = cv2.GaussianBlur(out_image, (BLUR_KERNEL, BLUR_KERNEL), 0)
+        return out_image, out_label
 
-        # Outside the (rotated) canvas is the crop's padding: mean / ignore, filled after the blur.
-        x0, x1 = max(0, -ox), max(0, min(size[0], sw - ox))
-        y0, y1 = max(0, -oy), max(0, min(size[1], sh - oy))
-        inside = np.zeros(size[::-1], bool)
+    def _pad_outside_canvas(
+        self, out_image: np.ndarray, out_label: np.ndarray, ox: int, oy: int, sw: int, sh: int
+    ) -> None:
+        """Fill the crop's padding (outside the rotated ``sw x sh`` canvas) with mean / ignore, in place.
+
+        Called after the blur, as semseg pads after blurring.
+        """
+        side = out_label.shape[0]
+        x0, x1 = max(0, -ox), max(0, min(side, sw - ox))
+        y0, y1 = max(0, -oy), max(0, min(side, sh - oy))
+        inside = np.zeros((side, side), bool)
         inside[y0:y1, x0:x1] = True
         out_image[~inside] = np.asarray(self._fill, np.uint8)
         out_label[~inside] = self.ignore_index
-
-        out_image = out_image[margin : margin + crop, margin : margin + crop]
-        out_label = out_label[margin : margin + crop, margin : margin + crop]
-        return normalize(out_image, self.mean, self.std), torch.from_numpy(out_label.astype(np.int64))
