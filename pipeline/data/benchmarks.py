@@ -363,22 +363,7 @@ def prepare(
     """Verify every archive listed in ``archives/checksums.json``, extract it safely and write the shards."""
     archives, out_dir = Path(archives), Path(out_dir)
     d = bench.data
-    sums_path = archives / CHECKSUMS
-    if not sums_path.is_file():
-        raise DataError(
-            f"{sums_path}: missing; run `dvc repro fetch@{benchmark}` to fetch the archives first"
-        )
-    sums = json.loads(sums_path.read_text())
-    if d.source != "synthetic":
-        _check_source(benchmark, d)
-        wanted = sorted(r.name for r in SOURCES[d.source][0])
-        if sorted(sums) != wanted:
-            raise DataError(
-                f"{sums_path}: lists {sorted(sums)}, expected {wanted} for {d.source}; fetch again"
-            )
-    for name, digests in sums.items():
-        for algo, expected in digests.items():
-            verify_checksum(archives / name, expected, algo)
+    sums = _verified_archives(benchmark, d, archives)
     expected = expected_sizes(d)
     _claim_prepared_folder(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -387,26 +372,9 @@ def prepare(
         work = Path(tmp) / "extracted"
         for name in sums:
             safe_extract(archives / name, work)
-        extra: dict = {}
-        kwargs: dict = {}
-        if d.source in ("synthetic", "ade20k"):
-            tops = [p for p in work.iterdir() if p.is_dir()]
-            if len(tops) != 1:
-                raise DataError(f"{archives}: expected one top folder, found {[p.name for p in tops]}")
-            root = tops[0]
-            if d.source == "ade20k":
-                extra["class_names"] = ade20k.read_class_names(root, d.num_classes)
-        elif d.source == "voc2012":
-            root = Path(tmp) / "layout"
-            extra["counts"] = voc.stage_trainaug(
-                work, root, expected_train=expected["train"], expected_val=expected["val"], progress=progress
-            )
-        else:  # cityscapes
-            root = Path(tmp) / "layout"
-            extra["counts"] = cityscapes.stage_fine(
-                work, root, expected_train=expected["train"], expected_val=expected["val"]
-            )
-            kwargs = {"image_suffix": ".png", "lut": cityscapes.label_lut(d.ignore_index)}
+        root, extra, kwargs = _ade_layout(
+            d, work, Path(tmp) / "layout", expected, archives, progress=progress
+        )
         staged = Path(tmp) / "prepared"
         manifest = prepare_ade_layout(
             root,
@@ -430,3 +398,64 @@ def prepare(
     if len(sums) == 1:
         manifest["archive_sha256"] = file_digest(archives / next(iter(sums)))
     return manifest
+
+
+def _verified_archives(benchmark: str, d: DataConfig, archives: Path) -> dict:
+    """``archives/checksums.json`` (``{name: {algo: hex}}``), after checking every archive it lists.
+
+    Raises:
+        DataError: the file is missing, or lists other archives than the source's releases.
+        ChecksumError: an archive does not match its digest.
+    """
+    sums_path = archives / CHECKSUMS
+    if not sums_path.is_file():
+        raise DataError(
+            f"{sums_path}: missing; run `dvc repro fetch@{benchmark}` to fetch the archives first"
+        )
+    sums = json.loads(sums_path.read_text())
+    if d.source != "synthetic":
+        _check_source(benchmark, d)
+        wanted = sorted(r.name for r in SOURCES[d.source][0])
+        if sorted(sums) != wanted:
+            raise DataError(
+                f"{sums_path}: lists {sorted(sums)}, expected {wanted} for {d.source}; fetch again"
+            )
+    for name, digests in sums.items():
+        for algo, expected in digests.items():
+            verify_checksum(archives / name, expected, algo)
+    return sums
+
+
+def _ade_layout(
+    d: DataConfig, work: Path, layout: Path, expected: dict[str, int], archives: Path, *, progress: bool
+) -> tuple[Path, dict, dict]:
+    """The ADE-layout folder to shard, from the archives extracted in ``work``.
+
+    Synthetic and ADE20K archives hold it as their one top folder; VOC + SBD and Cityscapes are staged into
+    ``layout`` (trainaug / fine pairs, with their split-size gates).
+
+    Returns:
+        ``(root, extra, kwargs)``: the folder, what goes into the manifest besides the shards (ADE20K's
+        ``class_names``, the staging ``counts``) and extra arguments of ``prepare_ade_layout``.
+    """
+    extra: dict = {}
+    kwargs: dict = {}
+    if d.source in ("synthetic", "ade20k"):
+        tops = [p for p in work.iterdir() if p.is_dir()]
+        if len(tops) != 1:
+            raise DataError(f"{archives}: expected one top folder, found {[p.name for p in tops]}")
+        root = tops[0]
+        if d.source == "ade20k":
+            extra["class_names"] = ade20k.read_class_names(root, d.num_classes)
+    elif d.source == "voc2012":
+        root = layout
+        extra["counts"] = voc.stage_trainaug(
+            work, root, expected_train=expected["train"], expected_val=expected["val"], progress=progress
+        )
+    else:  # cityscapes
+        root = layout
+        extra["counts"] = cityscapes.stage_fine(
+            work, root, expected_train=expected["train"], expected_val=expected["val"]
+        )
+        kwargs = {"image_suffix": ".png", "lut": cityscapes.label_lut(d.ignore_index)}
+    return root, extra, kwargs

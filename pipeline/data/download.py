@@ -88,12 +88,29 @@ def _content_range_start(value: str | None) -> int | None:
 def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None:
     """One HTTP request that appends to ``part`` (resuming from its size); raises on any short transfer."""
     offset = part.stat().st_size if part.exists() else 0
+    with _open(url, part, offset, timeout=timeout) as response:
+        offset, mode = _resume_point(url, response, offset)
+        length = response.headers.get("Content-Length")
+        remaining = int(length) if length and length.isdigit() else None
+        received = _save_body(response, part, mode, offset, remaining, progress=progress)
+        if remaining is not None and received < remaining:
+            raise http.client.IncompleteRead(b"", remaining - received)
+
+
+def _open(url: str, part: Path, offset: int, *, timeout: float) -> http.client.HTTPResponse:
+    """Request ``url`` from byte ``offset`` on (a ``Range`` request when ``offset`` > 0).
+
+    Raises:
+        ConnectionResetError: the server answered 416 to a range request; ``part`` was removed, so that the
+            retry starts from zero.
+        urllib.error.HTTPError: any other error status.
+    """
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             # The part is already complete (or longer than the file): start over from zero; the checksum
@@ -104,45 +121,61 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> None
                 f"{url}: range {offset}- not satisfiable; restarting from zero"
             ) from exc
         raise
-    with response:
-        status = response.status
-        if status == 206:
-            start = _content_range_start(response.headers.get("Content-Range"))
-            if start != offset:
-                raise DownloadError(
-                    f"{url}: asked for bytes {offset}- but the server sent {response.headers.get('Content-Range')!r}"
-                )
-            mode = "ab"
-        elif status == 200:
-            offset, mode = 0, "wb"  # no Range request, or the server ignored it: restart
-        else:
-            raise DownloadError(f"{url}: unexpected HTTP status {status}")
-        length = response.headers.get("Content-Length")
-        remaining = int(length) if length and length.isdigit() else None
-        bar = None
-        if progress:
-            from tqdm import tqdm
 
-            total = offset + remaining if remaining is not None else None
-            bar = tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name
+
+def _resume_point(url: str, response: http.client.HTTPResponse, offset: int) -> tuple[int, str]:
+    """``(offset, file mode)`` the body is written at: ``(offset, "ab")`` for a 206, ``(0, "wb")`` for a 200.
+
+    Raises:
+        DownloadError: a 206 for another range than asked for, or a status other than 200/206.
+    """
+    status = response.status
+    if status == 206:
+        start = _content_range_start(response.headers.get("Content-Range"))
+        if start != offset:
+            raise DownloadError(
+                f"{url}: asked for bytes {offset}- but the server sent {response.headers.get('Content-Range')!r}"
             )
-        received = 0
-        try:
-            with open(part, mode) as f:
-                while True:
-                    chunk = response.read(CHUNK)
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    received += len(chunk)
-                    if bar is not None:
-                        bar.update(len(chunk))
-        finally:
-            if bar is not None:
-                bar.close()
-        if remaining is not None and received < remaining:
-            raise http.client.IncompleteRead(b"", remaining - received)
+        return offset, "ab"
+    if status == 200:
+        return 0, "wb"  # no Range request, or the server ignored it: restart
+    raise DownloadError(f"{url}: unexpected HTTP status {status}")
+
+
+def _save_body(
+    response: http.client.HTTPResponse,
+    part: Path,
+    mode: str,
+    offset: int,
+    remaining: int | None,
+    *,
+    progress: bool,
+) -> int:
+    """Write the response body to ``part`` (opened with ``mode``) in ``CHUNK`` pieces; returns the bytes received.
+
+    ``offset`` and ``remaining`` (``None``: unknown) size the progress bar.
+    """
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = offset + remaining if remaining is not None else None
+        bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name)
+    received = 0
+    try:
+        with open(part, mode) as f:
+            while True:
+                chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                f.write(chunk)
+                received += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return received
 
 
 def download(
@@ -185,21 +218,34 @@ def download(
         dest.unlink()  # stale or corrupted: fetch it again
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-
     if _is_local(url):
         source = _local_path(url)
         if not source.is_file():
             raise DownloadError(f"{source}: local file not found (source of {dest})")
         shutil.copyfile(source, part)
-        return _finish(part, dest, url, checksum, algo)
+    else:
+        _fetch_with_retries(
+            url, part, dest, retries=retries, backoff=backoff, timeout=timeout, progress=progress
+        )
+    return _finish(part, dest, url, checksum, algo)
 
+
+def _fetch_with_retries(
+    url: str, part: Path, dest: Path, *, retries: int, backoff: float, timeout: float, progress: bool
+) -> None:
+    """Call :func:`_fetch_once` until it succeeds, at most ``retries + 1`` times, with exponential backoff.
+
+    Raises:
+        DownloadError: a status that retrying cannot fix (4xx other than 408/429), a ``DownloadError`` from
+            the transfer, or every attempt failed (``part`` is kept for the next call to resume).
+    """
     last: BaseException | None = None
     for attempt in range(retries + 1):
         if attempt:
             time.sleep(backoff * 2 ** (attempt - 1))
         try:
             _fetch_once(url, part, timeout=timeout, progress=progress)
-            break
+            return
         except urllib.error.HTTPError as exc:
             exc.close()
             if exc.code not in _RETRY_STATUS:
@@ -211,10 +257,8 @@ def download(
             if isinstance(exc, DownloadError):
                 raise
             last = exc
-    else:
-        size = part.stat().st_size if part.exists() else 0
-        raise DownloadError(
-            f"{url}: failed after {retries + 1} attempt(s): {last!r}; {size} bytes kept in {part}, "
-            "the next run resumes from there"
-        ) from last
-    return _finish(part, dest, url, checksum, algo)
+    size = part.stat().st_size if part.exists() else 0
+    raise DownloadError(
+        f"{url}: failed after {retries + 1} attempt(s): {last!r}; {size} bytes kept in {part}, "
+        "the next run resumes from there"
+    ) from last

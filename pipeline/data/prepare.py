@@ -23,6 +23,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,46 @@ def prepare_split(
             ``0..C-1`` and ``ignore_index`` after mapping, or ``expected_count`` not matching.
     """
     image_dir, label_dir, out_dir = Path(image_dir), Path(label_dir), Path(out_dir)
+    _check_split_args(num_classes, ignore_index, shard_rows, lut)
+    pairs = _split_pairs(image_dir, label_dir, image_suffix, expected_count)
+    if lut is None:
+        lut = label_lut(num_classes, reduce_zero_label, ignore_index)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    items: Any = pairs
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(pairs, desc=f"prepare {image_dir.name}", unit="img")
+    try:
+        shards, totals = _write_shards(
+            items,
+            len(pairs),
+            tmp,
+            lut=lut,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            shard_rows=shard_rows,
+        )
+        manifest = {
+            "rows": len(pairs),
+            "num_classes": num_classes,
+            "ignore_index": ignore_index,
+            "reduce_zero_label": reduce_zero_label,
+            "class_pixels": totals.tolist(),
+            "shards": shards,
+            "split_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
+        }
+        atomic_write_json(tmp / MANIFEST, manifest, newline=True, indent=2, sort_keys=True)
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+def _check_split_args(num_classes: int, ignore_index: int, shard_rows: int, lut: np.ndarray | None) -> None:
+    """Reject a class count, ignore index, shard size or label table that the shards cannot hold."""
     if num_classes < 1 or num_classes > 255:
         raise ValueError(f"num_classes={num_classes}: expected 1..255 (labels are stored as uint8)")
     if not 0 <= ignore_index <= 255 or ignore_index < num_classes:
@@ -163,6 +204,17 @@ def prepare_split(
         raise ValueError(f"shard_rows={shard_rows}: expected a positive number of rows per shard")
     if lut is not None and (lut.shape != (256,) or lut.dtype != np.uint8):
         raise ValueError(f"lut: expected a (256,) uint8 table, got shape {lut.shape} dtype {lut.dtype}")
+
+
+def _split_pairs(
+    image_dir: Path, label_dir: Path, image_suffix: str, expected_count: int | None
+) -> list[tuple[str, Path, Path]]:
+    """The split's ``(stem, image, label)`` triples, sorted by stem; at least one, ``expected_count`` if given.
+
+    Raises:
+        DataError: a missing folder, an image without a label or a label without an image, a count other
+            than ``expected_count``, or no image at all.
+    """
     for folder, what in ((image_dir, f"images (*{image_suffix})"), (label_dir, "labels (*.png)")):
         if not folder.is_dir():
             raise DataError(f"{folder}: folder not found; expected the split's {what} there")
@@ -174,51 +226,49 @@ def prepare_split(
         )
     if not pairs:
         raise DataError(f"{image_dir}: no *{image_suffix} images found")
+    return pairs
 
-    if lut is None:
-        lut = label_lut(num_classes, reduce_zero_label, ignore_index)
+
+def _write_shards(
+    pairs: Iterable[tuple[str, Path, Path]],
+    count: int,
+    folder: Path,
+    *,
+    lut: np.ndarray,
+    num_classes: int,
+    ignore_index: int,
+    shard_rows: int,
+) -> tuple[list[dict], np.ndarray]:
+    """Encode the ``count`` rows of ``pairs`` into ``folder/shard-00000.arrow`` .. (``shard_rows`` rows each).
+
+    Returns:
+        ``(shards, class_pixels)``: ``{"name", "rows", "sha256"}`` per shard, and the (C,) int64 pixel totals.
+    """
     sch = schema(num_classes)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     totals = np.zeros(num_classes, np.int64)
     shards = []
-    items: Any = pairs
-    if progress:
-        from tqdm import tqdm
+    rows = iter(pairs)
+    for first in range(0, count, shard_rows):
+        name = f"shard-{len(shards):05d}.arrow"
+        n = min(shard_rows, count - first)
+        with pa.OSFile(str(folder / name), "wb") as sink, pa.ipc.new_file(sink, sch) as writer:
+            for start in range(0, n, BATCH_ROWS):
+                batch = [
+                    _encode_row(*next(rows), lut, num_classes, ignore_index)
+                    for _ in range(min(BATCH_ROWS, n - start))
+                ]
+                for row in batch:
+                    totals += np.asarray(row["class_pixels"], np.int64)
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=sch))
+        shards.append({"name": name, "rows": n, "sha256": file_digest(folder / name)})
+    return shards, totals
 
-        items = tqdm(pairs, desc=f"prepare {image_dir.name}", unit="img")
-    try:
-        rows = iter(items)
-        for first in range(0, len(pairs), shard_rows):
-            name = f"shard-{len(shards):05d}.arrow"
-            n = min(shard_rows, len(pairs) - first)
-            with pa.OSFile(str(tmp / name), "wb") as sink, pa.ipc.new_file(sink, sch) as writer:
-                for start in range(0, n, BATCH_ROWS):
-                    batch = [
-                        _encode_row(*next(rows), lut, num_classes, ignore_index)
-                        for _ in range(min(BATCH_ROWS, n - start))
-                    ]
-                    for row in batch:
-                        totals += np.asarray(row["class_pixels"], np.int64)
-                    writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=sch))
-            shards.append({"name": name, "rows": n, "sha256": file_digest(tmp / name)})
-        manifest = {
-            "rows": len(pairs),
-            "num_classes": num_classes,
-            "ignore_index": ignore_index,
-            "reduce_zero_label": reduce_zero_label,
-            "class_pixels": totals.tolist(),
-            "shards": shards,
-            "split_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
-        }
-        atomic_write_json(tmp / MANIFEST, manifest, newline=True, indent=2, sort_keys=True)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        swap_dir(tmp, out_dir, aside=old)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return manifest
+
+def _replace_dir(staged: Path, out_dir: Path) -> None:
+    """Put ``staged`` at ``out_dir``, the old ``out_dir`` renamed aside first and then removed."""
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    swap_dir(staged, out_dir, aside=old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_ade_layout(
@@ -246,18 +296,7 @@ def prepare_ade_layout(
     """
     root, out_dir = Path(root), Path(out_dir)
     expected = dict(expected or {})
-    unknown = sorted(set(expected) - set(ADE_SPLITS))
-    if unknown:
-        raise ValueError(
-            f"expected counts: unknown split(s) {unknown}; expected keys among {list(ADE_SPLITS)}"
-        )
-    if not (root / "images" / "training").is_dir():
-        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-        raise DataError(
-            f"{root}: expected the ADE20K release layout with images in {root / 'images' / 'training'} "
-            f"and labels in {root / 'annotations' / 'training'}; found {found or 'nothing'} "
-            "(pass the folder inside the archive, e.g. ADEChallengeData2016/)"
-        )
+    _check_ade_root(root, expected)
     out_dir.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, folder in ADE_SPLITS.items():
@@ -289,3 +328,19 @@ def prepare_ade_layout(
     }
     atomic_write_json(out_dir / MANIFEST, summary, newline=True, indent=2, sort_keys=True)
     return summary
+
+
+def _check_ade_root(root: Path, expected: dict[str, int]) -> None:
+    """Reject ``expected`` keys other than ``train``/``val`` and a ``root`` without ``images/training``."""
+    unknown = sorted(set(expected) - set(ADE_SPLITS))
+    if unknown:
+        raise ValueError(
+            f"expected counts: unknown split(s) {unknown}; expected keys among {list(ADE_SPLITS)}"
+        )
+    if not (root / "images" / "training").is_dir():
+        found = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        raise DataError(
+            f"{root}: expected the ADE20K release layout with images in {root / 'images' / 'training'} "
+            f"and labels in {root / 'annotations' / 'training'}; found {found or 'nothing'} "
+            "(pass the folder inside the archive, e.g. ADEChallengeData2016/)"
+        )

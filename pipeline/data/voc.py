@@ -141,22 +141,54 @@ def stage_trainaug(
         DataError: a missing list, image or label; a trainaug or val split of another size; an id in both.
     """
     voc, sbd = root / VOC_ROOT, root / SBD_ROOT
+    _check_extracted(root, voc, sbd)
+    lists = voc / "ImageSets" / "Segmentation"
+    listed = {
+        "voc_train": read_ids(lists / "train.txt"),
+        "voc_val": read_ids(lists / "val.txt"),
+        "sbd_train": read_ids(sbd / "train.txt"),
+        "sbd_val": read_ids(sbd / "val.txt"),
+    }
+    splits = {"train": trainaug_ids(**listed), "val": sorted(set(listed["voc_val"]))}
+    counts = {name: len(ids) for name, ids in listed.items()}
+    _check_splits(splits, counts, expected_train, expected_val, where=(lists, sbd))
+
+    voc_labelled = set(listed["voc_train"]) | set(listed["voc_val"])
+    from_sbd = 0
+    for split, ids in splits.items():
+        from_sbd += _stage_split(split, ids, voc, sbd, staged, voc_labelled, progress=progress)
+    return {**counts, "train": len(splits["train"]), "val": len(splits["val"]), "train_from_sbd": from_sbd}
+
+
+def _check_extracted(root: Path, voc: Path, sbd: Path) -> None:
+    """Both archives' top folders exist under ``root``."""
     for folder, archive in ((voc, RELEASES[0].name), (sbd, RELEASES[1].name)):
         if not folder.is_dir():
             raise DataError(
                 f"{folder}: not found; expected it inside {archive} (found {sorted(os.listdir(root))})"
             )
-    lists = voc / "ImageSets" / "Segmentation"
-    voc_train, voc_val = read_ids(lists / "train.txt"), read_ids(lists / "val.txt")
-    sbd_train, sbd_val = read_ids(sbd / "train.txt"), read_ids(sbd / "val.txt")
-    splits = {"train": trainaug_ids(voc_train, voc_val, sbd_train, sbd_val), "val": sorted(set(voc_val))}
 
+
+def _check_splits(
+    splits: dict[str, list[str]],
+    counts: dict[str, int],
+    expected_train: int,
+    expected_val: int,
+    *,
+    where: tuple[Path, Path],
+) -> None:
+    """The gates: trainaug and val have the expected sizes and share no id.
+
+    ``counts`` holds the sizes of the four lists and ``where`` the folders of VOC's and SBD's lists, for the
+    message.
+    """
+    lists, sbd = where
     recipe = "VOC train U SBD train U SBD val - VOC val"
     if len(splits["train"]) != expected_train:
         raise DataError(
             f"trainaug ({recipe}) has {len(splits['train'])} images, expected {expected_train} "
-            f"(VOC train {len(voc_train)}, SBD train {len(sbd_train)}, SBD val {len(sbd_val)}, "
-            f"VOC val {len(voc_val)}; lists in {lists} and {sbd})"
+            f"(VOC train {counts['voc_train']}, SBD train {counts['sbd_train']}, SBD val {counts['sbd_val']}, "
+            f"VOC val {counts['voc_val']}; lists in {lists} and {sbd})"
         )
     if len(splits["val"]) != expected_val:
         raise DataError(f"{lists / 'val.txt'}: {len(splits['val'])} images, expected {expected_val}")
@@ -164,47 +196,53 @@ def stage_trainaug(
     if overlap:  # impossible by construction; kept as the gate the benchmark's integrity rests on
         raise DataError(f"trainaug and val share {len(overlap)} image(s), e.g. {overlap[:5]}")
 
-    voc_labelled = set(voc_train) | set(voc_val)
-    from_sbd = 0
-    for split, ids in splits.items():
-        folder = ADE_SPLITS[split]
-        image_dir, label_dir = staged / "images" / folder, staged / "annotations" / folder
-        image_dir.mkdir(parents=True)
-        label_dir.mkdir(parents=True)
-        items = ids
-        if progress:
-            from tqdm import tqdm
 
-            items = tqdm(ids, desc=f"voc {split} labels", unit="img")
-        for image_id in items:
-            image = voc / "JPEGImages" / f"{image_id}.jpg"
-            if not image.is_file():
-                image = sbd / "img" / f"{image_id}.jpg"
-            if not image.is_file():
-                raise DataError(
-                    f"image {image_id!r} of split {split}: neither {voc / 'JPEGImages' / (image_id + '.jpg')} "
-                    f"nor {image} exists"
-                )
-            voc_png = voc / "SegmentationClass" / f"{image_id}.png"
-            sbd_mat = sbd / "cls" / f"{image_id}.mat"
-            # VOC annotates it: VOC's label (finer, with boundaries); otherwise SBD's.
-            label_path = voc_png if image_id in voc_labelled else sbd_mat
-            if not label_path.is_file():
-                raise DataError(f"image {image_id!r} of split {split}: no label file; expected {label_path}")
-            if label_path is voc_png:
-                label = read_voc_label(voc_png)
-            else:
-                label = read_sbd_label(sbd_mat)
-                from_sbd += 1
-            _link(image, image_dir / f"{image_id}.jpg")
-            if not cv2.imwrite(str(label_dir / f"{image_id}.png"), label):
-                raise DataError(f"{label_dir / (image_id + '.png')}: could not write the label PNG")
-    return {
-        "voc_train": len(voc_train),
-        "voc_val": len(voc_val),
-        "sbd_train": len(sbd_train),
-        "sbd_val": len(sbd_val),
-        "train": len(splits["train"]),
-        "val": len(splits["val"]),
-        "train_from_sbd": from_sbd,
-    }
+def _stage_split(
+    split: str, ids: list[str], voc: Path, sbd: Path, staged: Path, voc_labelled: set[str], *, progress: bool
+) -> int:
+    """Link the images and write the label PNGs of one split into ``staged``; returns how many labels are SBD's."""
+    folder = ADE_SPLITS[split]
+    image_dir, label_dir = staged / "images" / folder, staged / "annotations" / folder
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    items = ids
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(ids, desc=f"voc {split} labels", unit="img")
+    from_sbd = 0
+    for image_id in items:
+        image, label, is_sbd = _read_pair(image_id, split, voc, sbd, voc_labelled)
+        from_sbd += is_sbd
+        _link(image, image_dir / f"{image_id}.jpg")
+        if not cv2.imwrite(str(label_dir / f"{image_id}.png"), label):
+            raise DataError(f"{label_dir / (image_id + '.png')}: could not write the label PNG")
+    return from_sbd
+
+
+def _read_pair(
+    image_id: str, split: str, voc: Path, sbd: Path, voc_labelled: set[str]
+) -> tuple[Path, np.ndarray, bool]:
+    """One id's image file (VOC's ``JPEGImages``, else SBD's ``img/``) and label.
+
+    The label is VOC's (finer, with boundaries) when VOC annotates the id, otherwise SBD's.
+
+    Returns:
+        ``(image path, label (H, W) uint8, whether the label is SBD's)``.
+    """
+    image = voc / "JPEGImages" / f"{image_id}.jpg"
+    if not image.is_file():
+        image = sbd / "img" / f"{image_id}.jpg"
+    if not image.is_file():
+        raise DataError(
+            f"image {image_id!r} of split {split}: neither {voc / 'JPEGImages' / (image_id + '.jpg')} "
+            f"nor {image} exists"
+        )
+    from_voc = image_id in voc_labelled
+    label_path = (
+        voc / "SegmentationClass" / f"{image_id}.png" if from_voc else sbd / "cls" / f"{image_id}.mat"
+    )
+    if not label_path.is_file():
+        raise DataError(f"image {image_id!r} of split {split}: no label file; expected {label_path}")
+    label = read_voc_label(label_path) if from_voc else read_sbd_label(label_path)
+    return image, label, not from_voc
