@@ -308,16 +308,7 @@ def predict_images(
     """
     from tqdm import tqdm
 
-    if protocol not in labeler.protocols:
-        raise PredictError(f"--protocol {protocol!r} is not one of {sorted(labeler.protocols)}")
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise PredictError(f"--format {fmt!r} is not one of {list(FORMATS)}")
-        if labeler.num_classes != FORMAT_CLASSES[fmt]:
-            raise PredictError(
-                f"--format {fmt}: the server scores {FORMAT_CLASSES[fmt]} classes, the model predicts "
-                f"{labeler.num_classes} (benchmark {labeler.benchmark or '?'})"
-            )
+    _check_options(labeler, protocol, fmt)
     files = collect_images(inputs)
     for path in files:  # all inputs are checked before anything is written
         read_rgb(path)
@@ -330,18 +321,54 @@ def predict_images(
         image = read_rgb(path)
         labels = labeler.scores(image, protocol).argmax(0).numpy().astype(np.uint8)  # (H, W)
         totals += np.bincount(labels.ravel(), minlength=labeler.num_classes)
-        _write_png(out / "labels" / f"{path.stem}.png", labels)
-        vis = overlay(image, labels, labeler.palette, labeler.class_names)
-        _write_png(out / "overlays" / f"{path.stem}.png", cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
-        if fmt == "voc":
-            target = out / "voc" / VOC_RESULTS / f"{path.stem}.png"
-            _write_voc(target, labels)
-        elif fmt is not None:
-            target = out / fmt / f"{path.stem}.png"
-            _write_png(target, submission_map(labels, fmt))
+        target = _write_outputs(out, path.stem, image, labels, labeler, fmt)
         if fmt is not None:
             written.append(target)
-    submission = None
+    submission = _write_archive(out, fmt, written)
+    present = {labeler.class_names[c]: int(totals[c]) for c in np.flatnonzero(totals)}
+    return {
+        "images": len(files),
+        "labels": str(out / "labels"),
+        "overlays": str(out / "overlays"),
+        "submission": str(submission) if submission else (str(out / fmt) if fmt else None),
+        "classes": present,
+    }
+
+
+def _check_options(labeler: LabelMapper, protocol: str, fmt: str | None) -> None:
+    """Refuse a protocol the labeler lacks, an unknown format, or a format scoring another class count."""
+    if protocol not in labeler.protocols:
+        raise PredictError(f"--protocol {protocol!r} is not one of {sorted(labeler.protocols)}")
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise PredictError(f"--format {fmt!r} is not one of {list(FORMATS)}")
+        if labeler.num_classes != FORMAT_CLASSES[fmt]:
+            raise PredictError(
+                f"--format {fmt}: the server scores {FORMAT_CLASSES[fmt]} classes, the model predicts "
+                f"{labeler.num_classes} (benchmark {labeler.benchmark or '?'})"
+            )
+
+
+def _write_outputs(
+    out: Path, stem: str, image: np.ndarray, labels: np.ndarray, labeler: LabelMapper, fmt: str | None
+) -> Path | None:
+    """One image's label map, overlay and (with ``fmt``) server file; returns the server file's path."""
+    _write_png(out / "labels" / f"{stem}.png", labels)
+    vis = overlay(image, labels, labeler.palette, labeler.class_names)
+    _write_png(out / "overlays" / f"{stem}.png", cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+    if fmt == "voc":
+        target = out / "voc" / VOC_RESULTS / f"{stem}.png"
+        _write_voc(target, labels)
+        return target
+    if fmt is not None:
+        target = out / fmt / f"{stem}.png"
+        _write_png(target, submission_map(labels, fmt))
+        return target
+    return None
+
+
+def _write_archive(out: Path, fmt: str | None, written: list[Path]) -> Path | None:
+    """The one file a server takes, where it takes one (ADE20K: a ZIP, VOC: a tar.gz of ``results/``)."""
     if fmt == "ade20k":  # the scene-parsing server takes one ZIP of <image name>.png files
         submission = out / "ade20k_submission.zip"
 
@@ -351,7 +378,8 @@ def predict_images(
                     z.write(p, p.name)
 
         _atomic(submission, write_zip)
-    elif fmt == "voc":  # the VOC server takes an archive of the results/ tree
+        return submission
+    if fmt == "voc":  # the VOC server takes an archive of the results/ tree
         submission = out / "voc_results.tar.gz"
 
         def write_tar(f: Any) -> None:
@@ -360,11 +388,5 @@ def predict_images(
                     t.add(p, str(VOC_RESULTS / p.name))
 
         _atomic(submission, write_tar)
-    present = {labeler.class_names[c]: int(totals[c]) for c in np.flatnonzero(totals)}
-    return {
-        "images": len(files),
-        "labels": str(out / "labels"),
-        "overlays": str(out / "overlays"),
-        "submission": str(submission) if submission else (str(out / fmt) if fmt else None),
-        "classes": present,
-    }
+        return submission
+    return None

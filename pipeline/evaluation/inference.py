@@ -381,19 +381,8 @@ def predict(
     Raises:
         ValueError: a malformed image or setting, or score buffers larger than ``memory_budget_mb``.
     """
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"image must be an (H, W, 3) uint8 RGB array, got {desc}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    _check_arguments(image, batch_size, precision, device)
     device = torch.device(device)
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError(
-            "precision 'bf16' on this CPU would be emulated (no AVX512-BF16/AMX) and slower than fp32; "
-            "set eval.cpu_precision: fp32"
-        )
     started = time.perf_counter()
     h, w = image.shape[:2]
     run = _Runner(
@@ -433,6 +422,22 @@ def predict(
     if stats is not None:
         stats.total_s += time.perf_counter() - started
     return total.cpu()
+
+
+def _check_arguments(image: np.ndarray, batch_size: int, precision: str, device: str | torch.device) -> None:
+    """Refuse a malformed image, batch size or precision, and bf16 on a CPU that would emulate it."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be an (H, W, 3) uint8 RGB array, got {desc}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if precision == "bf16" and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError(
+            "precision 'bf16' on this CPU would be emulated (no AVX512-BF16/AMX) and slower than fp32; "
+            "set eval.cpu_precision: fp32"
+        )
 
 
 def _images_per_pass(

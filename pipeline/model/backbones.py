@@ -251,59 +251,82 @@ def fetch_pretrained(
     for b in backbones:
         url = b.url if "://" in b.url else str(root / b.url)
         if "://" not in b.url and not Path(url).is_file():
-            if b.name not in optional:
-                raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
-            print(
-                f"[pretrained] WARNING {b.name} skipped: {url} is absent ({b.note}); only study cells use it. "
-                f"Place it and run `dvc repro -f pretrained@<benchmark>`.",
-                file=sys.stderr,
-            )
-            manifest[b.name] = {"name": b.name, "url": b.url, "missing": True}
+            manifest[b.name] = _skip_absent(b, url, optional)
             continue
         raw = cache_dir / Path(b.url).name
         pin = pins.get(raw.name) if not b.sha256 else None
-        expected = b.sha256 or pin
-        full = expected if expected and len(expected) == 64 else None
-        try:
-            download(url, raw, checksum=full, algo="sha256", progress=progress)
-            # mmseg's published prefix (8 hex digits of a torch.hub file name), a first-use pin, or nothing
-            digest = verify_checksum(raw, expected, min_prefix=8) if expected else file_digest(raw)
-        except (ValueError, OSError) as exc:  # ChecksumError, DownloadError, WeightsError
-            raw.unlink(missing_ok=True)  # wrong bytes are not kept (a partial .part is, for resuming)
-            why = (
-                f" (pinned on first use in {pins_path}; remove that entry if the release changed)"
-                if pin
-                else ""
-            )
-            raise WeightsError(f"{b.name} ({b.url}): {exc}{why}") from exc
-        try:
-            state, info = convert_backbone(raw, b.layout)
-            if (info["depth"], tuple(info["stem_widths"]), info["width"]) != (
-                b.depth,
-                tuple(b.stem_widths),
-                b.width,
-            ):
-                raise WeightsError(
-                    f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
-                    f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
-                )
-        except WeightsError as exc:  # not the checkpoint the URL should serve: never cache it
-            raw.unlink(missing_ok=True)
-            raise WeightsError(
-                f"{exc}. {raw.name} from {b.url} is not the expected {b.name} checkpoint; the file was removed, "
-                "so the next run downloads it again (a proxy or login page in the way? check the URL)"
-            ) from exc
-        if not expected:
-            pins[raw.name] = digest  # pinned on first use: later runs verify the cached file against it
-            atomic_write_json(pins_path, pins, indent=2, sort_keys=True)
-            print(
-                f"[pretrained] WARNING {b.name}: no published checksum; sha256 {digest} pinned on first use in "
-                f"{pins_path} (later runs verify against it)",
-                file=sys.stderr,
-            )
+        digest = _download_verified(b, url, raw, pin, pins_path, download, progress)
+        state, info = _convert_checked(b, raw)
+        if not (b.sha256 or pin):
+            _pin_first_use(b, raw.name, digest, pins, pins_path)
         entry = {"name": b.name, "url": b.url, "sha256": digest, "pinned": bool(b.sha256), **info}
         entry["verified"] = "published checksum" if b.sha256 else ("first-use pin" if pin else "pinned now")
         save_backbone(out_dir / f"{b.name}.pt", state, entry)
         manifest[b.name] = entry | {"file": f"{b.name}.pt"}
     atomic_write_json(out_dir / "manifest.json", manifest, indent=2, sort_keys=True)
     return manifest
+
+
+def _skip_absent(b: Backbone, url: str, optional: set[str]) -> dict[str, Any]:
+    """The manifest entry of a local-only backbone whose file is absent: an error unless ``b`` is optional."""
+    if b.name not in optional:
+        raise WeightsError(f"{url}: {b.name} has no public URL; {b.note} (expected at {b.url})")
+    print(
+        f"[pretrained] WARNING {b.name} skipped: {url} is absent ({b.note}); only study cells use it. "
+        f"Place it and run `dvc repro -f pretrained@<benchmark>`.",
+        file=sys.stderr,
+    )
+    return {"name": b.name, "url": b.url, "missing": True}
+
+
+def _download_verified(
+    b: Backbone, url: str, raw: Path, pin: str | None, pins_path: Path, download: Downloader, progress: bool
+) -> str:
+    """Download ``url`` to ``raw`` (resuming) and return its sha256, checked against the published checksum
+    or the first-use ``pin`` where there is one; wrong bytes are removed."""
+    expected = b.sha256 or pin
+    full = expected if expected and len(expected) == 64 else None
+    try:
+        download(url, raw, checksum=full, algo="sha256", progress=progress)
+        # mmseg's published prefix (8 hex digits of a torch.hub file name), a first-use pin, or nothing
+        return verify_checksum(raw, expected, min_prefix=8) if expected else file_digest(raw)
+    except (ValueError, OSError) as exc:  # ChecksumError, DownloadError, WeightsError
+        raw.unlink(missing_ok=True)  # wrong bytes are not kept (a partial .part is, for resuming)
+        why = (
+            f" (pinned on first use in {pins_path}; remove that entry if the release changed)" if pin else ""
+        )
+        raise WeightsError(f"{b.name} ({b.url}): {exc}{why}") from exc
+
+
+def _convert_checked(b: Backbone, raw: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """:func:`convert_backbone` of the download ``raw``, checked to be the architecture ``b`` names; a file
+    that is not (a proxy's web page, another network) is removed so that the next run downloads it again."""
+    try:
+        state, info = convert_backbone(raw, b.layout)
+        if (info["depth"], tuple(info["stem_widths"]), info["width"]) != (
+            b.depth,
+            tuple(b.stem_widths),
+            b.width,
+        ):
+            raise WeightsError(
+                f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
+                f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
+            )
+    except WeightsError as exc:  # not the checkpoint the URL should serve: never cache it
+        raw.unlink(missing_ok=True)
+        raise WeightsError(
+            f"{exc}. {raw.name} from {b.url} is not the expected {b.name} checkpoint; the file was removed, "
+            "so the next run downloads it again (a proxy or login page in the way? check the URL)"
+        ) from exc
+    return state, info
+
+
+def _pin_first_use(b: Backbone, file_name: str, digest: str, pins: dict[str, str], pins_path: Path) -> None:
+    """Record ``digest`` for ``file_name`` in ``pins`` and the pins file: later runs verify against it."""
+    pins[file_name] = digest
+    atomic_write_json(pins_path, pins, indent=2, sort_keys=True)
+    print(
+        f"[pretrained] WARNING {b.name}: no published checksum; sha256 {digest} pinned on first use in "
+        f"{pins_path} (later runs verify against it)",
+        file=sys.stderr,
+    )

@@ -19,8 +19,10 @@ import torch
 
 from pipeline import sweep_report, tracking
 from pipeline.config import (
+    BenchmarkConfig,
     Params,
     RayConfig,
+    StudyConfig,
     SweepConfig,
     benchmark_from_dict,
     config_hash,
@@ -81,42 +83,54 @@ def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> t
 
 
 def _study_trial(config: dict) -> None:
+    """One Tune trial: the cell's config at one seed trained and scored (or a finished identical run's metrics
+    reused), logged to this trial's MLflow child run and reported to Tune without the per-class IoUs."""
     trial_id = ray.tune.get_context().get_trial_id()
     study = study_from_dict(config["study"])
     base = benchmark_from_dict(config["bench"])
     bench = study_cell_config(base, study, config["cell"], seed=int(config["seed"]))
-    uri, parent, exp_id = config["mlflow_uri"], config["parent_run_id"], config["experiment_id"]
+    uri, exp_id = config["mlflow_uri"], config["experiment_id"]
     chash, code = config_hash(bench), config["code"]  # the driver's fingerprint: part of this study's key
-
-    def child_run(extra_tags: dict) -> str:
-        """This trial's child run: found again after a restart, else created with the cell's tags."""
-        tags = {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial_id}
-        return tracking.find_run(uri, exp_id, tags) or tracking.start_run(
-            uri,
-            exp_id,
-            run_name=f"{config['study_name']}/{config['cell']}/seed{config['seed']}",
-            tags=tags
-            | {
-                STUDY_TAG: config["study_name"],
-                CELL_TAG: config["cell"],
-                SEED_TAG: str(config["seed"]),
-                tracking.CONFIG_HASH_TAG: chash,
-                tracking.CODE_TAG: code,
-                tracking.BENCHMARK_TAG: study.benchmark,
-            }
-            | extra_tags,
-            params=flatten(bench),
-        )
-
     reuse = _finished_cell_run(uri, exp_id, chash, code, study.protocols)
     if reuse is not None:  # the same configuration and seed was trained and scored by another study
         metrics, source = reuse
-        run_id = child_run({"pspnet.reused_from": source})
-        tracking.log_metrics(uri, run_id, metrics, step=bench.train.iterations)
-        tracking.finish_run(uri, run_id)
-        ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
-        return
-    run_id = child_run({})
+        run_id = _child_run(config, trial_id, study, bench, chash, {"pspnet.reused_from": source})
+    else:
+        run_id = _child_run(config, trial_id, study, bench, chash, {})
+        metrics = _train_and_score(config, trial_id, study, bench, run_id)
+    tracking.log_metrics(uri, run_id, metrics, step=bench.train.iterations)
+    tracking.finish_run(uri, run_id)
+    ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
+
+
+def _child_run(
+    config: dict, trial_id: str, study: StudyConfig, bench: BenchmarkConfig, chash: str, extra_tags: dict
+) -> str:
+    """This trial's child run: found again after a restart, else created with the cell's tags."""
+    uri, exp_id = config["mlflow_uri"], config["experiment_id"]
+    tags = {tracking.PARENT_TAG: config["parent_run_id"], tracking.TRIAL_TAG: trial_id}
+    return tracking.find_run(uri, exp_id, tags) or tracking.start_run(
+        uri,
+        exp_id,
+        run_name=f"{config['study_name']}/{config['cell']}/seed{config['seed']}",
+        tags=tags
+        | {
+            STUDY_TAG: config["study_name"],
+            CELL_TAG: config["cell"],
+            SEED_TAG: str(config["seed"]),
+            tracking.CONFIG_HASH_TAG: chash,
+            tracking.CODE_TAG: config["code"],
+            tracking.BENCHMARK_TAG: study.benchmark,
+        }
+        | extra_tags,
+        params=flatten(bench),
+    )
+
+
+def _train_and_score(
+    config: dict, trial_id: str, study: StudyConfig, bench: BenchmarkConfig, run_id: str
+) -> dict[str, float]:
+    """Train the cell with Ray Train (logging into ``run_id``), then score its final model on the CPU."""
     result = build_trainer(
         bench,
         RayConfig(**config["ray"]),
@@ -125,7 +139,7 @@ def _study_trial(config: dict) -> None:
             benchmark=study.benchmark,
             train_dir=config["train_dir"],
             val_dir=config["val_dir"],
-            mlflow_uri=uri,
+            mlflow_uri=config["mlflow_uri"],
             run_id=run_id,
             root=config["root"],
         ),
@@ -135,10 +149,7 @@ def _study_trial(config: dict) -> None:
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     torch.set_num_threads(1)
-    metrics = _evaluate(bench, state, Path(config["val_dir"]), tuple(study.protocols))
-    tracking.log_metrics(uri, run_id, metrics, step=bench.train.iterations)
-    tracking.finish_run(uri, run_id)
-    ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
+    return _evaluate(bench, state, Path(config["val_dir"]), tuple(study.protocols))
 
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
@@ -152,6 +163,15 @@ def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
 
 
 def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Path) -> dict:
+    """Run study ``name``: every (cell, seed) a Tune trial under one MLflow parent run, then the report.
+
+    A driver killed mid-study resumes its Tune experiment and parent run (both keyed by the study's
+    configuration and code fingerprint). Raises ``RuntimeError`` (the parent run marked FAILED) when a trial
+    failed.
+
+    Returns:
+        :func:`pipeline.sweep_report.write_study`'s summary and ``parent_run_id``.
+    """
     study = params.study(name)
     base = params.benchmark(study.benchmark)
     data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
@@ -164,7 +184,38 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     code = tracking.code_fingerprint()
     shash = config_hash({"study": to_dict(study), "bench": to_dict(base), "code": code})
     study_dir = f"study-{name}-{shash}"
-    parent = tracking.open_parent_run(
+    parent = _open_study_run(uri, exp_id, shash, study_dir, name, study, root, code)
+    storage = default_storage(params.ray, root)
+    space = {
+        "cell": ray.tune.grid_search(list(study.cells)),
+        "seed": ray.tune.grid_search(list(study.seeds)),
+        "study": to_dict(study),
+        "bench": to_dict(base),
+        "ray": to_dict(params.ray),
+        "study_name": name,
+        "study_dir": study_dir,
+        "train_dir": str(data_dir / "train"),
+        "val_dir": str(data_dir / "val"),
+        "mlflow_uri": uri,
+        "parent_run_id": parent,
+        "experiment_id": exp_id,
+        "storage_path": storage,
+        "root": str(root),
+        "code": code,
+    }
+    results = _run_trials(space, base, study)
+    errors = [r.error for r in results if r.error is not None]
+    if errors:
+        tracking.finish_run(uri, parent, "FAILED")
+        raise RuntimeError(f"study {name}: {len(errors)} trial(s) failed; first: {errors[0]!r}")
+    return _write_report(name, study, params, uri, exp_id, parent, out_dir)
+
+
+def _open_study_run(
+    uri: str, exp_id: str, shash: str, study_dir: str, name: str, study: StudyConfig, root: Path, code: str
+) -> str:
+    """The study's MLflow parent run (the running one with this hash after a restart, else a new one)."""
+    return tracking.open_parent_run(
         uri,
         exp_id,
         shash,
@@ -179,31 +230,19 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         },
         params={f"study.{k}": v for k, v in flatten(study).items()},
     )
-    storage = default_storage(params.ray, root)
-    exp_path = f"{storage.rstrip('/')}/{study_dir}"
+
+
+def _run_trials(space: dict, base: BenchmarkConfig, study: StudyConfig) -> ray.tune.ResultGrid:
+    """The Tune grid over ``space`` (cells x seeds), restored if its driver died, run to the end; the first
+    cell's config sizes how many trials run at once."""
+    study_dir, storage = space["study_dir"], space["storage_path"]
     trainable = ray.tune.with_resources(_study_trial, trial_driver_resources())
 
     def build() -> ray.tune.Tuner:
         t0 = study_cell_config(base, study, next(iter(study.cells)), seed=study.seeds[0])
         return ray.tune.Tuner(
             trainable,
-            param_space={
-                "cell": ray.tune.grid_search(list(study.cells)),
-                "seed": ray.tune.grid_search(list(study.seeds)),
-                "study": to_dict(study),
-                "bench": to_dict(base),
-                "ray": to_dict(params.ray),
-                "study_name": name,
-                "study_dir": study_dir,
-                "train_dir": str(data_dir / "train"),
-                "val_dir": str(data_dir / "val"),
-                "mlflow_uri": uri,
-                "parent_run_id": parent,
-                "experiment_id": exp_id,
-                "storage_path": storage,
-                "root": str(root),
-                "code": code,
-            },
+            param_space=space,
             tune_config=ray.tune.TuneConfig(
                 max_concurrent_trials=max_concurrent_trials(t0, SweepConfig(), ray.cluster_resources())
             ),
@@ -212,13 +251,15 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
             ),
         )
 
-    tuner = restore_or_build(exp_path, trainable, build, "study")
-    results = tuner.fit()
-    errors = [r.error for r in results if r.error is not None]
-    if errors:
-        tracking.finish_run(uri, parent, "FAILED")
-        raise RuntimeError(f"study {name}: {len(errors)} trial(s) failed; first: {errors[0]!r}")
+    tuner = restore_or_build(f"{storage.rstrip('/')}/{study_dir}", trainable, build, "study")
+    return tuner.fit()
 
+
+def _write_report(
+    name: str, study: StudyConfig, params: Params, uri: str, exp_id: str, parent: str, out_dir: Path
+) -> dict:
+    """The finished child runs read back from MLflow, aggregated into ``out_dir`` and logged to the parent run
+    (which is then closed)."""
     runs = collect_runs(uri, exp_id, parent)
     summary = sweep_report.write_study(
         name,
