@@ -175,7 +175,10 @@ class TrainConfig:
     use_gpu: bool = True
     cpus_per_worker: int = num(1, 1)
     loader_workers: int = num(0, 0)
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; CPU workers always run fp32
+    precision: Literal["fp32", "bf16"] = "bf16"  # the network's precision on CUDA (bf16 autocast)
+    # ... and on CPU workers: "bf16" (the same autocast) needs native bf16 (AVX512-BF16 or AMX) and is refused
+    # where it would be emulated; measured in benchmarks/train_step.py. The default keeps CPU training exact.
+    cpu_precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = True  # memory format on CUDA
     compile: bool = False  # torch.compile the model on CUDA
     max_failures: int = num(3, 0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.evaluation.inference import cpu_has_native_bf16
 from pipeline.model.pspnet import build_model
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
 from pipeline.training.sampler import IterationSampler
@@ -69,3 +70,49 @@ def test_torch_rng_reseed_is_deterministic():
     a = torch.rand(3)
     _reseed_torch(0, 1, 200)
     assert torch.equal(a, torch.rand(3))
+
+
+def _one_step(precision: str) -> tuple[float, set[torch.dtype]]:
+    """One real training step of the tiny synthetic PSPNet under ``train.cpu_precision``: its loss and the
+    dtypes the convolutions produced."""
+    from pipeline.config import params_from_dict
+    from pipeline.training import worker
+    from tests.conftest import tiny_params_dict
+
+    bench = params_from_dict(tiny_params_dict(cpu_precision=precision)).benchmark("synthetic")
+    torch.manual_seed(0)
+    model = build_model(bench.model, bench.data.num_classes).train()
+    opt = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4, head_lr_mult=10)
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.randint(0, bench.data.num_classes, (2, 64, 64))
+    dtypes: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    window = worker._Window()
+    worker._train_step(model, opt, iter([(images, labels)]), 0, bench, torch.device("cpu"), window)
+    for h in hooks:
+        h.remove()
+    return window.sums["loss"], dtypes
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_cpu_bf16_training_autocasts_and_stays_near_fp32():
+    fp32_loss, fp32_types = _one_step("fp32")
+    bf16_loss, bf16_types = _one_step("bf16")
+    assert fp32_types == {torch.float32} and bf16_types == {torch.bfloat16}
+    assert bf16_loss == pytest.approx(fp32_loss, rel=0.05) and bf16_loss != fp32_loss
+
+
+def test_cpu_bf16_training_refused_where_emulated(monkeypatch):
+    from pipeline.config import params_from_dict
+    from pipeline.training import worker
+    from tests.conftest import tiny_params_dict
+
+    bench = params_from_dict(tiny_params_dict(cpu_precision="bf16")).benchmark("synthetic")
+    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="train.cpu_precision: bf16 on this CPU would be emulated"):
+        worker.train_precision(bench, torch.device("cpu"))
+    assert worker.train_precision(bench, torch.device("cuda")) == "bf16"  # train.precision on GPUs

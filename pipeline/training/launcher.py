@@ -31,6 +31,7 @@ from pipeline.training.worker import (
     PAPER_BATCH,
     effective_base_lr,
     load_training_state,
+    train_precision,
 )
 
 PAPER_BN_BATCH = 16  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
@@ -121,7 +122,7 @@ def _open_run(
         "pspnet.split_hash": str(manifest.get("dataset_hash", "")),
         "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
         "pspnet.effective_base_lr": f"{effective_base_lr(bench):g}",
-        "pspnet.precision": t.precision if t.use_gpu else "fp32 (CPU)",
+        "pspnet.precision": t.precision if t.use_gpu else f"{t.cpu_precision} (CPU)",
         "pspnet.sync_bn": str(t.use_gpu and t.num_workers > 1),
     }
     run_id = tracking.start_run(
@@ -200,6 +201,8 @@ def train(
     bench = params.benchmark(benchmark)
     data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
     _check_inputs(bench, benchmark, data_dir, force)
+    if not bench.train.use_gpu and not ray_address(params.ray.address):
+        train_precision(bench, torch.device("cpu"))  # the local workers run on this CPU: bf16 native here?
     storage = default_storage(params.ray, root)
     check_storage(storage)
     init_ray(params.ray.address)

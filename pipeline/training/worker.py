@@ -35,7 +35,7 @@ from pipeline import tracking
 from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
-from pipeline.evaluation.inference import Protocol
+from pipeline.evaluation.inference import Protocol, cpu_has_native_bf16
 from pipeline.evaluation.split import evaluate_split
 from pipeline.model.backbones import init_from_pretrained
 from pipeline.model.checkpoint import load_torch, save_torch
@@ -173,6 +173,20 @@ def validate(
     return result.matrix.compute()
 
 
+def train_precision(bench: BenchmarkConfig, device: torch.device) -> str:
+    """The network's precision on ``device``: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU
+    (bf16 refused on a CPU without native bf16, where it would be emulated and slower than fp32)."""
+    t = bench.train
+    if device.type == "cuda":
+        return t.precision
+    if t.cpu_precision == "bf16" and not cpu_has_native_bf16():
+        raise ValueError(
+            "train.cpu_precision: bf16 on this CPU would be emulated (no AVX512-BF16/AMX) and slower than "
+            "fp32; set train.cpu_precision: fp32"
+        )
+    return t.cpu_precision
+
+
 def _build_model_and_optimizer(
     bench: BenchmarkConfig, cfg: dict, device: torch.device, world: int
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -307,7 +321,7 @@ def _train_step(
     """One SGD iteration (poly LR, forward, PSPNet loss, backward, step); returns the learning rate."""
     t = bench.train
     cuda = device.type == "cuda"
-    autocast_dtype = torch.bfloat16 if cuda and t.precision == "bf16" else None
+    autocast_dtype = torch.bfloat16 if train_precision(bench, device) == "bf16" else None
     t0 = time.perf_counter()
     images, labels = next(batches)
     images = images.to(device, non_blocking=True)
@@ -371,6 +385,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.set_num_threads(max(1, t.cpus_per_worker))
     uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
     log = rank == 0
+    train_precision(bench, device)  # bf16 on a CPU without native bf16 fails here, before any work
 
     model, optimizer = _build_model_and_optimizer(bench, cfg, device, world)
     start, restored_from = _restore(model, optimizer, bench, device)
