@@ -6,15 +6,20 @@
 
 Prints images/s, the model FLOPs of one training image (counted with torch's FlopCounterMode on the real
 forward + backward; the issue quotes ~1.02 TFLOP for PSPNet-50 at 473 px) and the model-FLOP utilisation
-against ``--peak-tflops`` (default: 989 dense bf16 TFLOP/s on an H100 SXM when CUDA is present). The reference
-measured in the same run is the plain path (fp32, default memory format, eager); the ratio is
-fast-path / reference throughput. On CPU the fast paths are channels_last and, on CPUs with native bf16
-(AVX512-BF16 / AMX), the bf16 autocast that ``train.cpu_precision: bf16`` turns on (the issue's goal: >= 1.6x).
+against ``--peak-tflops`` (default on CUDA: the device's dense bf16 peak from ``PEAK_BF16_TFLOPS``; a device
+not in the table prints MFU as n/a; the goal is >= 45 % for the bf16 path on a current datacenter GPU).
+The reference measured in the same run is the plain path (fp32, default memory format, eager); the ratio is
+fast-path / reference throughput. ``--no-reference`` skips it (e.g. at a batch where only the fast path fits);
+a CUDA out-of-memory error exits with status 3 (``benchmarks/gpu.sh`` reports that batch as not fitting).
+On CPU the fast paths are channels_last and, on CPUs with native bf16 (AVX512-BF16 / AMX), the bf16 autocast
+that ``train.cpu_precision: bf16`` turns on (the issue's goal: >= 1.6x).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
 import time
 
 import torch
@@ -25,6 +30,39 @@ from pipeline.evaluation.inference import cpu_has_native_bf16
 from pipeline.model.pspnet import build_model
 from pipeline.training.losses import pspnet_loss
 from pipeline.training.optim import build_optimizer
+
+# Dense (no structured sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets (which quote the
+# sparse figure, twice these): H100 SXM 1,979 / PCIe 1,513 / NVL 1,671; H200 SXM 1,979 / NVL 1,671 (GH200 as
+# H100/H200 SXM); A100 624 (SXM and PCIe); L40S 733; L4 242.5; A10 250. Each key matches whole words of
+# the name torch reports ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"), in this order: the first match wins,
+# so "H100 PCIe" is tried before "H100", and "A10G" or "L40" match nothing (rather than A10 or L4).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H200 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+)
+REFERENCE = "reference (fp32, eager)"
+
+
+def _words(name: str) -> list[str]:
+    return re.split(r"[\s\-_]+", name.upper().strip())
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name`` (``torch.cuda.get_device_name()``), or None."""
+    words = _words(device_name)
+    for key, tflops in PEAK_BF16_TFLOPS:
+        k = _words(key)
+        if any(words[i : i + len(k)] == k for i in range(len(words) - len(k) + 1)):
+            return tflops
+    return None
 
 
 def make_step(model, optimizer, images, labels, *, bf16: bool, channels_last: bool):
@@ -58,42 +96,42 @@ def time_step(step, warmup: int, iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depth", type=int, default=50)
     ap.add_argument("--classes", type=int, default=150)
     ap.add_argument("--size", type=int, default=None, help="crop size (default 473 on CUDA, 129 on CPU)")
     ap.add_argument("--batch", type=int, default=None, help="per-device batch (default 8 on CUDA, 2 on CPU)")
     ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak for the MFU (default: the CUDA device's, from the table)",
+    )
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--no-reference", action="store_true", help="skip the fp32 eager reference")
     ap.add_argument(
         "--benchmark", default="", help="take model, classes, crop and per-worker batch from params"
     )
-    args = ap.parse_args()
-    model_cfg = ModelConfig(depth=args.depth)
-    if args.benchmark:
-        bench = load_params("params.yaml").benchmark(args.benchmark)
-        model_cfg, args.classes = bench.model, bench.data.num_classes
-        args.size = args.size or bench.train.augment.crop_size
-        args.batch = args.batch or bench.train.batch_size // bench.train.num_workers
+    return ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    size = args.size or (473 if cuda else 129)
-    batch = args.batch or (8 if cuda else 2)
-    iters = args.iters or (20 if cuda else 3)
-    peak = args.peak_tflops or (989.0 if cuda else None)
-    torch.manual_seed(0)
 
-    def fresh():
-        model = build_model(model_cfg, args.classes).to(device).train()
-        opt = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4, head_lr_mult=10)
-        return model, opt
+def peak_for(device: torch.device, given: float | None) -> tuple[float | None, str]:
+    """The peak the MFU is computed against and where it comes from (None: no MFU)."""
+    if given:
+        return given, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "MFU n/a on CPU (pass --peak-tflops to compute one)"
+    name = torch.cuda.get_device_name(device)
+    peak = peak_bf16_tflops(name)
+    if peak is None:
+        return None, f"MFU n/a: {name!r} is not in PEAK_BF16_TFLOPS (pass --peak-tflops)"
+    return peak, f"dense bf16 peak of {name} (PEAK_BF16_TFLOPS)"
 
-    images = torch.randn(batch, 3, size, size, device=device)
-    labels = torch.randint(0, args.classes, (batch, size, size), device=device)
 
+def flops_per_image(fresh, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Model FLOPs of one training image (forward + backward), counted by FlopCounterMode on a real step."""
     model, opt = fresh()
     counter = FlopCounterMode(display=False)
     with counter:
@@ -106,47 +144,85 @@ def main() -> None:
             bf16=False,
             channels_last=False,
         )()
-    flops_per_image = counter.get_total_flops() / 2
+    return counter.get_total_flops() / 2
 
-    model, opt = fresh()
-    ref = time_step(make_step(model, opt, images, labels, bf16=False, channels_last=False), 1, iters, device)
-    variants = {}
-    if cuda:
-        model, opt = fresh()
-        if args.compile:
-            model = torch.compile(model)
-        name = f"fast (bf16, channels_last{', compile' if args.compile else ''})"
-        variants[name] = time_step(
-            make_step(model, opt, images, labels, bf16=True, channels_last=True), 1, iters, device
+
+def variants_for(device: torch.device, compile_: bool, reference: bool) -> dict[str, tuple[bool, bool]]:
+    """name -> (bf16, channels_last) of the paths to time; the reference (fp32, NCHW, eager) first."""
+    variants = {REFERENCE: (False, False)} if reference else {}
+    if device.type == "cuda":
+        variants[f"fast (bf16, channels_last{', compile' if compile_ else ''})"] = (True, True)
+        return variants
+    for bf16, cl in ((False, True), (True, False), (True, True)):
+        if bf16 and not cpu_has_native_bf16():
+            print("bf16: not native on this CPU (no AVX512-BF16/AMX); not measured")
+            continue
+        variants[", ".join(["bf16 autocast" if bf16 else "fp32"] + (["channels_last"] if cl else []))] = (
+            bf16,
+            cl,
         )
-    else:
-        for bf16, cl in ((False, True), (True, False), (True, True)):
-            if bf16 and not cpu_has_native_bf16():
-                print("bf16: not native on this CPU (no AVX512-BF16/AMX); not measured")
-                continue
-            model, opt = fresh()
-            name = ", ".join(["bf16 autocast" if bf16 else "fp32"] + (["channels_last"] if cl else []))
-            variants[name] = time_step(
-                make_step(model, opt, images, labels, bf16=bf16, channels_last=cl), 1, iters, device
-            )
+    return variants
 
-    def report(name: str, sec: float) -> None:
-        ips = batch / sec
-        tflops = ips * flops_per_image / 1e12
-        mfu = f"  MFU {100 * tflops / peak:.1f} % of {peak:g}" if peak else ""
-        print(f"{name:34s} {sec * 1000:9.1f} ms/step  {ips:8.2f} img/s  {tflops:8.3f} TFLOP/s{mfu}")
 
+def main() -> None:
+    args = parse_args()
+    model_cfg = ModelConfig(depth=args.depth)
+    if args.benchmark:
+        bench = load_params("params.yaml").benchmark(args.benchmark)
+        model_cfg, args.classes = bench.model, bench.data.num_classes
+        args.size = args.size or bench.train.augment.crop_size
+        args.batch = args.batch or bench.train.batch_size // bench.train.num_workers
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    size = args.size or (473 if cuda else 129)
+    batch = args.batch or (8 if cuda else 2)
+    iters = args.iters or (20 if cuda else 3)
+    peak, peak_source = peak_for(device, args.peak_tflops)
+    torch.manual_seed(0)
+
+    def fresh():
+        model = build_model(model_cfg, args.classes).to(device).train()
+        opt = build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4, head_lr_mult=10)
+        return model, opt
+
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, args.classes, (batch, size, size), device=device)
     print(
         f"device {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} threads), "
-        f"PSPNet-{model_cfg.depth}, {args.classes} classes, {size}x{size}, batch {batch}"
+        f"PSPNet-{model_cfg.depth}, {args.classes} classes, {size}x{size}, batch {batch}; "
+        f"peak {f'{peak:g} TFLOP/s' if peak else 'n/a'}: {peak_source}",
+        flush=True,
     )
-    print(f"model FLOPs per training image (fwd+bwd): {flops_per_image / 1e12:.3f} TFLOP")
-    report("reference (fp32, eager)", ref)
-    for name, sec in variants.items():
-        report(name, sec)
-        print(f"  ratio {name} / reference: {ref / sec:.2f}x")
+    try:
+        per_image = flops_per_image(fresh, images, labels)
+        print(f"model FLOPs per training image (fwd+bwd): {per_image / 1e12:.3f} TFLOP", flush=True)
+        times = {}
+        for name, (bf16, cl) in variants_for(device, args.compile, not args.no_reference).items():
+            model, opt = fresh()
+            if args.compile and bf16 and cuda:
+                model = torch.compile(model)
+            step = make_step(model, opt, images, labels, bf16=bf16, channels_last=cl)
+            times[name] = time_step(step, 1, iters, device)
+            report(name, times[name], batch, per_image, peak)
+            del model, opt, step
+    except torch.OutOfMemoryError as exc:
+        print(f"out of GPU memory at batch {batch}, {size}x{size}: {str(exc).splitlines()[0]}")
+        sys.exit(3)
+    ref = times.pop(REFERENCE, None)
+    for name, sec in times.items():
+        if ref:
+            print(f"ratio {name} / reference: {ref / sec:.2f}x")
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+def report(name: str, sec: float, batch: int, per_image: float, peak: float | None) -> None:
+    """One line: ms per step, images/s, achieved TFLOP/s and the MFU against ``peak`` (n/a without one)."""
+    ips = batch / sec
+    tflops = ips * per_image / 1e12
+    mfu = f"MFU {100 * tflops / peak:.1f} % of {peak:g}" if peak else "MFU n/a"
+    print(f"{name:34s} {sec * 1000:9.1f} ms/step  {ips:8.2f} img/s  {tflops:8.3f} TFLOP/s  {mfu}", flush=True)
 
 
 if __name__ == "__main__":
