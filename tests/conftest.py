@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 
@@ -72,6 +74,55 @@ def _isolated_mlflow_uri():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def registered_checkpoints(storage: str | Path) -> dict[str, int]:
+    """``{run folder: iteration}`` of the newest checkpoint Ray Train has registered for each run under
+    ``storage`` (a local folder or an ``s3://`` URI): the one a restarted worker group resumes from. A checkpoint
+    folder on storage is not yet that: the controller registers it (and rewrites its snapshot) when it next
+    polls the workers, every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S."""
+    fs, root = pafs.FileSystem.from_uri(
+        str(storage) if "://" in str(storage) else Path(storage).resolve().as_uri()
+    )
+    found = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    latest: dict[str, int] = {}
+    for info in found:
+        if info.base_name != "checkpoint_manager_snapshot.json":
+            continue
+        try:
+            with fs.open_input_stream(info.path) as f:
+                result = json.loads(f.read()).get("latest_checkpoint_result")
+        except (OSError, ValueError):  # being rewritten
+            continue
+        if result is not None:
+            latest[info.path.rsplit("/", 2)[-2]] = int(result["metrics"]["iteration"])
+    return latest
+
+
+def registered_checkpoint(storage: str | Path) -> int | None:
+    """The newest registered checkpoint's iteration under ``storage`` (one run), None before the first."""
+    return max(registered_checkpoints(storage).values(), default=None)
+
+
+def wait_for_registered_checkpoints(
+    storage: str | Path, alive: Callable[[], bool], runs: int = 1, timeout: float = 240
+) -> dict[str, int]:
+    """Poll until Ray Train has registered a checkpoint for ``runs`` runs under ``storage``."""
+    deadline = time.time() + timeout
+    while True:
+        latest = registered_checkpoints(storage)
+        if len(latest) >= runs:
+            return latest
+        if not alive():
+            raise AssertionError(
+                f"training ended before Ray Train registered checkpoints under {storage}: {latest}"
+            )
+        if time.time() > deadline:
+            raise AssertionError(
+                f"{runs} run(s) with a registered checkpoint under {storage} not seen within "
+                f"{timeout:.0f} s: {latest}"
+            )
+        time.sleep(0.05)
 
 
 def cli(*args: str) -> list[str]:

@@ -86,12 +86,17 @@ def param_space(sweep: SweepConfig) -> dict:
     }
 
 
+_HOLDING = ("CREATED", "PENDING", "RESCHEDULING")  # placement group states that hold or wait for resources
+
+
 class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
     """Frees the worker placement groups of trials that Tune stopped.
 
     A stopped trial's Ray Train controller dies with it; Ray's own cleaner removes its workers' placement group,
     but it relies on the state API and was seen to miss it on a loaded machine, leaving the next trial waiting
     forever for CPUs. When no other trial is running, every worker group still holding resources is an orphan.
+    A group that had a bundle on a lost node is rescheduled by Ray, not removed: it counts too, whatever its
+    state, and the end of the experiment is checked once more (seen on the multi-node sweep test).
     """
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
@@ -99,6 +104,9 @@ class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._release(trials, trial)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._release(trials, None)
 
     @staticmethod
     def _release(trials, ended) -> None:
@@ -109,7 +117,7 @@ class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
         for pg_id, pg in ray.util.placement_group_table().items():
             bundles = list(pg["bundles"].values())
             is_driver = any(TRIAL_SLOT in b or b.get("CPU", 0) < 1 and "GPU" not in b for b in bundles)
-            if pg["state"] == "CREATED" and not is_driver:
+            if pg["state"] in _HOLDING and not is_driver:
                 ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
 
 
