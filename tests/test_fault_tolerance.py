@@ -2,14 +2,13 @@
 
 A real local Ray cluster; a worker process is killed with SIGKILL after the first checkpoint; the driver
 process (and the local cluster it started) is killed and the stage re-run. In both cases the run resumes at
-the checkpointed iteration, keeps one MLflow run, and ends with the same final loss as an uninterrupted run.
+the checkpointed iteration (the driver's run with its checkpoints on S3), keeps one MLflow run, and ends with the same final loss as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,14 +16,23 @@ import psutil
 import pytest
 import ray
 
+from cluster.local import patched_env, s3_server
 from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.training.launcher import train
-from tests.conftest import cli, kill_when, run_ok, tiny_params_dict, write_params
+from tests.conftest import (
+    cli,
+    kill_when,
+    registered_checkpoint,
+    run_ok,
+    tiny_params_dict,
+    wait_for_registered_checkpoints,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
-ITERATIONS = 40
+ITERATIONS = 60  # a second or more of training left after the first registered checkpoint
 OVERRIDES = {
     "iterations": ITERATIONS,
     "checkpoint_every": 5,
@@ -46,19 +54,6 @@ def _history(root: Path, key: str) -> tuple[str, list[tuple[int, float]]]:
         f"expected one MLflow run, found {[(r.info.run_name, r.info.status) for r in runs]}"
     )
     return runs[0].info.status, tracking.metric_history(uri, runs[0].info.run_id, [key])[key]
-
-
-def _checkpoints(storage: Path) -> int:
-    """Checkpoints on disk. A checkpoint is surely registered with Ray Train once the next one is written."""
-    return len(list(storage.glob("*/checkpoint_*/state.pt")))
-
-
-def _wait_for_checkpoint(storage: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while _checkpoints(storage) < 2:
-        if time.time() > deadline:
-            raise TimeoutError(f"no checkpoint appeared under {storage}")
-        time.sleep(0.05)
 
 
 def _final_loss(history: list[tuple[int, float]]) -> float:
@@ -98,7 +93,8 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_pat
 
     thread = threading.Thread(target=run)
     thread.start()
-    _wait_for_checkpoint(tmp_path / ".ray_results")
+    registered = wait_for_registered_checkpoints(tmp_path / ".ray_results", alive=thread.is_alive)
+    assert max(registered.values()) < ITERATIONS, "training finished before a worker could be killed"
     # this cluster's workers only (children of its raylet): other Ray runs on the machine are not ours to kill
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
     workers = [
@@ -120,29 +116,38 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_pat
 
 
 def test_killed_driver_resumes_when_the_stage_reruns(local_ray, tiny_prepared, tmp_path, reference_loss):
+    """The driver (and the local cluster it started) dies; re-running the stage resumes from the checkpoint on
+    object storage (moto's S3 server on 127.0.0.1): the documented recovery from a lost head node too."""
     ray.shutdown()  # the stage below starts its own local cluster, like `dvc repro` does
+    storage = "s3://pspnet/driver-loss"
     try:
-        params = write_params(tmp_path / "params.yaml", tiny_params_dict(**OVERRIDES))
-        cmd = cli(
-            "train",
-            "--params",
-            str(params),
-            "--benchmark",
-            "synthetic",
-            "--data",
-            str(tiny_prepared),
-            "--out",
-            str(tmp_path / "models"),
-        )
-        kill_when(cmd, tmp_path, lambda: _checkpoints(tmp_path / ".ray_results") >= 2, timeout=180, poll=0.05)
-        assert not (tmp_path / "models" / "model.pt").exists()
-        status, _ = _history(tmp_path, "train/loss")
-        assert status == "RUNNING"  # the dead driver could not close its run
+        with s3_server() as env, patched_env(env):
+            raw = tiny_params_dict(**OVERRIDES)
+            raw["ray"] = {"storage_path": storage}
+            params = write_params(tmp_path / "params.yaml", raw)
+            cmd = cli(
+                "train",
+                "--params",
+                str(params),
+                "--benchmark",
+                "synthetic",
+                "--data",
+                str(tiny_prepared),
+                "--out",
+                str(tmp_path / "models"),
+            )
+            kill_when(
+                cmd, tmp_path, lambda: registered_checkpoint(storage) is not None, timeout=180, poll=0.05
+            )
+            assert not (tmp_path / "models" / "model.pt").exists()
+            assert not (tmp_path / ".ray_results").exists()  # the checkpoints went to object storage only
+            status, _ = _history(tmp_path, "train/loss")
+            assert status == "RUNNING"  # the dead driver could not close its run
 
-        rerun = run_ok(cmd, tmp_path, timeout=400)
-        assert "resuming unfinished MLflow run" in rerun.stdout
-        status, resumed = _history(tmp_path, "train/resumed_from")
-        assert status == "FINISHED" and resumed
-        assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
+            rerun = run_ok(cmd, tmp_path, timeout=400)
+            assert "resuming unfinished MLflow run" in rerun.stdout
+            status, resumed = _history(tmp_path, "train/resumed_from")
+            assert status == "FINISHED" and resumed
+            assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
     finally:
         ray.init(address="local", num_cpus=2)  # the module fixture shuts it down

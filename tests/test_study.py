@@ -1,5 +1,6 @@
-"""A study of two cells x two seeds end to end on the synthetic benchmark (real Ray, real MLflow), then the
-study's runs and tables read back through a real MLflow server's REST API on 127.0.0.1."""
+"""A study of two cells x two seeds end to end on the synthetic benchmark (real Ray, real MLflow, its
+checkpoints and shards on moto's S3 server as on a cluster), then the study's runs and tables read back through a
+real MLflow server's REST API on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import pytest
 import ray
 
+from cluster.local import patched_env, s3_server
+from pipeline import tracking
 from pipeline.config import params_from_dict
-from pipeline.sweeps.study import run_study
+from pipeline.sweeps.study import _check_complete, run_study
 from pipeline.training.cluster import init_ray
 from tests.conftest import tiny_params_dict
 
@@ -60,12 +64,22 @@ def _get(url: str) -> bytes:
 
 
 def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
-    params = params_from_dict(study_params())
-    init_ray()
-    try:
-        summary = run_study("tiny", params, data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path)
-    finally:
-        ray.shutdown()
+    raw = study_params()
+    raw["ray"] = {"storage_path": "s3://pspnet/studies"}
+    params = params_from_dict(raw)
+    with s3_server() as s3, patched_env(s3):
+        init_ray()  # forwards the AWS_* variables to the trials (pipeline.training.cluster.runtime_env)
+        try:
+            summary = run_study(
+                "tiny", params, data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path
+            )
+        finally:
+            ray.shutdown()
+        fs, path = pafs.FileSystem.from_uri("s3://pspnet/studies")
+        stored = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
+    # the trials read the splits uploaded beside their checkpoints, not this machine's folder
+    assert any("/shards/" in f and f.endswith("val/manifest.json") for f in stored)
+    assert any("/study-tiny-" in f for f in stored) and not (tmp_path / ".ray_results").exists()
     cells = summary["cells"]
     assert cells["cell"].tolist() == ["baseline", "pyramid"] and cells["n"].tolist() == [2, 2]
     assert cells["ss/miou_mean"].between(0, 1).all() and cells["ss/miou_std"].notna().all()
@@ -135,3 +149,22 @@ def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_study_missing_runs_is_refused(tmp_path):
+    """An interrupted Tune fit returns unfinished trials without an error: the study names the missing
+    (cell, seed) runs and marks its parent run FAILED instead of reporting part of the grid."""
+    study = params_from_dict(study_params()).study("tiny")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = tracking.ensure_experiment(uri, "studies", tmp_path)
+    parent = tracking.start_run(uri, exp, run_name="parent", tags={}, params={})
+    for cell, seed in (("baseline", 0), ("baseline", 1), ("pyramid", 0)):
+        tags = {tracking.PARENT_TAG: parent, "pspnet.cell": cell, "pspnet.seed": str(seed)}
+        tracking.finish_run(uri, tracking.start_run(uri, exp, run_name=cell, tags=tags, params={}))
+    with pytest.raises(
+        RuntimeError, match=r"study tiny: 1 of 4 \(cell, seed\) runs did not finish \(pyramid/seed 1\)"
+    ):
+        _check_complete("tiny", study, uri, exp, parent)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(uri).get_run(parent).info.status == "FAILED"

@@ -41,6 +41,7 @@ from pipeline.evaluation.benchmark import (
 )
 from pipeline.evaluation.split import evaluate_split
 from pipeline.model.pspnet import build_model
+from pipeline.storage import check_storage, stage_split
 from pipeline.sweeps.tune import (
     ReleaseOrphanedWorkerGroups,
     max_concurrent_trials,
@@ -54,14 +55,14 @@ from pipeline.training.worker import load_training_state
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
-def _evaluate(bench, state: dict, val_dir: Path, which: tuple[str, ...]) -> dict[str, float]:
-    """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run."""
+def _evaluate(bench, state: dict, val_dir: str, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
+    """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run.
+    ``val_dir`` is the split's folder or its copy on object storage (the trial may run on any node)."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
     chosen = {k: p for k, p in protocols(bench).items() if k in which}
     settings = {k: v for k, v in scoring_settings(bench, {}, on_gpu=False).items() if k in _CELL_SETTINGS}
     results = evaluate_split(model, ShardedSegmentation(val_dir), chosen, progress=False, **settings)
-    names = class_names(bench, Path(val_dir).parent)
     return flat_metrics(results, names, context_scores(bench, names, results))
 
 
@@ -149,7 +150,7 @@ def _train_and_score(
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     torch.set_num_threads(1)
-    return _evaluate(bench, state, Path(config["val_dir"]), tuple(study.protocols))
+    return _evaluate(bench, state, config["val_dir"], config["class_names"], tuple(study.protocols))
 
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
@@ -177,6 +178,8 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
     for cell in study.cells:
         check_scaling(study_cell_config(base, study, cell, seed=study.seeds[0]))
+    storage = default_storage(params.ray, root)
+    check_storage(storage)
     init_ray(params.ray.address)
     uri = tracking.tracking_uri(params.mlflow, root)
     exp_name = f"{tracking.experiment_name(params.mlflow, study.benchmark)}-studies"
@@ -185,7 +188,6 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     shash = config_hash({"study": to_dict(study), "bench": to_dict(base), "code": code})
     study_dir = f"study-{name}-{shash}"
     parent = _open_study_run(uri, exp_id, shash, study_dir, name, study, root, code)
-    storage = default_storage(params.ray, root)
     space = {
         "cell": ray.tune.grid_search(list(study.cells)),
         "seed": ray.tune.grid_search(list(study.seeds)),
@@ -194,8 +196,9 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         "ray": to_dict(params.ray),
         "study_name": name,
         "study_dir": study_dir,
-        "train_dir": str(data_dir / "train"),
-        "val_dir": str(data_dir / "val"),
+        "train_dir": stage_split(data_dir / "train", storage),  # on object storage: uploaded there once
+        "val_dir": stage_split(data_dir / "val", storage),
+        "class_names": class_names(base, data_dir),  # read here: a trial's node may not see data_dir
         "mlflow_uri": uri,
         "parent_run_id": parent,
         "experiment_id": exp_id,
@@ -208,6 +211,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     if errors:
         tracking.finish_run(uri, parent, "FAILED")
         raise RuntimeError(f"study {name}: {len(errors)} trial(s) failed; first: {errors[0]!r}")
+    _check_complete(name, study, uri, exp_id, parent)
     return _write_report(name, study, params, uri, exp_id, parent, out_dir)
 
 
@@ -253,6 +257,21 @@ def _run_trials(space: dict, base: BenchmarkConfig, study: StudyConfig) -> ray.t
 
     tuner = restore_or_build(f"{storage.rstrip('/')}/{study_dir}", trainable, build, "study")
     return tuner.fit()
+
+
+def _check_complete(name: str, study: StudyConfig, uri: str, exp_id: str, parent: str) -> None:
+    """Every (cell, seed) has a finished child run: an interrupted ``Tuner.fit`` returns its unfinished trials
+    without an error, and a report over part of the grid must not pass for the study's."""
+    runs = collect_runs(uri, exp_id, parent)
+    found = set(zip(runs["cell"], runs["seed"], strict=True)) if len(runs) else set()
+    missing = sorted({(c, s) for c in study.cells for s in study.seeds} - found)
+    if missing:
+        tracking.finish_run(uri, parent, "FAILED")
+        shown = ", ".join(f"{c}/seed {s}" for c, s in missing[:6])
+        raise RuntimeError(
+            f"study {name}: {len(missing)} of {len(study.cells) * len(study.seeds)} (cell, seed) runs did not "
+            f"finish ({shown}); re-run the stage to resume the study"
+        )
 
 
 def _write_report(
