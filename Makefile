@@ -29,6 +29,8 @@ browser:
 
 ## The whole pipeline on the embedded synthetic benchmark: CPU, a local Ray cluster, MLflow in ./mlflow.db.
 demo: $(STAMP)
+	dvc repro report@synthetic
+	@echo "[demo] the benchmark's report: reports/synthetic/report.md (the two studies follow)"
 	dvc repro summary
 	@echo
 	@dvc metrics show
