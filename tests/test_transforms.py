@@ -126,3 +126,62 @@ def test_bad_inputs() -> None:
         _transform(scale_min=2.0, scale_max=1.0)
     with pytest.raises(ValueError, match="image: expected"):
         _transform()(image.astype(np.float32), label)
+    with pytest.raises(ValueError, match="label: expected .* uint8"):
+        _transform()(image, label.astype(np.uint16))
+
+
+def test_normalize_is_the_float32_arithmetic() -> None:
+    """The lookup-table normalisation gives exactly ``(v - mean) / std`` in float32 for every uint8 value."""
+    image = np.arange(256 * 3, dtype=np.uint8).reshape(16, 16, 3)[:, 3:13]  # a strided crop, every value
+    expected = (image.astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
+    assert torch.equal(normalize(image, MEAN, STD), torch.from_numpy(expected.transpose(2, 0, 1).copy()))
+
+
+def test_rotated_in_corners_hold_mean_and_ignore() -> None:
+    """A constant image rotated by 30 degrees: image content where the label is kept, the mean elsewhere."""
+    image = np.full((40, 40, 3), 200, np.uint8)
+    label = np.ones((40, 40), np.uint8)
+    t = _plain(crop_size=40, rotate=30.0)
+    for _ in range(5):
+        x, y = t(image, label)
+        assert 0 < (y == 255).sum() < 40 * 40 / 2 and set(torch.unique(y).tolist()) == {1, 255}
+        back = x * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]  # (3, 40, 40)
+        assert torch.allclose(back[:, y == 1], torch.tensor(200.0), atol=1e-3)
+        assert torch.allclose(back[:, y == 255], torch.tensor(MEAN).round()[:, None], atol=1e-3)
+
+
+def _one_warp_plainly(
+    t: TrainTransform, image: np.ndarray, label: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The transform's draws applied without its shortcuts: 3-channel warp, a mask warp, pad, blur, crop."""
+    import cv2
+
+    h, w = label.shape
+    to_source, (sw, sh), do_blur = t._draw_scale_rotate_flip(h, w)
+    ox, oy = t._draw_crop_origin(sw, sh)
+    matrix = (to_source @ np.array([[1, 0, ox], [0, 1, oy], [0, 0, 1]]))[:2]
+    side, fill, flags = t.crop_size + 4, np.rint(MEAN).astype(np.uint8), cv2.WARP_INVERSE_MAP
+    padded = cv2.copyMakeBorder(image, 1, 1, 1, 1, cv2.BORDER_REPLICATE)
+    shifted = matrix + np.array([[0, 0, 1], [0, 0, 1]])
+    out = cv2.warpAffine(padded, shifted, (side, side), flags=cv2.INTER_LINEAR | flags)
+    lab = cv2.warpAffine(label, matrix, (side, side), flags=cv2.INTER_NEAREST | flags, borderValue=255)
+    inside = cv2.warpAffine(np.ones_like(label), matrix, (side, side), flags=cv2.INTER_NEAREST | flags) > 0
+    out[~inside] = fill
+    if do_blur:
+        out = cv2.GaussianBlur(out, (5, 5), 0)
+    xs, ys = np.arange(side) + ox, np.arange(side) + oy
+    canvas = (ys[:, None] >= 0) & (ys[:, None] < sh) & (xs >= 0) & (xs < sw)
+    out[~canvas], lab[~canvas] = fill, 255
+    crop = np.s_[2 : side - 2, 2 : side - 2]
+    return normalize(out[crop], MEAN, STD).numpy(), lab[crop].astype(np.int64)
+
+
+@pytest.mark.parametrize("size", [(60, 80), (20, 30)])
+def test_matches_the_plain_warp(size: tuple[int, int]) -> None:
+    """Bit for bit the same as the plain one-warp recipe, with and without rotated-in corners and padding."""
+    image, label = _pair(*size)
+    fast, plain = _transform(seed=5), _transform(seed=5)
+    for _ in range(30):
+        x, y = fast(image, label)
+        x_plain, y_plain = _one_warp_plainly(plain, image, label)
+        assert np.array_equal(x.numpy(), x_plain) and np.array_equal(y.numpy(), y_plain)
