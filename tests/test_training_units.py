@@ -2,6 +2,7 @@
 
 import itertools
 
+import cv2
 import pytest
 import torch
 
@@ -116,3 +117,24 @@ def test_cpu_bf16_training_refused_where_emulated(monkeypatch):
     with pytest.raises(ValueError, match="train.cpu_precision: bf16 on this CPU would be emulated"):
         worker.train_precision(bench, torch.device("cpu"))
     assert worker.train_precision(bench, torch.device("cuda")) == "bf16"  # train.precision on GPUs
+
+
+def test_loader_processes_give_the_in_process_batches(tiny_prepared):
+    """``train.loader_workers`` only moves the augmentation into other processes (one thread each): the
+    batches are the same, since every sample's random draws come from the sampler's per-sample seed."""
+    from pipeline.config import params_from_dict
+    from pipeline.training.worker import build_train_loader
+    from tests.conftest import tiny_params_dict
+
+    def batches(loader_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        bench = params_from_dict(tiny_params_dict(loader_workers=loader_workers)).benchmark("synthetic")
+        loader = build_train_loader(
+            bench, tiny_prepared / "train", rank=0, world=2, start_iteration=0, pin=False
+        )
+        return list(itertools.islice(iter(loader), 3))
+
+    cv2.setNumThreads(2)  # as the training loop sizes OpenCV's pool before its loader forks
+    inline, spawned = batches(0), batches(2)
+    assert len(inline) == len(spawned) == 3
+    for (x0, y0), (x1, y1) in zip(inline, spawned, strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)

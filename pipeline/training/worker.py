@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import ray.train
 import ray.train.torch
@@ -383,6 +384,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, t.cpus_per_worker))
+    # OpenCV's pool (the augmentation) sized like torch's; set here, before the loader forks its processes:
+    # cv2.setNumThreads inside a forked loader process deadlocks.
+    cv2.setNumThreads(max(1, t.cpus_per_worker))
     uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
     log = rank == 0
     train_precision(bench, device)  # bf16 on a CPU without native bf16 fails here, before any work
