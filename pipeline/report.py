@@ -140,6 +140,20 @@ def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, m
     return path
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else the architecture: CPU results are bit-for-bit repeatable
+    on one CPU model, and another model's kernels round differently (see the README)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_description() -> str:
     import platform
 
@@ -147,7 +161,7 @@ def machine_description() -> str:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}; "
+        f"{cpu_model()}, {os.cpu_count()} CPU cores, {gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}"
     )
 
