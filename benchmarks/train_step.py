@@ -9,7 +9,8 @@ forward + backward; the issue quotes ~1.02 TFLOP for PSPNet-50 at 473 px) and th
 against ``--peak-tflops`` (default on CUDA: the device's dense bf16 peak from ``PEAK_BF16_TFLOPS``; a device
 not in the table prints MFU as n/a; the goal is >= 45 % for the bf16 path on a current datacenter GPU).
 The reference measured in the same run is the plain path (fp32, default memory format, eager); the ratio is
-fast-path / reference throughput. ``--no-reference`` skips it (e.g. at a batch where only the fast path fits);
+fast-path / reference throughput (on CPU the paths take turns over ``--rounds`` rounds after a warm-up, and the
+median of the per-round ratios is printed: one path timed after another was seen to differ 2x under load). ``--no-reference`` skips it (e.g. at a batch where only the fast path fits);
 a CUDA out-of-memory error exits with status 3 (``benchmarks/gpu.sh`` reports that batch as not fitting).
 On CPU the fast paths are channels_last and, on CPUs with native bf16 (AVX512-BF16 / AMX), the bf16 autocast
 that ``train.cpu_precision: bf16`` turns on (the issue's goal: >= 1.6x).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
 import time
 
@@ -93,7 +95,7 @@ def time_step(step, warmup: int, iters: int, device: torch.device) -> float:
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / max(iters, 1)
 
 
 def parse_args() -> argparse.Namespace:
@@ -110,6 +112,7 @@ def parse_args() -> argparse.Namespace:
         help="peak for the MFU (default: the CUDA device's, from the table)",
     )
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--rounds", type=int, default=5, help="CPU: timed rounds, the paths taking turns")
     ap.add_argument("--no-reference", action="store_true", help="skip the fp32 eager reference")
     ap.add_argument(
         "--benchmark", default="", help="take model, classes, crop and per-worker batch from params"
@@ -197,22 +200,36 @@ def main() -> None:
     try:
         per_image = flops_per_image(fresh, images, labels)
         print(f"model FLOPs per training image (fwd+bwd): {per_image / 1e12:.3f} TFLOP", flush=True)
-        times = {}
+        steps = {}
         for name, (bf16, cl) in variants_for(device, args.compile, not args.no_reference).items():
             model, opt = fresh()
             if args.compile and bf16 and cuda:
                 model = torch.compile(model)
-            step = make_step(model, opt, images, labels, bf16=bf16, channels_last=cl)
-            times[name] = time_step(step, 1, iters, device)
-            report(name, times[name], batch, per_image, peak)
-            del model, opt, step
+            steps[name] = make_step(model, opt, images, labels, bf16=bf16, channels_last=cl)
+            if cuda:  # one path at a time on a GPU (memory); each timed once
+                steps[name] = [time_step(steps[name], 1, iters, device)]
+        if not cuda:  # CPU: the paths take turns, round by round, so that other load hits them alike
+            for step in steps.values():
+                time_step(step, 2, 0, device)  # warm oneDNN's primitive caches first
+            rounds = {name: [] for name in steps}
+            for _ in range(args.rounds):
+                for name, step in steps.items():
+                    rounds[name].append(time_step(step, 0, iters, device))
+            steps = rounds
+        times = {name: statistics.median(t) for name, t in steps.items()}
+        for name, sec in times.items():
+            report(name, sec, batch, per_image, peak)
     except torch.OutOfMemoryError as exc:
         print(f"out of GPU memory at batch {batch}, {size}x{size}: {str(exc).splitlines()[0]}")
         sys.exit(3)
-    ref = times.pop(REFERENCE, None)
-    for name, sec in times.items():
+    ref = steps.pop(REFERENCE, None)
+    for name, secs in steps.items():
         if ref:
-            print(f"ratio {name} / reference: {ref / sec:.2f}x")
+            per_round = [r / t for r, t in zip(ref, secs, strict=True)]
+            print(
+                f"ratio {name} / reference: {statistics.median(per_round):.2f}x "
+                f"(median of {len(per_round)} rounds; {min(per_round):.2f}-{max(per_round):.2f})"
+            )
     if cuda:
         print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
