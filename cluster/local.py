@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -122,9 +123,19 @@ def add_worker_node(cluster, cpus: float = 1):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A free loopback port for a server the caller starts, drawn below the kernel's ephemeral range (32768+)
+    and above Ray's worker ports (10002-19999): a port taken from the ephemeral range was seen re-used by
+    another Ray process's bind to port 0 before the dashboard agent bound it, which disabled ``ray job``."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in 20000-32767")
 
 
 def s3_env(endpoint: str) -> dict[str, str]:

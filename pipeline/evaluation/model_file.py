@@ -22,6 +22,10 @@ from pipeline.evaluation.split import evaluate_split
 from pipeline.files import file_digest
 
 
+class ModelFileError(ValueError):
+    """A model file that does not fit the benchmark it is evaluated on (its class count)."""
+
+
 def checkpoint_run(
     benchmark: str, params: Params, path: Path, meta: dict, sha: str, root: Path
 ) -> tuple[str, str]:
@@ -59,10 +63,15 @@ def evaluate_model_file(
     """Score ``path`` under ``protocol`` (``ss``, ``ms`` or ``both``) and log a new MLflow run.
 
     Returns ``{"metrics", "facts", "run_id", "out"}``. Raises ``CheckpointError`` / ``FileNotFoundError`` /
-    ``ValueError`` naming the file before any run is opened when it is not a model of this benchmark.
+    ``ModelFileError`` naming the file before any run is opened when it is not a model of this benchmark.
     """
     bench = params.benchmark(benchmark)
-    model, meta = ev.load_for_benchmark(benchmark, bench, path)
+    try:
+        model, meta = ev.load_for_benchmark(benchmark, bench, path)
+    except ValueError as exc:
+        if type(exc).__module__.startswith("pipeline."):
+            raise  # already specific (CheckpointError, ...)
+        raise ModelFileError(str(exc)) from None  # e.g. another class count than the benchmark's
     chosen = {k: v for k, v in ev.protocols(bench).items() if protocol in (k, "both")}
     sha = file_digest(path)
     uri, run_id = checkpoint_run(benchmark, params, path, meta, sha, root)
