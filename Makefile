@@ -56,7 +56,7 @@ cluster-demo: $(STAMP)
 
 ## The test suite (what CI runs through .ci/run).
 test: $(STAMP) browser
-	python -m pytest -q
+	python -m pytest -q --durations=15
 
 ## Unit tests only (no Ray / DVC / MLflow end-to-end runs).
 test-fast: $(STAMP)

@@ -78,6 +78,23 @@ def _s3_files(prefix: str) -> list[str]:
     return [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))]
 
 
+def _leftover_report(cluster, group_ids: list[str], victim: str) -> str:
+    """What is known of placement groups left behind: their table entries, the nodes, and the GCS log lines
+    that name them (a leak seen once in CI could not be reproduced here)."""
+    table = ray.util.placement_group_table()
+    nodes = [(n["NodeID"][:12], n["Alive"]) for n in ray.nodes()]
+    lines = [f"victim {victim[:12]}, nodes {nodes}"]
+    for pg_id in group_ids:
+        entry = table.get(pg_id, {})
+        lines.append(
+            f"{pg_id}: {entry.get('state')} {entry.get('bundles')} {entry.get('bundles_to_node_id')}"
+        )
+        gcs_log = Path(cluster.head_node.get_logs_dir_path()) / "gcs_server.out"
+        if gcs_log.is_file():
+            lines += [ln for ln in gcs_log.read_text(errors="replace").splitlines() if pg_id[:16] in ln][-30:]
+    return "\n".join(lines)
+
+
 def _rank_nodes(run) -> list[str]:
     return [run.data.tags[f"ray.node.rank{r}"] for r in range(2)]
 
@@ -325,9 +342,5 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
         if not groups and not actors or time.time() > deadline:
             break
         time.sleep(1)
-    assert not groups, [
-        (g.placement_group_id, g.state, g.bundles)
-        for g in list_placement_groups(detail=True)
-        if g.placement_group_id in {x.placement_group_id for x in groups}
-    ]
+    assert not groups, _leftover_report(cluster, [g.placement_group_id for g in groups], victim.node_id)
     assert not actors, [a.class_name for a in actors]

@@ -1,8 +1,10 @@
-"""Training survives a lost worker and a lost driver, and CPU training is deterministic.
+"""Training survives a lost worker and a lost driver.
 
 A real local Ray cluster; a worker process is killed with SIGKILL after the first checkpoint; the driver
 process (and the local cluster it started) is killed and the stage re-run. In both cases the run resumes at
-the checkpointed iteration (the driver's run with its checkpoints on S3), keeps one MLflow run, and ends with the same final loss as an uninterrupted run.
+the checkpointed iteration (the driver's run with its checkpoints on S3), keeps one MLflow run, and ends with
+the same final loss as an uninterrupted run: bit for bit, which needs CPU training to be deterministic (a
+separate check of that alone was dropped as redundant; tests/test_cluster.py compares whole loss curves).
 """
 
 from __future__ import annotations
@@ -73,11 +75,6 @@ def reference_loss(local_ray, tiny_prepared, tmp_path_factory) -> float:
     result = train("synthetic", _params(), data_dir=tiny_prepared, out_dir=root / "models", root=root)
     assert result.iterations == ITERATIONS
     return _final_loss(_history(root, "train/loss")[1])
-
-
-def test_cpu_training_is_deterministic(local_ray, tiny_prepared, tmp_path, reference_loss):
-    train("synthetic", _params(), data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path)
-    assert _final_loss(_history(tmp_path, "train/loss")[1]) == reference_loss
 
 
 def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_path, reference_loss):

@@ -35,7 +35,13 @@ def study_params() -> dict:
             "benchmark": "synthetic",
             "table": "table1",
             "seeds": [0, 1],
-            "common": {"train.iterations": 4, "train.checkpoint_every": 4, "train.val_every": 4},
+            # one worker per run, two runs at once on the 2 CPUs: as the demo's studies run
+            "common": {
+                "train.iterations": 4,
+                "train.checkpoint_every": 4,
+                "train.val_every": 4,
+                "train.num_workers": 1,
+            },
             "cells": {"baseline": {"model.use_ppm": False}, "pyramid": {}},
             "paper_rows": {"baseline": "ResNet50-Baseline", "pyramid": "ResNet50+B1236+AVE+DR"},
             "protocols": ["ss"],

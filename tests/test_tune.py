@@ -19,8 +19,8 @@ from tests.conftest import cli, kill_when, run_ok, tiny_params_dict, write_param
 pytestmark = pytest.mark.slow
 
 
-def sweep_params(**sweep_overrides) -> dict:
-    raw = tiny_params_dict()
+def sweep_params(num_workers: int = 2, **sweep_overrides) -> dict:
+    raw = tiny_params_dict(num_workers=num_workers)
     raw["sweeps"] = {
         "tiny": {
             "benchmark": "synthetic",
@@ -118,6 +118,7 @@ def test_optuna_search_draws_from_the_space(tiny_prepared, tmp_path):
     """search: optuna draws num_samples points: learning rates log-uniform in [lr_min, lr_max], the other
     two from their lists, each a real trial with its own MLflow child run."""
     raw = sweep_params(
+        num_workers=1,  # one-worker trials, two at once
         search="optuna",
         num_samples=3,
         aux_weight=[0.0, 0.4],

@@ -15,6 +15,7 @@ their Ray Train checkpoints, and the MLflow parent and child runs are reused.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,39 +87,68 @@ def param_space(sweep: SweepConfig) -> dict:
     }
 
 
-_HOLDING = ("CREATED", "PENDING", "RESCHEDULING")  # placement group states that hold or wait for resources
+# placement group states that hold or wait for resources (PREPARED: reserved, the commit not yet done)
+_HOLDING = ("CREATED", "PREPARED", "PENDING", "RESCHEDULING")
+_SETTLE_S = 60.0  # at the experiment's end: how long the trials' Train controllers get to exit
 
 
 class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
-    """Frees the worker placement groups of trials that Tune stopped.
+    """Frees the worker placement groups that this sweep's trials left behind.
 
     A stopped trial's Ray Train controller dies with it; Ray's own cleaner removes its workers' placement group,
     but it relies on the state API and was seen to miss it on a loaded machine, leaving the next trial waiting
     forever for CPUs. When no other trial is running, every worker group still holding resources is an orphan.
     A group that had a bundle on a lost node is rescheduled by Ray, not removed: it counts too, whatever its
-    state, and the end of the experiment is checked once more (seen on the multi-node sweep test).
+    state. At the experiment's end the trials' controllers get up to a minute to exit, then whatever worker
+    group they left is freed (a group left holding a CPU after a node loss mid-sweep was seen in CI).
+
+    Only groups of this driver's job created after the sweep started are touched: other jobs on a shared
+    cluster, and this driver's own earlier groups, keep theirs.
     """
 
+    def setup(self, **info) -> None:
+        self._job = ray.get_runtime_context().get_job_id()
+        self._before = set(ray.util.placement_group_table())
+
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._release(trials, trial)
+        if not any(t is not trial and t.status == "RUNNING" for t in trials):
+            self._release()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._release(trials, trial)
+        self.on_trial_complete(iteration, trials, trial)
 
     def on_experiment_end(self, trials, **info) -> None:
-        self._release(trials, None)
+        deadline = time.monotonic() + _SETTLE_S
+        while self._controllers_alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        self._release()
 
-    @staticmethod
-    def _release(trials, ended) -> None:
-        from ray.util.placement_group import PlacementGroup, PlacementGroupID
+    def _controllers_alive(self) -> bool:
+        """Whether a Ray Train controller of this job still runs (False when the state API cannot say)."""
+        from ray.util.state import list_actors
 
-        if any(t is not ended and t.status == "RUNNING" for t in trials):
-            return
+        try:
+            alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+        except Exception:  # no dashboard on this cluster: nothing to wait on
+            return False
+        return any(a.actor_id.endswith(self._job) for a in alive)
+
+    def _orphans(self) -> list[str]:
+        """Ids of the worker groups (whole CPUs or GPUs, no trial slot) this sweep created and still holds."""
+        orphans = []
         for pg_id, pg in ray.util.placement_group_table().items():
             bundles = list(pg["bundles"].values())
             is_driver = any(TRIAL_SLOT in b or b.get("CPU", 0) < 1 and "GPU" not in b for b in bundles)
-            if pg["state"] in _HOLDING and not is_driver:
-                ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            mine = pg_id.endswith(self._job) and pg_id not in self._before  # a group id ends with its job's
+            if mine and pg["state"] in _HOLDING and not is_driver:
+                orphans.append(pg_id)
+        return orphans
+
+    def _release(self) -> None:
+        from ray.util.placement_group import PlacementGroup, PlacementGroupID
+
+        for pg_id in self._orphans():
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 def trial_driver_resources() -> dict:
