@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -18,6 +17,7 @@ import pandas as pd
 from pipeline import plots
 from pipeline.config import BenchmarkConfig
 from pipeline.files import atomic_write_text
+from pipeline.machine import machine_description
 
 
 def read_evaluation(reports_dir: Path) -> dict:
@@ -138,32 +138,6 @@ def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, m
     path = reports_dir / "report.md"
     atomic_write_text(path, render(benchmark, bench, metrics, per_class, train_info))
     return path
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else the architecture: CPU results are bit-for-bit repeatable
-    on one CPU model, and another model's kernels round differently (see the README)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_description() -> str:
-    import platform
-
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{cpu_model()}, {os.cpu_count()} CPU cores, {gpu}; "
-        f"Python {platform.python_version()}, torch {torch.__version__}"
-    )
 
 
 def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Path:

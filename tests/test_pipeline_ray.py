@@ -15,6 +15,7 @@ import torch
 from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.evaluation.evaluate import evaluate_benchmark
+from pipeline.machine import cpu_model
 from pipeline.model.checkpoint import load_model
 from pipeline.report import write_report
 from pipeline.tracking import write_train_curve
@@ -57,6 +58,7 @@ def test_train_evaluate_report_end_to_end(local_ray, tiny_prepared, tmp_path):
     assert len(runs) == 1 and runs.loc[0, "run_id"] == result.run_id
     assert runs.loc[0, "params.train.iterations"] == "6"
     assert runs.loc[0, "status"] == "FINISHED"
+    assert runs.loc[0, "tags.host.cpu"] == cpu_model()  # both ranks ran here: one CPU model named
     curve = write_train_curve(uri, result.run_id, tmp_path / "reports" / "train_curve.csv")
     logged = curve.dropna(subset=["loss"])
     assert list(logged["iteration"]) == [2, 4, 6] and logged["loss"].map(math.isfinite).all()

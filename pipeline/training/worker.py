@@ -38,6 +38,7 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
 from pipeline.evaluation.inference import Protocol, cpu_has_native_bf16
 from pipeline.evaluation.split import evaluate_split
+from pipeline.machine import cpu_model
 from pipeline.model.backbones import init_from_pretrained
 from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
@@ -241,15 +242,18 @@ def _wrap(
 
 
 def _record_placement(rank: int, world: int, uri: str, run_id: str) -> list[str]:
-    """The Ray node of every rank (gathered over the process group), tagged on the MLflow run by rank 0 as
-    ``ray.node.rank<r>``; returns the node ids by rank."""
-    node = ray.get_runtime_context().get_node_id()
-    nodes = [node]
+    """The Ray node and CPU model of every rank (gathered over the process group), tagged on the MLflow run by
+    rank 0 as ``ray.node.rank<r>`` and ``host.cpu`` (CPU digits depend on the CPU model); returns the node ids
+    by rank."""
+    here = (ray.get_runtime_context().get_node_id(), cpu_model())
+    placed = [here]
     if world > 1 and dist.is_initialized():
-        nodes = [""] * world
-        dist.all_gather_object(nodes, node)
+        placed = [("", "")] * world
+        dist.all_gather_object(placed, here)
+    nodes = [node for node, _ in placed]
     if rank == 0:
         tags = {f"ray.node.rank{r}": n for r, n in enumerate(nodes)} | {"ray.nodes": len(set(nodes))}
+        tags["host.cpu"] = "; ".join(sorted({cpu for _, cpu in placed}))
         tracking.set_tags(uri, run_id, tags)
         print(f"[train] ranks on nodes {[n[:8] for n in nodes]}", flush=True)
     return nodes
