@@ -109,6 +109,8 @@ class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
     def setup(self, **info) -> None:
         self._job = ray.get_runtime_context().get_job_id()
         self._before = set(ray.util.placement_group_table())
+        # a TrainController outlives its fit() while the driver holds the trainer: earlier runs' are not awaited
+        self._controllers_before = self._controllers()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         if not any(t is not trial and t.status == "RUNNING" for t in trials):
@@ -118,20 +120,26 @@ class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
         self.on_trial_complete(iteration, trials, trial)
 
     def on_experiment_end(self, trials, **info) -> None:
-        deadline = time.monotonic() + _SETTLE_S
-        while self._controllers_alive() and time.monotonic() < deadline:
+        start = time.monotonic()
+        while self._controllers_alive() and time.monotonic() < start + _SETTLE_S:
             time.sleep(0.5)
-        self._release()
+        if time.monotonic() - start > 1:
+            print(f"[tune] waited {time.monotonic() - start:.0f} s for the trials' Train controllers to exit")
+        self._release(announce=True)
 
     def _controllers_alive(self) -> bool:
-        """Whether a Ray Train controller of this job still runs (False when the state API cannot say)."""
+        """Whether a Ray Train controller this sweep started still runs."""
+        return bool(self._controllers() - self._controllers_before)
+
+    def _controllers(self) -> set[str]:
+        """Ids of this job's live Ray Train controllers (none when the cluster has no state API to ask)."""
         from ray.util.state import list_actors
 
         try:
             alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
         except Exception:  # no dashboard on this cluster: nothing to wait on
-            return False
-        return any(a.actor_id.endswith(self._job) for a in alive)
+            return set()
+        return {a.actor_id for a in alive if a.actor_id.endswith(self._job)}
 
     def _orphans(self) -> list[str]:
         """Ids of the worker groups (whole CPUs or GPUs, no trial slot) this sweep created and still holds."""
@@ -144,10 +152,16 @@ class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
                 orphans.append(pg_id)
         return orphans
 
-    def _release(self) -> None:
+    def _release(self, announce: bool = False) -> None:
+        """Remove the orphans; at a trial's end a finished trial's group is routinely still listed (its
+        controller goes with the trial's actor, after this callback), so only the experiment's end speaks."""
         from ray.util.placement_group import PlacementGroup, PlacementGroupID
 
         for pg_id in self._orphans():
+            if announce:
+                print(
+                    f"[tune] freeing placement group {pg_id}: still held after every trial ended", flush=True
+                )
             ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
 
 
