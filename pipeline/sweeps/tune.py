@@ -92,77 +92,96 @@ _HOLDING = ("CREATED", "PREPARED", "PENDING", "RESCHEDULING")
 _SETTLE_S = 60.0  # at the experiment's end: how long the trials' Train controllers get to exit
 
 
+@dataclass(frozen=True)
+class _Group:
+    pg_id: str
+    state: str
+    job: str
+    by_actor: bool  # created by an actor (a Train controller), not by a driver (Tune's trial groups)
+    creator_dead: bool
+
+
+def _placement_groups() -> list[_Group]:
+    """Every placement group with its creator, from the GCS. ``ray.util.placement_group_table`` leaves the
+    creator out; Ray 2.60's own table records (the private accessor it reads) carry it."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    table = gcs_pb2.PlacementGroupTableData
+    groups = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = table.FromString(raw)
+        actor = pg.creator_actor_id
+        by_actor = bool(actor) and actor != b"\xff" * len(
+            actor
+        )  # a driver's is the nil id (the GCS calls it dead)
+        groups.append(
+            _Group(pg.placement_group_id.hex(), table.PlacementGroupState.Name(pg.state),
+                   pg.creator_job_id.hex(), by_actor, pg.creator_actor_dead)
+        )  # fmt: skip
+    return groups
+
+
+def _handle(pg_id: str):
+    from ray.util.placement_group import PlacementGroup, PlacementGroupID
+
+    return PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
+
+
 class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
-    """Frees the worker placement groups that this sweep's trials left behind.
+    """Frees the worker placement groups whose Ray Train controller died without removing them.
 
-    A stopped trial's Ray Train controller dies with it; Ray's own cleaner removes its workers' placement group,
-    but it relies on the state API and was seen to miss it on a loaded machine, leaving the next trial waiting
-    forever for CPUs. When no other trial is running, every worker group still holding resources is an orphan.
-    A group that had a bundle on a lost node is rescheduled by Ray, not removed: it counts too, whatever its
-    state. At the experiment's end the trials' controllers get up to a minute to exit, then whatever worker
-    group they left is freed (a group left holding a CPU after a node loss mid-sweep was seen in CI).
+    A trial's Train controller creates its workers' placement group; when the trial's actor is stopped (ASHA,
+    the experiment's end) the controller dies with it, and a group created by an actor outlives the actor for
+    as long as the job lives. Ray Train's cleaner removes only the group it was told about, and was seen to
+    miss it: on a loaded machine the next trial then waited forever for CPUs, and after a node lost mid-sweep a
+    group that a dying controller had just created for a retry stayed CREATED (both seen in CI). A group whose
+    creator is dead serves nobody: it is removed whenever seen, and at the experiment's end the trials'
+    controllers get up to a minute to exit before the last pass. A group whose controller lives is never
+    touched: removing it would kill that controller's workers and make it start a new group.
 
-    Only groups of this driver's job created after the sweep started are touched: other jobs on a shared
-    cluster, and this driver's own earlier groups, keep theirs.
+    Only groups of this driver's job created after the sweep started count: other jobs on a shared cluster,
+    and this driver's own earlier groups, keep theirs.
     """
 
     def setup(self, **info) -> None:
         self._job = ray.get_runtime_context().get_job_id()
-        self._before = set(ray.util.placement_group_table())
-        # a TrainController outlives its fit() while the driver holds the trainer: earlier runs' are not awaited
-        self._controllers_before = self._controllers()
+        self._before = {g.pg_id for g in _placement_groups()}
+        self._checked = 0.0
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        if not any(t is not trial and t.status == "RUNNING" for t in trials):
-            self._release()
+        self._release()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self.on_trial_complete(iteration, trials, trial)
+        self._release()
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if time.monotonic() - self._checked > 5:  # a stopped trial's controller exits a little later
+            self._release()
 
     def on_experiment_end(self, trials, **info) -> None:
         start = time.monotonic()
-        while self._controllers_alive() and time.monotonic() < start + _SETTLE_S:
-            time.sleep(0.5)
+        while self._release(announce=True) and time.monotonic() < start + _SETTLE_S:
+            time.sleep(0.5)  # some controller still lives: its group is freed once it has exited
         if time.monotonic() - start > 1:
             print(f"[tune] waited {time.monotonic() - start:.0f} s for the trials' Train controllers to exit")
-        self._release(announce=True)
 
-    def _controllers_alive(self) -> bool:
-        """Whether a Ray Train controller this sweep started still runs."""
-        return bool(self._controllers() - self._controllers_before)
-
-    def _controllers(self) -> set[str]:
-        """Ids of this job's live Ray Train controllers (none when the cluster has no state API to ask)."""
-        from ray.util.state import list_actors
-
-        try:
-            alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
-        except Exception:  # no dashboard on this cluster: nothing to wait on
-            return set()
-        return {a.actor_id for a in alive if a.actor_id.endswith(self._job)}
-
-    def _orphans(self) -> list[str]:
-        """Ids of the worker groups (whole CPUs or GPUs, no trial slot) this sweep created and still holds."""
-        orphans = []
-        for pg_id, pg in ray.util.placement_group_table().items():
-            bundles = list(pg["bundles"].values())
-            is_driver = any(TRIAL_SLOT in b or b.get("CPU", 0) < 1 and "GPU" not in b for b in bundles)
-            mine = pg_id.endswith(self._job) and pg_id not in self._before  # a group id ends with its job's
-            if mine and pg["state"] in _HOLDING and not is_driver:
-                orphans.append(pg_id)
-        return orphans
-
-    def _release(self, announce: bool = False) -> None:
-        """Remove the orphans; at a trial's end a finished trial's group is routinely still listed (its
-        controller goes with the trial's actor, after this callback), so only the experiment's end speaks."""
-        from ray.util.placement_group import PlacementGroup, PlacementGroupID
-
-        for pg_id in self._orphans():
+    def _release(self, announce: bool = False) -> bool:
+        """Remove the sweep's orphaned groups; whether groups of live controllers still hold resources."""
+        self._checked = time.monotonic()
+        live = False
+        for g in _placement_groups():
+            if g.job != self._job or g.pg_id in self._before or g.state not in _HOLDING or not g.by_actor:
+                continue
+            if not g.creator_dead:
+                live = True
+                continue
             if announce:
                 print(
-                    f"[tune] freeing placement group {pg_id}: still held after every trial ended", flush=True
+                    f"[tune] freeing placement group {g.pg_id}: its Train controller has exited", flush=True
                 )
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            ray.util.remove_placement_group(_handle(g.pg_id))
+        return live
 
 
 def trial_driver_resources() -> dict:
