@@ -80,18 +80,18 @@ def _s3_files(prefix: str) -> list[str]:
 
 def _leftover_report(cluster, group_ids: list[str], victim: str) -> str:
     """What is known of placement groups left behind: their table entries, the nodes, and the GCS log lines
-    that name them (a leak seen once in CI could not be reproduced here)."""
+    that name them (how CI's leak was traced to a retrying controller)."""
     table = ray.util.placement_group_table()
     nodes = [(n["NodeID"][:12], n["Alive"]) for n in ray.nodes()]
     lines = [f"victim {victim[:12]}, nodes {nodes}"]
+    gcs_log = Path(cluster.head_node.get_logs_dir_path()) / "gcs_server.out"
+    log = gcs_log.read_text(errors="replace").splitlines() if gcs_log.is_file() else []
     for pg_id in group_ids:
         entry = table.get(pg_id, {})
         lines.append(
             f"{pg_id}: {entry.get('state')} {entry.get('bundles')} {entry.get('bundles_to_node_id')}"
         )
-        gcs_log = Path(cluster.head_node.get_logs_dir_path()) / "gcs_server.out"
-        if gcs_log.is_file():
-            lines += [ln for ln in gcs_log.read_text(errors="replace").splitlines() if pg_id[:16] in ln][-30:]
+        lines += [ln for ln in log if pg_id[:16] in ln][-30:]
     return "\n".join(lines)
 
 

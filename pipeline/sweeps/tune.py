@@ -111,10 +111,8 @@ def _placement_groups() -> list[_Group]:
     groups = []
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = table.FromString(raw)
-        actor = pg.creator_actor_id
-        by_actor = bool(actor) and actor != b"\xff" * len(
-            actor
-        )  # a driver's is the nil id (the GCS calls it dead)
+        actor = pg.creator_actor_id  # a driver's is the nil id, which the GCS calls dead
+        by_actor = bool(actor) and actor != b"\xff" * len(actor)
         groups.append(
             _Group(pg.placement_group_id.hex(), table.PlacementGroupState.Name(pg.state),
                    pg.creator_job_id.hex(), by_actor, pg.creator_actor_dead)
