@@ -179,7 +179,7 @@ class TrainConfig:
     # ... and on CPU workers: "bf16" (the same autocast) needs native bf16 (AVX512-BF16 or AMX) and is refused
     # where it would be emulated; measured in benchmarks/train_step.py. The default keeps CPU training exact.
     cpu_precision: Literal["fp32", "bf16"] = "fp32"
-    channels_last: bool = True  # memory format on CUDA
+    channels_last: bool = True  # memory format on CUDA and for CPU bf16 (cpu_precision)
     compile: bool = False  # torch.compile the model on CUDA
     max_failures: int = num(3, 0)
     log_every: int = num(20, 1)

@@ -93,7 +93,8 @@ def _one_step(precision: str) -> tuple[float, set[torch.dtype]]:
         if isinstance(m, torch.nn.Conv2d)
     ]
     window = worker._Window()
-    worker._train_step(model, opt, iter([(images, labels)]), 0, bench, torch.device("cpu"), window)
+    net = worker._wrap(model, bench, torch.device("cpu"), world=1)
+    worker._train_step(net, opt, iter([(images, labels)]), 0, bench, torch.device("cpu"), window)
     for h in hooks:
         h.remove()
     return window.sums["loss"], dtypes
@@ -105,6 +106,23 @@ def test_cpu_bf16_training_autocasts_and_stays_near_fp32():
     bf16_loss, bf16_types = _one_step("bf16")
     assert fp32_types == {torch.float32} and bf16_types == {torch.bfloat16}
     assert bf16_loss == pytest.approx(fp32_loss, rel=0.05) and bf16_loss != fp32_loss
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_cpu_bf16_training_runs_channels_last_and_fp32_keeps_the_default_layout():
+    from pipeline.config import params_from_dict
+    from pipeline.training import worker
+    from tests.conftest import tiny_params_dict
+
+    for precision, channels_last in (("fp32", False), ("bf16", True)):
+        bench = params_from_dict(tiny_params_dict(cpu_precision=precision)).benchmark("synthetic")
+        net = worker._wrap(build_model(bench.model, bench.data.num_classes), bench, torch.device("cpu"), 1)
+        convs = [
+            m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)
+        ]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) == channels_last for w in convs), (
+            precision
+        )
 
 
 def test_cpu_bf16_training_refused_where_emulated(monkeypatch):
