@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,7 +71,15 @@ def main() -> None:
 
 
 def _markdown(cells: pd.DataFrame, dirs: pd.DataFrame) -> str:
+    from pipeline.machine import machine_description
+
     lines = [
+        "# Demo studies against their training budget",
+        "",
+        f"`python benchmarks/study_budget.py` on {machine_description()}, {time.strftime('%Y-%m-%d')}. Each budget"
+        " trains every (cell, seed) with its own poly schedule; s / run = one run's training and scoring, two at a"
+        " time on 2 cores. `clear`: the difference exceeds its standard error over seeds.",
+        "",
         "| budget (it) | s / run | claim | ours Δ ± se (mIoU %) | holds | clear |",
         "|---:|---:|---|---:|---|---|",
     ]
