@@ -29,6 +29,7 @@ from study_variants import run_seconds, run_variant, variant  # noqa: E402
 from pipeline import tracking  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluation.inference import cpu_has_native_bf16  # noqa: E402
+from pipeline.machine import machine_description  # noqa: E402
 
 
 def main() -> None:
@@ -57,16 +58,21 @@ def main() -> None:
         stats[precision] = (miou.mean(), miou.std(ddof=1), len(g), g["seconds"].mean())
     (m32, s32, n32, t32), (m16, s16, n16, t16) = stats["fp32"], stats["bf16"]
     diff, se = m16 - m32, math.sqrt(s32**2 / n32 + s16**2 / n16)
-    print(
-        f"{args.study}/{args.cell} at the study's budget, seeds {list(p.study(name).seeds)}, scored in fp32 (ss)"
-    )
-    print("| precision | mIoU % (mean ± std) | s / run | vs fp32 |\n|---|---:|---:|---:|")
-    print(f"| fp32 | {m32:.2f} ± {s32:.2f} | {t32:.1f} | 1.00x |")
-    print(f"| bf16 | {m16:.2f} ± {s16:.2f} | {t16:.1f} | {t32 / t16:.2f}x |")
     within = abs(diff) <= 2 * se
-    print(
-        f"bf16 - fp32: {diff:+.2f} ± {se:.2f} mIoU points: {'within' if within else 'outside'} the seed noise"
-    )
+    lines = [
+        f"{args.study}/{args.cell} at the study's budget, seeds {list(p.study(name).seeds)}, scored in fp32 (ss);"
+        f" {machine_description()}",
+        "",
+        "| precision | mIoU % (mean ± std) | s / run | vs fp32 |",
+        "|---|---:|---:|---:|",
+        f"| fp32 | {m32:.2f} ± {s32:.2f} | {t32:.1f} | 1.00x |",
+        f"| bf16 | {m16:.2f} ± {s16:.2f} | {t16:.1f} | {t32 / t16:.2f}x |",
+        "",
+        f"bf16 - fp32: {diff:+.2f} ± {se:.2f} mIoU points: {'within' if within else 'outside'} the seed noise",
+    ]
+    text = "\n".join(lines) + "\n"
+    (Path(args.out) / "train_precision.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
