@@ -242,6 +242,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     summary = run_study(args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
     print(summary["markdown"])
     print(f"[study] {args.out}/study.md (MLflow parent run {summary['parent_run_id']})")
+    if args.record:
+        from pipeline import tracking
+        from pipeline.files import atomic_write_json
+        from pipeline.machine import machine_description
+
+        record = {
+            "study": args.study,
+            "parent_run_id": summary["parent_run_id"],
+            "mlflow_uri": tracking.tracking_uri(params.mlflow, _root()),
+            "machine": machine_description(),
+        }
+        Path(args.record).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.record, record, indent=2)
     return 0
 
 
@@ -344,6 +357,13 @@ def _sweep_args(key: str):
         p.add_argument(f"--{key}", required=True)
         p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
         p.add_argument("--out", required=True)
+        if key == "study":
+            p.add_argument(
+                "--record",
+                default="",
+                help="write the study's MLflow parent run and store here (a file local to this checkout: DVC "
+                "keeps it out of git, so a fresh clone runs the study into its own MLflow store)",
+            )
 
     return add
 
