@@ -9,7 +9,6 @@ demo's, after ``make demo``) is reused from MLflow, not retrained.
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,20 +40,18 @@ def variant(
 
 
 def run_variant(params: Params, name: str, *, root: Path, data_dir: Path, out_dir: Path) -> dict:
-    """Run study ``name`` of ``params``; its summary, its per-run table and the driver's wall seconds."""
+    """Run study ``name`` of ``params``; its summary and its per-run table."""
     from pipeline import tracking
     from pipeline.sweeps.study import collect_runs, run_study
 
-    started = time.perf_counter()
     summary = run_study(name, params, data_dir=data_dir, out_dir=out_dir / name, root=root)
-    wall = time.perf_counter() - started
     study = params.study(name)
     uri = tracking.tracking_uri(params.mlflow, root)
     exp = tracking.ensure_experiment(
         uri, f"{tracking.experiment_name(params.mlflow, study.benchmark)}-studies", root
     )
     runs = collect_runs(uri, exp, summary["parent_run_id"])
-    return summary | {"runs": runs, "wall_s": wall}
+    return summary | {"runs": runs}
 
 
 def run_seconds(runs: pd.DataFrame, uri: str) -> list[float]:
