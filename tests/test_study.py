@@ -79,6 +79,12 @@ def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
             summary = run_study(
                 "tiny", params, data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path
             )
+            # Run again with config and code unchanged (`dvc repro -f`, or a change to report code only): the
+            # finished Tune experiment is not restored as if its driver had died (that ran no trial and left
+            # the new parent run without children); a new grid reuses every finished cell run from MLflow.
+            again = run_study(
+                "tiny", params, data_dir=tiny_prepared, out_dir=tmp_path / "again", root=tmp_path
+            )
         finally:
             ray.shutdown()
         fs, path = pafs.FileSystem.from_uri("s3://pspnet/studies")
@@ -97,6 +103,12 @@ def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
         ("pyramid", 1),
     ]
     text = (tmp_path / "out" / "study.md").read_text()
+    assert again["parent_run_id"] != summary["parent_run_id"]
+    pd.testing.assert_frame_equal(again["cells"], cells)
+    uri = tracking.tracking_uri(params.mlflow, tmp_path)
+    exp_id = tracking.ensure_experiment(uri, "pspnet-synthetic-studies", tmp_path)
+    rerun = tracking.find_runs(uri, exp_id, {tracking.PARENT_TAG: again["parent_run_id"]}, "FINISHED")
+    assert sorted(r.tags.get("pspnet.reused_from") for r in rerun) == sorted(runs["run_id"])
     assert "ResNet50+B1236+AVE+DR" in text and "pyramid > baseline" in text
 
     port = _free_port()
@@ -138,14 +150,14 @@ def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
             f"{base}/api/2.0/mlflow/runs/search",
             {"experiment_ids": [exp_id], "filter": "tags.`pspnet.study` = 'tiny'", "max_results": 50},
         )
+        parent = summary["parent_run_id"]
         children = [
             r
             for r in found["runs"]
-            if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))
+            if {"key": "mlflow.parentRunId", "value": parent} in r["data"].get("tags", [])
         ]
         assert len(children) == 4
         assert all(any(m["key"] == "ss/miou" for m in r["data"]["metrics"]) for r in children)
-        parent = summary["parent_run_id"]
         listed = json.loads(_get(f"{base}/api/2.0/mlflow/artifacts/list?run_id={parent}"))
         paths = {f["path"] for f in listed.get("files", [])}
         assert {"study_cells.json", "study.md"} <= paths

@@ -144,7 +144,7 @@ def _train_and_score(
             run_id=run_id,
             root=config["root"],
         ),
-        name=f"{config['study_dir']}-trial={trial_id}",
+        name=f"{config['tune_name']}-trial={trial_id}",
         storage=config["storage_path"],
     ).fit()
     with result.checkpoint.as_directory() as ckdir:
@@ -188,6 +188,12 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     shash = config_hash({"study": to_dict(study), "bench": to_dict(base), "code": code})
     study_dir = f"study-{name}-{shash}"
     parent = _open_study_run(uri, exp_id, shash, study_dir, name, study, root, code)
+    # The Tune experiment belongs to the parent run: a driver that died left its parent RUNNING, found again
+    # above, and its experiment is restored; a new parent (the study ran to the end before and runs again with
+    # config and code unchanged: `dvc repro -f`, a change to report code) gets a new grid, whose trials reuse
+    # the finished cell runs from MLflow. Restoring the finished experiment instead ran no trial and left the
+    # new parent without child runs.
+    tune_name = f"{study_dir}-{parent[:8]}"
     space = {
         "cell": ray.tune.grid_search(list(study.cells)),
         "seed": ray.tune.grid_search(list(study.seeds)),
@@ -196,6 +202,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         "ray": to_dict(params.ray),
         "study_name": name,
         "study_dir": study_dir,
+        "tune_name": tune_name,
         "train_dir": stage_split(data_dir / "train", storage),  # on object storage: uploaded there once
         "val_dir": stage_split(data_dir / "val", storage),
         "class_names": class_names(base, data_dir),  # read here: a trial's node may not see data_dir
@@ -239,7 +246,7 @@ def _open_study_run(
 def _run_trials(space: dict, base: BenchmarkConfig, study: StudyConfig) -> ray.tune.ResultGrid:
     """The Tune grid over ``space`` (cells x seeds), restored if its driver died, run to the end; the first
     cell's config sizes how many trials run at once."""
-    study_dir, storage = space["study_dir"], space["storage_path"]
+    tune_name, storage = space["tune_name"], space["storage_path"]
     trainable = ray.tune.with_resources(_study_trial, trial_driver_resources())
 
     def build() -> ray.tune.Tuner:
@@ -251,11 +258,11 @@ def _run_trials(space: dict, base: BenchmarkConfig, study: StudyConfig) -> ray.t
                 max_concurrent_trials=max_concurrent_trials(t0, SweepConfig(), ray.cluster_resources())
             ),
             run_config=ray.tune.RunConfig(
-                name=study_dir, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
+                name=tune_name, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
             ),
         )
 
-    tuner = restore_or_build(f"{storage.rstrip('/')}/{study_dir}", trainable, build, "study")
+    tuner = restore_or_build(f"{storage.rstrip('/')}/{tune_name}", trainable, build, "study")
     return tuner.fit()
 
 
