@@ -106,8 +106,8 @@ def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
     assert again["parent_run_id"] != summary["parent_run_id"]
     pd.testing.assert_frame_equal(again["cells"], cells)
     uri = tracking.tracking_uri(params.mlflow, tmp_path)
-    exp_id = tracking.ensure_experiment(uri, "pspnet-synthetic-studies", tmp_path)
-    rerun = tracking.find_runs(uri, exp_id, {tracking.PARENT_TAG: again["parent_run_id"]}, "FINISHED")
+    studies = tracking.ensure_experiment(uri, "pspnet-synthetic-studies", tmp_path)
+    rerun = tracking.find_runs(uri, studies, {tracking.PARENT_TAG: again["parent_run_id"]}, "FINISHED")
     assert sorted(r.tags.get("pspnet.reused_from") for r in rerun) == sorted(runs["run_id"])
     assert "ResNet50+B1236+AVE+DR" in text and "pyramid > baseline" in text
 

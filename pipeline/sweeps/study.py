@@ -201,7 +201,6 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         "bench": to_dict(base),
         "ray": to_dict(params.ray),
         "study_name": name,
-        "study_dir": study_dir,
         "tune_name": tune_name,
         "train_dir": stage_split(data_dir / "train", storage),  # on object storage: uploaded there once
         "val_dir": stage_split(data_dir / "val", storage),
