@@ -10,6 +10,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.config import params_from_dict
 from pipeline.data.benchmarks import CHECKSUMS, SYNTHETIC_ARCHIVE, fetch, prepare
+from pipeline.data.fetch_record import FetchRecord, read_record, write_record
 from pipeline.data.prepare import DataError
 
 
@@ -69,7 +70,7 @@ def test_fetch_rewrites_its_own_folder_and_drops_only_what_it_listed(tmp_path: P
     sums = fetch("synthetic", bench, out, progress=False)
     # An earlier fetch that listed another archive (say, a renamed release): that one is fetch's own, stale.
     (out / "Old.zip").write_bytes(b"old")
-    (out / CHECKSUMS).write_text(json.dumps({**sums, "Old.zip": {"sha256": "0" * 64}}))
+    write_record(out, FetchRecord("synthetic", "synthetic", {**sums, "Old.zip": {"sha256": "0" * 64}}))
     (out / f".{SYNTHETIC_ARCHIVE}.tmp-12345").write_bytes(b"interrupted build")
     assert fetch("synthetic", bench, out, progress=False) == sums
     assert sorted(p.name for p in out.iterdir()) == sorted([CHECKSUMS, SYNTHETIC_ARCHIVE])
@@ -84,9 +85,51 @@ def test_fetch_refuses_a_checksums_file_it_did_not_write(tmp_path: Path) -> None
     out = tmp_path / "archives"
     out.mkdir()
     (out / CHECKSUMS).write_text("not json")
-    with pytest.raises(DataError, match=r"checksums.json: not a checksums file written by `pspnet fetch`"):
+    with pytest.raises(DataError, match=r"checksums.json: not a record written by `pspnet fetch`"):
         fetch("synthetic", _bench(), out, progress=False)
     assert (out / CHECKSUMS).read_text() == "not json"
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_fetch_keeps_the_files_a_users_own_checksums_json_lists(tmp_path: Path) -> None:
+    """Issue 23: any JSON object in ``checksums.json`` was taken as fetch's record, and the files it listed
+    were removed as stale (exit 0). Only a record that is unmistakably fetch's counts."""
+    out = tmp_path / "archives"
+    out.mkdir()
+    files = {"notes.txt": b"my notes\n", "mydata.bin": b"\x00\x01 my data"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    theirs = {name: f"sha256:{_sha256(data)}" for name, data in files.items()}
+    # The user's format, and one that looks like ours but carries no marker: neither is fetch's record.
+    for record in (theirs, {name: {"sha256": _sha256(data)} for name, data in files.items()}):
+        (out / CHECKSUMS).write_text(json.dumps(record))
+        with pytest.raises(DataError, match=r"checksums\.json: not a record written by `pspnet fetch`"):
+            fetch("synthetic", _bench(), out, progress=False)
+        _still_there(out, files)
+        assert json.loads((out / CHECKSUMS).read_text()) == record
+    # The record's marker alone is not enough: an entry fetch would never write (a path) is refused too.
+    forged = FetchRecord("synthetic", "synthetic", {"../notes.txt": {"sha256": _sha256(b"x")}}).as_json()
+    (out / CHECKSUMS).write_text(json.dumps(forged))
+    with pytest.raises(DataError, match=r"archive '\.\./notes\.txt': not a plain file name"):
+        fetch("synthetic", _bench(), out, progress=False)
+    _still_there(out, files)
+
+
+def test_fetch_never_removes_another_benchmarks_archives(tmp_path: Path) -> None:
+    """Issue 23: one --out shared by two benchmarks: fetching the second removed the first one's archive."""
+    out = tmp_path / "archives"
+    bench = _bench()
+    sums = fetch("synthetic", bench, out, progress=False)
+    archive = (out / SYNTHETIC_ARCHIVE).read_bytes()
+    with pytest.raises(DataError, match=r"holds the archives of benchmark 'synthetic' .*SyntheticScenes\.zip"):
+        fetch("synthetic-copy", bench, out, progress=False)
+    assert (out / SYNTHETIC_ARCHIVE).read_bytes() == archive
+    assert read_record(out) == FetchRecord("synthetic", "synthetic", sums)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +176,7 @@ def test_prepare_names_an_archive_that_is_not_a_zip(tmp_path: Path, capsys: pyte
     import hashlib
 
     sums = {SYNTHETIC_ARCHIVE: {"sha256": hashlib.sha256(fake.read_bytes()).hexdigest()}}
-    (archives / CHECKSUMS).write_text(json.dumps(sums))
+    write_record(archives, FetchRecord("synthetic", "synthetic", sums))
     with pytest.raises(ValueError, match=rf"{SYNTHETIC_ARCHIVE}: not a readable ZIP archive"):
         prepare("synthetic", _bench(), archives, tmp_path / "prepared", progress=False)
     assert not (tmp_path / "prepared").exists()

@@ -26,6 +26,7 @@ from pipeline.config import BenchmarkConfig, DataConfig
 from pipeline.data import ade20k, cityscapes, synthetic, voc
 from pipeline.data.archive import safe_extract
 from pipeline.data.download import Release, download
+from pipeline.data.fetch_record import CHECKSUMS, FetchRecord, read_record, write_record
 from pipeline.data.prepare import MANIFEST, DataError, prepare_ade_layout
 from pipeline.files import (
     atomic_write_json,
@@ -36,7 +37,6 @@ from pipeline.files import (
     verify_checksum,
 )
 
-CHECKSUMS = "checksums.json"
 SYNTHETIC_ARCHIVE = "SyntheticScenes.zip"
 GATE_SAMPLE = 32  # rows per split scored against themselves
 
@@ -136,7 +136,7 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
     if bench.data.source != "synthetic":
         return _fetch_release(benchmark, bench.data, out_dir, progress=progress)
     s = bench.data.synthetic
-    stale = _claim_fetch_folder(out_dir, [SYNTHETIC_ARCHIVE], "fetch")
+    stale = _claim_fetch_folder(out_dir, benchmark, [SYNTHETIC_ARCHIVE])
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-work-") as work:
         sha = synthetic.build_archive(
@@ -152,7 +152,7 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
             progress=progress,
         )
     sums = {SYNTHETIC_ARCHIVE: {"sha256": sha}}
-    atomic_write_json(out_dir / CHECKSUMS, sums, indent=2, sort_keys=True)
+    write_record(out_dir, FetchRecord(benchmark, bench.data.source, sums))
     _remove(out_dir, stale)
     return sums
 
@@ -162,7 +162,7 @@ def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bo
     releases = SOURCES[d.source][0]
     if d.source == "cityscapes" and not d.mirror:
         cityscapes.locate_archives(d.archive_dir)  # both packages there, or the download instructions
-    stale = _claim_fetch_folder(out_dir, [r.name for r in releases], "fetch")
+    stale = _claim_fetch_folder(out_dir, benchmark, [r.name for r in releases])
     out_dir.mkdir(parents=True, exist_ok=True)
     sums = {}
     for release in releases:
@@ -172,7 +172,7 @@ def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bo
         if digest is None:  # nothing published (Cityscapes): pin what we got for the prepare stage
             algo, digest = "sha256", file_digest(dest, "sha256")
         sums[release.name] = {algo: digest.lower()}
-    atomic_write_json(out_dir / CHECKSUMS, sums, indent=2, sort_keys=True)
+    write_record(out_dir, FetchRecord(benchmark, d.source, sums))
     _remove(out_dir, stale)
     return sums
 
@@ -182,33 +182,32 @@ def _own_names(name: str) -> set[str]:
     return {name, f"{name}.part", temp_prefix(name)}
 
 
-def _claim_fetch_folder(out_dir: Path, names: list[str], command: str) -> list[str]:
-    """Check that ``out_dir`` holds nothing but what fetch writes; return what an earlier fetch left stale.
+def _claim_fetch_folder(out_dir: Path, benchmark: str, names: list[str]) -> list[str]:
+    """Check that ``out_dir`` holds nothing but what fetch of ``benchmark`` writes; return what an earlier
+    fetch of the same benchmark left stale.
 
-    Fetch writes ``names`` (with their ``.part`` and temporary names) and ``checksums.json``; a
-    ``checksums.json`` already there lists the archives an earlier fetch wrote, which it may replace or
-    remove. Anything else is somebody else's file: fetch refuses to touch the folder rather than delete it.
+    Fetch writes ``names`` (with their ``.part`` and temporary names) and its record (``checksums.json``,
+    :mod:`pipeline.data.fetch_record`). A record already there lists the archives an earlier fetch of this
+    benchmark wrote, which it may replace or remove. Anything else is somebody else's: a ``checksums.json``
+    that is not our record, another benchmark's record (its archives are that benchmark's), or any other
+    entry. Fetch refuses to touch such a folder rather than delete what it cannot prove it wrote.
 
     Raises:
-        DataError: ``out_dir`` is not a folder, or holds entries fetch cannot prove it wrote.
+        DataError: ``out_dir`` is not a folder, holds another benchmark's fetch, or holds entries fetch
+            cannot prove it wrote.
     """
     if not out_dir.exists():
         return []
     if not out_dir.is_dir():
         raise DataError(f"{out_dir}: --out must be a folder, found a file")
-    earlier: list[str] = []
-    sums_path = out_dir / CHECKSUMS
-    if sums_path.is_file():
-        try:
-            listed = json.loads(sums_path.read_text())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DataError(
-                f"{sums_path}: not a checksums file written by `pspnet {command}` ({exc}); "
-                "refusing to write into this folder"
-            ) from exc
-        if not isinstance(listed, dict):
-            raise DataError(f"{sums_path}: not a checksums file written by `pspnet {command}`")
-        earlier = [str(k) for k in listed if "/" not in str(k) and str(k) not in (".", "..")]
+    record = read_record(out_dir)
+    if record is not None and record.benchmark != benchmark:
+        raise DataError(
+            f"{out_dir}: holds the archives of benchmark {record.benchmark!r} (its {CHECKSUMS} lists "
+            f"{', '.join(sorted(record.archives)) or 'none'}); fetching {benchmark!r} there would replace "
+            f"that record and strand them. Give each benchmark its own --out (data/archives/{benchmark})"
+        )
+    earlier = sorted(record.archives) if record is not None else []
     ours = {CHECKSUMS, temp_prefix(CHECKSUMS)}
     for name in [*names, *earlier]:
         ours |= _own_names(name)
@@ -221,7 +220,7 @@ def _claim_fetch_folder(out_dir: Path, names: list[str], command: str) -> list[s
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise DataError(
             f"{out_dir}: holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} that `pspnet "
-            f"{command}` did not write ({shown}); it writes only into an empty folder or one it wrote before "
+            f"fetch` did not write ({shown}); it writes only into an empty folder or one it wrote before "
             f"(listed in its {CHECKSUMS}). Choose another --out, or move those files away"
         )
     stale = [n for n in earlier if n not in names]
@@ -401,18 +400,25 @@ def prepare(
 
 
 def _verified_archives(benchmark: str, d: DataConfig, archives: Path) -> dict:
-    """``archives/checksums.json`` (``{name: {algo: hex}}``), after checking every archive it lists.
+    """The archives ``archives/checksums.json`` lists (``{name: {algo: hex}}``), after checking each one.
 
     Raises:
-        DataError: the file is missing, or lists other archives than the source's releases.
+        DataError: the record is missing or not fetch's, was fetched for another source, or lists other
+            archives than the source's releases.
         ChecksumError: an archive does not match its digest.
     """
     sums_path = archives / CHECKSUMS
-    if not sums_path.is_file():
+    record = read_record(archives)
+    if record is None:
         raise DataError(
             f"{sums_path}: missing; run `dvc repro fetch@{benchmark}` to fetch the archives first"
         )
-    sums = json.loads(sums_path.read_text())
+    if record.source != d.source:
+        raise DataError(
+            f"{sums_path}: the archives of a {record.source} benchmark ({record.benchmark!r}), but "
+            f"benchmarks.{benchmark}.data.source is {d.source!r}; fetch this benchmark's archives first"
+        )
+    sums = record.archives
     if d.source != "synthetic":
         _check_source(benchmark, d)
         wanted = sorted(r.name for r in SOURCES[d.source][0])
