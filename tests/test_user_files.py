@@ -126,7 +126,9 @@ def test_fetch_never_removes_another_benchmarks_archives(tmp_path: Path) -> None
     bench = _bench()
     sums = fetch("synthetic", bench, out, progress=False)
     archive = (out / SYNTHETIC_ARCHIVE).read_bytes()
-    with pytest.raises(DataError, match=r"holds the archives of benchmark 'synthetic' .*SyntheticScenes\.zip"):
+    with pytest.raises(
+        DataError, match=r"holds the archives of benchmark 'synthetic' .*SyntheticScenes\.zip"
+    ):
         fetch("synthetic-copy", bench, out, progress=False)
     assert (out / SYNTHETIC_ARCHIVE).read_bytes() == archive
     assert read_record(out) == FetchRecord("synthetic", "synthetic", sums)
