@@ -16,12 +16,18 @@ Writes into ``--out``:
 
 :class:`LabelMapper` is the model users load: a PSPNet with its protocols, normalisation, class names and
 palette, mapping ``(N, H, W, 3)`` uint8 RGB to ``(N, H, W)`` int64 labels. It is what the MLflow registry
-holds (``pipeline.tracking.publish_model``), so ``mlflow.pyfunc.load_model("models:/pspnet-NAME@best")
-.predict(images)`` returns label maps.
+holds (``pipeline.tracking.publish_model``): the registered version's ``artifacts/`` folder holds our model file
+(``model.pt``, loaded with ``weights_only``) and ``labeler.json`` (protocols, normalisation, class names,
+palette), from which :func:`labeler_from_artifacts` builds it without unpickling anything. The version is also
+a pyfunc model (:mod:`pipeline.served_model`), so ``mlflow.pyfunc.load_model("models:/pspnet-NAME@best")
+.predict(images)`` returns label maps for those who load it through MLflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import tarfile
 import tempfile
@@ -38,6 +44,9 @@ from torch import Tensor, nn
 from pipeline.config import Params
 from pipeline.evaluation.inference import Protocol, predict, protocol_from_config
 
+MODEL_FILE = "model.pt"  # a registered version's artifacts/: our model file (pipeline.model.checkpoint)
+LABELER_SETTINGS = "labeler.json"  # ... and what turns it into a LabelMapper (LabelMapper.settings)
+SETTINGS_FORMAT = "pspnet-labeler/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FORMATS = ("cityscapes", "voc", "ade20k")
 # What each evaluation server scores (pspnet_reference.yaml datasets): classes the model must predict.
@@ -84,6 +93,18 @@ class LabelMapper(nn.Module):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def settings(self) -> dict[str, Any]:
+        """Everything but the network, as JSON: what :func:`labeler_from_artifacts` rebuilds it from."""
+        return {
+            "format": SETTINGS_FORMAT,
+            "benchmark": self.benchmark,
+            "protocols": {k: dataclasses.asdict(v) for k, v in self.protocols.items()},
+            "mean": self.mean,
+            "std": self.std,
+            "class_names": self.class_names,
+            "palette": [list(rgb) for rgb in self.palette],
+        }
 
     def scores(self, image: np.ndarray, protocol: str = "ss") -> Tensor:
         """Softmax scores (C, H, W) of one (H, W, 3) uint8 RGB image."""
@@ -143,6 +164,95 @@ def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> 
     )
 
 
+def labeler_from_artifacts(folder: str | Path) -> LabelMapper:
+    """The :class:`LabelMapper` a registered version holds: ``folder/model.pt`` (loaded with ``weights_only``,
+    as every model file is) and ``folder/labeler.json`` (:meth:`LabelMapper.settings`, checked key by key).
+    Nothing is unpickled and no code from the store runs.
+
+    Raises:
+        PredictError: a file is missing, not ours, or a setting is out of range (the message names it).
+    """
+    from pipeline.model.checkpoint import CheckpointError, load_model
+
+    folder = Path(folder)
+    model_path, settings_path = folder / MODEL_FILE, folder / LABELER_SETTINGS
+    for path in (model_path, settings_path):
+        if not path.is_file():
+            raise PredictError(
+                f"{path}: missing; a version registered by `pspnet evaluate` holds {MODEL_FILE} and "
+                f"{LABELER_SETTINGS} in its artifacts/ folder (a version logged as a pickled model by an "
+                "older release is not loaded: evaluate the run again to register it anew)"
+            )
+    try:
+        net, meta = load_model(model_path)
+    except CheckpointError as exc:
+        raise PredictError(f"{exc} (the registered model file)") from exc
+    try:
+        raw = json.loads(settings_path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PredictError(f"{settings_path}: not JSON ({exc})") from exc
+    kwargs = _checked_settings(raw, settings_path, meta["num_classes"])
+    return LabelMapper(net, **kwargs)
+
+
+def _checked_settings(raw: Any, path: Path, num_classes: int) -> dict[str, Any]:
+    """:class:`LabelMapper` keyword arguments from a ``labeler.json``, each value checked."""
+
+    def bad(key: str, expected: str) -> PredictError:
+        value = raw.get(key) if isinstance(raw, dict) else raw
+        return PredictError(f"{path}: {key} = {str(value)[:80]!r}, expected {expected}")
+
+    if not isinstance(raw, dict) or raw.get("format") != SETTINGS_FORMAT:
+        raise bad("format", repr(SETTINGS_FORMAT))
+    names = raw.get("class_names")
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        raise bad("class_names", f"{num_classes} names (the model file's class count)")
+    colours = raw.get("palette")
+    if (
+        not isinstance(colours, list)
+        or len(colours) != num_classes
+        or not all(
+            isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
+            for c in colours
+        )
+    ):
+        raise bad("palette", f"{num_classes} [r, g, b] colours of integers 0-255")
+    for key, positive in (("mean", False), ("std", True)):
+        values = raw.get(key)
+        if (
+            not isinstance(values, list)
+            or len(values) != 3
+            or not all(
+                isinstance(v, int | float) and math.isfinite(v) and (v > 0 if positive else True)
+                for v in values
+            )
+        ):
+            raise bad(key, "3 finite numbers" + (" > 0" if positive else ""))
+    fields = {f.name for f in dataclasses.fields(Protocol)}
+    protocols = raw.get("protocols")
+    if not isinstance(protocols, dict) or set(protocols) != {"ss", "ms"}:
+        raise bad("protocols", '{"ss": {...}, "ms": {...}}')
+    built = {}
+    for name, spec in protocols.items():
+        if not isinstance(spec, dict) or not set(spec) <= fields:
+            raise bad("protocols", f"each protocol an object with keys among {sorted(fields)}")
+        try:
+            built[name] = Protocol(**spec)
+        except (TypeError, ValueError) as exc:
+            raise PredictError(f"{path}: protocols.{name}: {exc}") from exc
+    benchmark = raw.get("benchmark", "")
+    if not isinstance(benchmark, str):
+        raise bad("benchmark", "a name")
+    return {
+        "protocols": built,
+        "mean": raw["mean"],
+        "std": raw["std"],
+        "class_names": names,
+        "palette": colours,
+        "benchmark": benchmark,
+    }
+
+
 def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> LabelMapper:
     """The model ``pspnet predict --model`` names: a registry URI (``models:/pspnet-NAME@best``,
     ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the project's MLflow store, a model file, or the folder
@@ -157,14 +267,13 @@ def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> La
 
         uri = tracking.tracking_uri(params.mlflow, Path.cwd())
         try:
-            loaded = tracking.load_registered(uri, model)
+            return tracking.load_registered(uri, model)
         except (MlflowException, OSError) as exc:
-            raise PredictError(f"{model}: cannot load it from the MLflow store {uri}: {exc}") from exc
-        if not isinstance(loaded, LabelMapper):
             raise PredictError(
-                f"{model}: a {type(loaded).__name__}, not a model logged by the evaluate stage"
-            )
-        return loaded
+                f"{model}: cannot load it from the MLflow store {uri}: {exc} (`pspnet predict` reads a "
+                f"version's artifacts/{MODEL_FILE} and artifacts/{LABELER_SETTINGS}, which `pspnet evaluate` "
+                "registers)"
+            ) from exc
     path = Path(model)
     if path.is_dir():
         path = path / "model.pt"

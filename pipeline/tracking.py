@@ -8,6 +8,7 @@ model, its curves and its single-/multi-scale scores sit together. The tracking 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -336,23 +337,30 @@ def model_requirements() -> list[str]:
 
 
 def publish_model(uri: str, run_id: str, model_path: Path, params: Any, benchmark: str) -> dict[str, Any]:
-    """Log the run's model with ``mlflow.pytorch.log_model`` and register it as ``pspnet-BENCHMARK`` (once per
-    run), then move the ``best`` alias to the version with the best multi-scale mIoU so far.
+    """Log the run's model and register it as ``pspnet-BENCHMARK`` (once per run), then move the ``best`` alias
+    to the version with the best multi-scale mIoU so far.
 
-    The logged model is a :class:`pipeline.predict.LabelMapper`: ``mlflow.pyfunc.load_model(
-    "models:/pspnet-NAME@best").predict(images)`` maps (N, H, W, 3) uint8 RGB to (N, H, W) int64 labels
-    (``params={"protocol": "ms"}`` for the multi-scale protocol). The evaluate stage calls this.
+    The version's ``artifacts/`` folder holds the model file (``model.pt``, our ``weights_only`` format) and
+    ``labeler.json`` (:meth:`pipeline.predict.LabelMapper.settings`): `pspnet predict` builds the model from
+    those two alone (:func:`load_registered`). It is also a pyfunc model (:mod:`pipeline.served_model`):
+    ``mlflow.pyfunc.load_model("models:/pspnet-NAME@best").predict(images)`` maps (N, H, W, 3) uint8 RGB to
+    (N, H, W) int64 labels (``params={"protocol": "ms"}`` for the multi-scale protocol). The evaluate stage
+    calls this.
 
     Returns:
         ``{"name", "version", "best_version", "best_miou"}``.
     """
+    import shutil
+    import tempfile
+
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from pipeline.predict import LabelMapper, labeler_from_file
+    from pipeline.predict import LABELER_SETTINGS, MODEL_FILE, LabelMapper, labeler_from_file
+    from pipeline.served_model import PSPNetPyfunc
 
     name = registered_model_name(benchmark)
     client = MlflowClient(uri)
@@ -368,20 +376,22 @@ def publish_model(uri: str, run_id: str, model_path: Path, params: Any, benchmar
         )
         example = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
         use_store(uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                labeler,
-                name="model",
-                signature=signature,
-                input_example=example,
-                pip_requirements=model_requirements(),
-                code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
-                # pickled, not MLflow 3's default torch.export ("pt2") graph: the test protocol (resizing,
-                # sliding windows, flips) runs numpy/OpenCV code between forward passes
-                serialization_format="pickle",
-                registered_model_name=name,
-                await_registration_for=60,
-            )
+        with tempfile.TemporaryDirectory(prefix="pspnet-publish-") as tmp:
+            files = {"model_file": Path(tmp) / MODEL_FILE, "labeler": Path(tmp) / LABELER_SETTINGS}
+            shutil.copyfile(model_path, files["model_file"])
+            files["labeler"].write_text(json.dumps(labeler.settings(), indent=2))
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=PSPNetPyfunc(),
+                    artifacts={k: str(v) for k, v in files.items()},
+                    signature=signature,
+                    input_example=example,
+                    pip_requirements=model_requirements(),
+                    code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
+                    registered_model_name=name,
+                    await_registration_for=60,
+                )
         version = str(info.registered_model_version)
     best = update_best_alias(uri, benchmark)
     return {"name": name, "version": str(version), **best}
@@ -417,8 +427,19 @@ def update_best_alias(uri: str, benchmark: str, metric: str = BEST_METRIC) -> di
 
 def load_registered(uri: str, model_uri: str) -> Any:
     """The :class:`pipeline.predict.LabelMapper` at ``model_uri`` (``models:/pspnet-NAME@best``,
-    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the store at ``uri``."""
-    import mlflow.pytorch
+    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the store at ``uri``.
+
+    Only the version's ``artifacts/`` folder is downloaded (the model file and its settings), and the model
+    is built from it as from any model file (``weights_only``): nothing from the store is unpickled or run,
+    whoever wrote the version.
+    """
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.predict import labeler_from_artifacts
 
     use_store(uri)
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    with tempfile.TemporaryDirectory(prefix="pspnet-registered-") as tmp:
+        folder = download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=tmp)
+        return labeler_from_artifacts(folder)

@@ -176,3 +176,93 @@ def test_evaluate_stage_registers_and_predict_reads_models_uri(
         rgb = cv2.cvtColor(cv2.imread(str(photos / f"p{i}.jpg")), cv2.COLOR_BGR2RGB)
         labels = cv2.imread(str(out / "labels" / f"p{i}.png"), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(labels, direct.scores(rgb, "ss").argmax(0).numpy())
+
+
+class _Payload:
+    """Unpickling this runs code: it writes the marker file (the attack of issue 23)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+class _PayloadModule(torch.nn.Module):
+    """An ``nn.Module`` whose pickle is the payload (what ``mlflow.pytorch.log_model`` stores)."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def __reduce__(self):
+        return _Payload(self.marker).__reduce__()
+
+
+def _predict(tmp_path: Path, model_uri: str, params_path: Path) -> int:
+    from pipeline.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir(exist_ok=True)
+    import cv2
+
+    cv2.imwrite(str(photos / "p.png"), _images(1)[0])
+    argv = ["predict", str(photos), "--model", model_uri, "--out", str(tmp_path / "pred"), "--params"]
+    return main([*argv, str(params_path)])
+
+
+def test_a_registered_version_never_runs_code_on_the_predict_users_machine(
+    store, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Issue 23: `predict --model models:/...` unpickled the version (``mlflow.pytorch.load_model``), so anyone
+    who could write a version or its artifacts ran code for every predict user. Now predict reads the version's
+    model file with ``weights_only`` and its settings as JSON, and refuses anything else, naming it."""
+    import mlflow
+    import mlflow.pytorch
+    from conftest import write_params
+
+    uri, exp = store
+    params_path = write_params(tmp_path / "params.yaml", tiny_params_dict())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "code-ran"
+
+    # 1. A version whose model is a pickle with a payload (a pytorch-flavour model, as predict used to load).
+    run_id = tracking.start_run(uri, exp, run_name="evil", tags={}, params={})
+    tracking.use_store(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            _PayloadModule(marker),
+            name="model",
+            serialization_format="pickle",
+            pip_requirements=[
+                "torch"
+            ],  # no inference: MLflow would load (and so run) the model to infer them
+            registered_model_name="pspnet-evil",
+        )
+    assert not marker.exists()
+    assert _predict(tmp_path, "models:/pspnet-evil/1", params_path) == 2
+    err = capsys.readouterr().err
+    assert "models:/pspnet-evil/1" in err and "artifacts/model.pt" in err
+    assert not marker.exists(), "predict unpickled the registered model"
+
+    # 2. A version registered by evaluate whose model file was then replaced in the artifact store.
+    run_id = tracking.start_run(uri, exp, run_name="good", tags={}, params={})
+    tracking.log_metrics(uri, run_id, {"ms/miou": 0.5})
+    params = params_from_dict(tiny_params_dict())
+    tracking.publish_model(uri, run_id, _model_file(tmp_path / "m.pt", seed=0), params, "synthetic")
+    assert _predict(tmp_path, "models:/pspnet-synthetic@best", params_path) == 0  # the genuine one works
+    (stored,) = [p for p in (tmp_path / "mlartifacts").rglob("model.pt") if p.parent.name == "artifacts"]
+    torch.save({"format": "pspnet-repro/1", "state_dict": _Payload(marker)}, stored)
+    assert _predict(tmp_path, "models:/pspnet-synthetic@best", params_path) == 2
+    err = capsys.readouterr().err
+    assert "model.pt: refusing to load with weights_only=True" in err and "registered model file" in err
+    assert not marker.exists(), "predict unpickled the registered model file"
+
+    # 3. Settings that are not ours: refused naming the key.
+    settings = stored.with_name("labeler.json")
+    _model_file(stored, seed=0)
+    raw = json.loads(settings.read_text())
+    settings.write_text(json.dumps(raw | {"std": [0, 1, 1]}))
+    assert _predict(tmp_path, "models:/pspnet-synthetic@best", params_path) == 2
+    assert "labeler.json: std = '[0, 1, 1]', expected 3 finite numbers > 0" in capsys.readouterr().err
