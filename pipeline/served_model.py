@@ -13,6 +13,8 @@ only builds the :class:`~pipeline.predict.LabelMapper` from them with :func:`pip
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,17 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT_KEYS = ("model_file", "labeler")
+
+
+def package(labeler: Any, model_path: Path, folder: Path) -> dict[str, Path]:
+    """The artifacts of a :class:`PSPNetPyfunc` for ``labeler`` (a :class:`~pipeline.predict.LabelMapper`
+    built from ``model_path``), written into ``folder``: the model file and the labeler's settings."""
+    from pipeline.predict import LABELER_SETTINGS, MODEL_FILE
+
+    files = {"model_file": Path(folder) / MODEL_FILE, "labeler": Path(folder) / LABELER_SETTINGS}
+    shutil.copyfile(model_path, files["model_file"])
+    files["labeler"].write_text(json.dumps(labeler.settings(), indent=2))
+    return files
 
 
 class PSPNetPyfunc(PythonModel):

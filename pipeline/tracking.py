@@ -8,7 +8,6 @@ model, its curves and its single-/multi-scale scores sit together. The tracking 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -336,31 +335,24 @@ def model_requirements() -> list[str]:
     return [f"{d}=={version(d)}" for d in dists]
 
 
-def publish_model(uri: str, run_id: str, model_path: Path, params: Any, benchmark: str) -> dict[str, Any]:
-    """Log the run's model and register it as ``pspnet-BENCHMARK`` (once per run), then move the ``best`` alias
-    to the version with the best multi-scale mIoU so far.
+def publish_model(
+    uri: str, run_id: str, model: Any, artifacts: Mapping[str, Path], benchmark: str
+) -> dict[str, Any]:
+    """Log ``model`` (an ``mlflow.pyfunc.PythonModel``, with its ``artifacts`` files) into the run and register it
+    as ``pspnet-BENCHMARK`` (once per run), then move the ``best`` alias to the version with the best
+    multi-scale mIoU so far. The evaluate stage calls this with :mod:`pipeline.served_model`'s model.
 
-    The version's ``artifacts/`` folder holds the model file (``model.pt``, our ``weights_only`` format) and
-    ``labeler.json`` (:meth:`pipeline.predict.LabelMapper.settings`): `pspnet predict` builds the model from
-    those two alone (:func:`load_registered`). It is also a pyfunc model (:mod:`pipeline.served_model`):
-    ``mlflow.pyfunc.load_model("models:/pspnet-NAME@best").predict(images)`` maps (N, H, W, 3) uint8 RGB to
-    (N, H, W) int64 labels (``params={"protocol": "ms"}`` for the multi-scale protocol). The evaluate stage
-    calls this.
+    The logged signature: (N, H, W, 3) uint8 RGB in, (N, H, W) int64 labels out, a ``protocol`` parameter
+    ("ss" | "ms"); an input example; the pinned requirements; the ``pipeline`` package as its code.
 
     Returns:
         ``{"name", "version", "best_version", "best_miou"}``.
     """
-    import shutil
-    import tempfile
-
     import mlflow
     import mlflow.pyfunc
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    from pipeline.predict import LABELER_SETTINGS, MODEL_FILE, LabelMapper, labeler_from_file
-    from pipeline.served_model import PSPNetPyfunc
 
     name = registered_model_name(benchmark)
     client = MlflowClient(uri)
@@ -368,7 +360,6 @@ def publish_model(uri: str, run_id: str, model_path: Path, params: Any, benchmar
     if mine:
         version = mine[0].version
     else:
-        labeler: LabelMapper = labeler_from_file(model_path, params, benchmark)
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
             outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]),
@@ -376,22 +367,18 @@ def publish_model(uri: str, run_id: str, model_path: Path, params: Any, benchmar
         )
         example = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
         use_store(uri)
-        with tempfile.TemporaryDirectory(prefix="pspnet-publish-") as tmp:
-            files = {"model_file": Path(tmp) / MODEL_FILE, "labeler": Path(tmp) / LABELER_SETTINGS}
-            shutil.copyfile(model_path, files["model_file"])
-            files["labeler"].write_text(json.dumps(labeler.settings(), indent=2))
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=PSPNetPyfunc(),
-                    artifacts={k: str(v) for k, v in files.items()},
-                    signature=signature,
-                    input_example=example,
-                    pip_requirements=model_requirements(),
-                    code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
-                    registered_model_name=name,
-                    await_registration_for=60,
-                )
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=model,
+                artifacts={k: str(v) for k, v in artifacts.items()},
+                signature=signature,
+                input_example=example,
+                pip_requirements=model_requirements(),
+                code_paths=[str(Path(__file__).resolve().parent)],  # the `pipeline` package
+                registered_model_name=name,
+                await_registration_for=60,
+            )
         version = str(info.registered_model_version)
     best = update_best_alias(uri, benchmark)
     return {"name": name, "version": str(version), **best}
@@ -425,21 +412,12 @@ def update_best_alias(uri: str, benchmark: str, metric: str = BEST_METRIC) -> di
     return {"best_version": str(version), "best_miou": value}
 
 
-def load_registered(uri: str, model_uri: str) -> Any:
-    """The :class:`pipeline.predict.LabelMapper` at ``model_uri`` (``models:/pspnet-NAME@best``,
-    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the store at ``uri``.
-
-    Only the version's ``artifacts/`` folder is downloaded (the model file and its settings), and the model
-    is built from it as from any model file (``weights_only``): nothing from the store is unpickled or run,
-    whoever wrote the version.
-    """
-    import tempfile
-
+def download_model_artifacts(uri: str, model_uri: str, dest: Path) -> Path:
+    """The ``artifacts/`` folder of the logged model ``model_uri`` (``models:/pspnet-NAME@best``,
+    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the store at ``uri``, downloaded into ``dest``: that
+    folder alone, never the pickled wrapper beside it (:func:`pipeline.predict.load_labeler` builds the model
+    from it with ``weights_only``)."""
     from mlflow.artifacts import download_artifacts
 
-    from pipeline.predict import labeler_from_artifacts
-
     use_store(uri)
-    with tempfile.TemporaryDirectory(prefix="pspnet-registered-") as tmp:
-        folder = download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=tmp)
-        return labeler_from_artifacts(folder)
+    return Path(download_artifacts(artifact_uri=f"{model_uri.rstrip('/')}/artifacts", dst_path=str(dest)))

@@ -120,8 +120,22 @@ def test_fingerprint_and_cache_key_code_lie_inside_the_stages_deps() -> None:
     scoring = {p.relative_to(ROOT).as_posix() for p in codedeps.closure(cache.SCORING_CODE)}
     study, tune, evaluate = (set(codedeps.stage_closure(s, ROOT)) for s in ("study", "tune", "evaluate"))
     assert trial <= study | tune and scoring <= evaluate
-    assert "pipeline/config.py" in trial and "pipeline/evaluation/metrics.py" in scoring
+    assert "pipeline/config.py" in trial and "pipeline/metrics.py" in scoring
     assert "pipeline/report.py" not in trial | scoring and "pipeline/plots.py" not in trial | scoring
+
+
+def test_the_floors_keep_what_reruns_narrow() -> None:
+    """Issue 24: with no import running up the floors, an edit to the served model (overlays, legends, the
+    registry's wrapper) reruns no training stage and no study cell, and an edit to MLflow logging keeps every
+    cached evaluation (the cache key's closure holds no tracking, training or Ray Train code)."""
+    trial = {p.relative_to(ROOT).as_posix() for p in codedeps.closure(tracking.TRIAL_CODE)}
+    scoring = {p.relative_to(ROOT).as_posix() for p in codedeps.closure(cache.SCORING_CODE)}
+    for stage in ("train", "tune", "study"):
+        closure = set(codedeps.stage_closure(stage, ROOT))
+        assert not {"pipeline/predict.py", "pipeline/served_model.py"} & closure, stage
+    assert not {"pipeline/predict.py", "pipeline/served_model.py"} & trial
+    assert "pipeline/tracking.py" not in scoring
+    assert not {p for p in scoring if p.startswith(("pipeline/training/", "pipeline/sweeps/"))}, scoring
 
 
 def _run(cmd: list[str], cwd: Path, env: dict) -> str:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.metrics import ConfusionMatrix
 
 GT = np.array([0, 0, 0, 1, 1, 2, 2, 2, 255])
 PRED = np.array([0, 0, 1, 1, 2, 2, 2, 0, 1])

@@ -21,6 +21,20 @@ from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.predict import labeler_from_file
 
+
+def _publish(uri, run_id, model_path, params, benchmark="synthetic"):
+    """What the evaluate stage does: the model file packaged as the pyfunc model, logged and registered."""
+    import tempfile
+
+    from pipeline.served_model import PSPNetPyfunc, package
+
+    labeler = labeler_from_file(model_path, params, benchmark)
+    with tempfile.TemporaryDirectory() as tmp:
+        return tracking.publish_model(
+            uri, run_id, PSPNetPyfunc(), package(labeler, model_path, Path(tmp)), benchmark
+        )
+
+
 pytestmark = pytest.mark.slow  # a real MLflow store, models logged and loaded (about 30 s)
 
 
@@ -72,14 +86,14 @@ def test_registry_best_alias_and_pyfunc_predict(store, tmp_path: Path) -> None:
         tracking.log_metrics(uri, run_id, {"ms/miou": miou, "ss/miou": miou - 0.01})
         tracking.finish_run(uri, run_id)
         paths.append(_model_file(tmp_path / f"m{i}.pt", seed=i))
-        info = tracking.publish_model(uri, run_id, paths[-1], params, "synthetic")
+        info = _publish(uri, run_id, paths[-1], params)
         runs.append(run_id)
         assert info["name"] == "pspnet-synthetic" and info["version"] == str(i + 1)
         assert info["best_version"] == ("1" if i == 0 else "2")  # 0.55 stays best when 0.50 arrives
     client = MlflowClient(uri)
     assert client.get_model_version_by_alias("pspnet-synthetic", "best").run_id == runs[1]
     # publishing the same run again registers nothing new
-    assert tracking.publish_model(uri, runs[2], paths[2], params, "synthetic")["version"] == "3"
+    assert _publish(uri, runs[2], paths[2], params)["version"] == "3"
     assert len(client.search_model_versions("name = 'pspnet-synthetic'")) == 3
 
     images = _images()
@@ -98,7 +112,11 @@ def test_registry_best_alias_and_pyfunc_predict(store, tmp_path: Path) -> None:
         assert np.array_equal(labels_ms[k], direct.scores(images[k], "ms").argmax(0).numpy())
     other = labeler_from_file(paths[0], params)
     assert not np.array_equal(labels[0], other.scores(images[0], "ss").argmax(0).numpy())  # not any model
-    loaded = tracking.load_registered(uri, "models:/pspnet-synthetic/1")
+    from pipeline.predict import labeler_from_artifacts
+
+    loaded = labeler_from_artifacts(
+        tracking.download_model_artifacts(uri, "models:/pspnet-synthetic/1", tmp_path)
+    )
     assert loaded.class_names == direct.class_names
 
 
@@ -250,7 +268,7 @@ def test_a_registered_version_never_runs_code_on_the_predict_users_machine(
     run_id = tracking.start_run(uri, exp, run_name="good", tags={}, params={})
     tracking.log_metrics(uri, run_id, {"ms/miou": 0.5})
     params = params_from_dict(tiny_params_dict())
-    tracking.publish_model(uri, run_id, _model_file(tmp_path / "m.pt", seed=0), params, "synthetic")
+    _publish(uri, run_id, _model_file(tmp_path / "m.pt", seed=0), params)
     assert _predict(tmp_path, "models:/pspnet-synthetic@best", params_path) == 0  # the genuine one works
     (stored,) = [p for p in (tmp_path / "mlartifacts").rglob("model.pt") if p.parent.name == "artifacts"]
     torch.save({"format": "pspnet-repro/1", "state_dict": _Payload(marker)}, stored)

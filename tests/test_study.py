@@ -21,8 +21,8 @@ import ray
 from cluster.local import patched_env, s3_server
 from pipeline import tracking
 from pipeline.config import params_from_dict
+from pipeline.ray_runtime import init_ray
 from pipeline.sweeps.study import _check_complete, run_study
-from pipeline.training.cluster import init_ray
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def test_study_end_to_end_and_rest_api(tiny_prepared, tmp_path):
     raw["ray"] = {"storage_path": "s3://pspnet/studies"}
     params = params_from_dict(raw)
     with s3_server() as s3, patched_env(s3):
-        init_ray()  # forwards the AWS_* variables to the trials (pipeline.training.cluster.runtime_env)
+        init_ray()  # forwards the AWS_* variables to the trials (pipeline.ray_runtime.runtime_env)
         try:
             summary = run_study(
                 "tiny", params, data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path

@@ -12,8 +12,8 @@ import ray
 import yaml
 
 from pipeline.config import params_from_dict
+from pipeline.ray_runtime import init_ray
 from pipeline.sweeps.tune import sweep
-from pipeline.training.cluster import init_ray
 from tests.conftest import cli, kill_when, run_ok, tiny_params_dict, write_params
 
 pytestmark = pytest.mark.slow

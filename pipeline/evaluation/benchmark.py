@@ -20,8 +20,8 @@ from torch import nn
 
 from pipeline.config import BenchmarkConfig
 from pipeline.evaluation.inference import Protocol, protocol_from_config
-from pipeline.evaluation.metrics import pair_accuracy
 from pipeline.evaluation.split import SplitResult
+from pipeline.metrics import pair_accuracy
 
 # what the numbers depend on besides the checkpoint, the protocol and the split (batching does not)
 SCORING_KEYS = ("num_classes", "ignore_index", "mean", "std", "precision")

@@ -24,9 +24,9 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.evaluation.inference import Protocol
-from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.evaluation.split import SplitResult
-from pipeline.training.cluster import init_ray
+from pipeline.metrics import ConfusionMatrix
+from pipeline.ray_runtime import init_ray
 
 CHUNKS_PER_WORKER = 4  # smaller chunks balance the load and make the ETA smoother; each costs one model copy
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.inference import Protocol, predict, prepare_model
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.metrics import ConfusionMatrix
 
 
 @dataclass
