@@ -1,5 +1,7 @@
-"""Training step time with the Train workers on 1, 2 and 3 Ray nodes, and the time from a lost node to
-training resumed, on local multi-node clusters (``cluster/local.py``; CPU, the tiny test model).
+"""Training step time with the Train workers on 1, 2 and 3 Ray nodes, the time from a lost node to training
+resumed, the rehearsal cluster's start-up time, and distributed evaluation over 1 vs 2 nodes, on local
+multi-node clusters whose worker nodes share nothing with the driver but the network (``cluster/local.py``;
+CPU, the tiny test model; checkpoints and shards on moto's S3).
 
     python benchmarks/cluster_scaling.py                 # 3 workers; 1, 2, 3 nodes; then a node loss
     python benchmarks/cluster_scaling.py --iterations 20
@@ -8,7 +10,9 @@ Every layout runs the same 3 workers (global batch 6) on the same data, so the d
 iteration is what crossing raylets costs (gloo over loopback TCP instead of within one raylet's processes).
 The bytes each worker sends and receives per step are those of a ring all-reduce of the gradients:
 ``2 (n - 1) / n x 4 bytes x parameters``. The ratios are measured in one run; the absolute times depend on
-the machine's load (on 2 cores, 3 workers also compete for CPU).
+the machine's load (on 2 cores, 3 workers also compete for CPU). Evaluation: the multi-scale + flip protocol
+over the validation split read from S3, as Ray tasks of one CPU each, on a head without CPUs and 1 or 2 worker
+nodes (``evaluate_distributed``; 1 node runs one task at a time).
 """
 
 from __future__ import annotations
@@ -100,13 +104,44 @@ def _node_loss(cluster, prepared: Path, tmp: Path, iterations: int) -> float:
     return marks[0].timestamp / 1000 - killed  # resumed_from is logged once the checkpoint is loaded
 
 
+VAL_IMAGES = 48
+
+
+def _evaluation_seconds(nodes: int, prepared: Path, bench) -> float:
+    """Wall seconds of the ms+flip protocol over the validation split on ``nodes`` 1-CPU worker nodes."""
+    import ray
+
+    from pipeline.evaluation.distributed import evaluate_distributed
+    from pipeline.evaluation.evaluate import protocols
+    from pipeline.storage import stage_split
+
+    model = build_model(bench.model, bench.data.num_classes).eval()
+    split = stage_split(prepared / "val", "s3://pspnet/bench-eval")
+    d = bench.data
+    settings = {"num_classes": d.num_classes, "ignore_index": d.ignore_index, "mean": d.mean, "std": d.std}
+    with ray_cluster(head_cpus=0, worker_cpus=(1,) * nodes, dashboard=False) as cluster:
+        ray.init(address=cluster.address)
+        chosen = {"ms": protocols(bench)["ms"]}
+        rows = list(range(VAL_IMAGES))
+        evaluate_distributed(
+            model, split, chosen, num_workers=nodes, rows=rows[:nodes], progress=False, **settings
+        )
+        started = (
+            time.perf_counter()
+        )  # after a warm-up pass: the workers' imports are not the protocol's cost
+        evaluate_distributed(model, split, chosen, num_workers=nodes, rows=rows, progress=False, **settings)
+        return time.perf_counter() - started
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=20)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name, s3_server() as s3, patched_env(s3):
         tmp = Path(tmp_name)
-        bench = params_from_dict(tiny_params_dict()).benchmark("synthetic")
+        raw = tiny_params_dict()
+        raw["benchmarks"]["synthetic"]["data"]["synthetic"]["num_val"] = VAL_IMAGES
+        bench = params_from_dict(raw).benchmark("synthetic")
         fetch("synthetic", bench, tmp / "archives", progress=False)
         prepare("synthetic", bench, tmp / "archives", tmp / "prepared", progress=False)
         model = build_model(bench.model, bench.data.num_classes)
@@ -116,12 +151,15 @@ def main() -> None:
             with ray_cluster(head_cpus=head_cpus, worker_cpus=worker_cpus, dashboard=False) as cluster:
                 root = tmp / f"nodes{nodes}"
                 # PACK, but each layout's CPUs force the workers over exactly `nodes` nodes
-                params = _params(cluster.address, str(root / "ray"), args.iterations)
+                params = _params(cluster.address, f"s3://pspnet/bench-nodes{nodes}", args.iterations)
                 train("synthetic", params, data_dir=tmp / "prepared", out_dir=root / "m", root=root)
                 used = len({_run_of(root).data.tags[f"ray.node.rank{r}"] for r in range(WORKERS)})
                 rows.append((nodes, used, _sec_per_iter(root)))
+        started = time.perf_counter()
         with ray_cluster(head_cpus=1, worker_cpus=(1, 1, 1)) as cluster:
+            startup = time.perf_counter() - started
             recovery = _node_loss(cluster, tmp / "prepared", tmp, 3 * args.iterations)
+        evaluation = {n: _evaluation_seconds(n, tmp / "prepared", bench) for n in (1, 2)}
     ring = 2 * (WORKERS - 1) / WORKERS * 4 * params_count
     base = rows[0][2]
     print(f"{WORKERS} CPU workers, tiny PSPNet ({params_count:,} parameters), global batch {2 * WORKERS}")
@@ -132,6 +170,11 @@ def main() -> None:
     for nodes, used, sec in rows:
         print(f"| {nodes} | {used} | {sec:.3f} | {sec / base:.2f}x |")
     print(f"node lost -> training resumed (restarted workers loaded the last checkpoint): {recovery:.1f} s")
+    print(f"rehearsal start-up (head + 3 isolated worker nodes, until all are registered): {startup:.1f} s")
+    one, two = evaluation[1], evaluation[2]
+    print(
+        f"evaluation (ms + flip, {VAL_IMAGES} images from S3): 1 node {one:.1f} s, 2 nodes {two:.1f} s ({one / two:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -259,7 +259,11 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
 
     from pipeline.sweeps.tune import sweep
 
-    raw = tiny_params_dict(**(OVERRIDES | {"max_failures": 2}))
+    # Twice the other runs' length: the trials start some seconds apart (a trial whose workers land on worker
+    # nodes first fetches the shards from S3 into that node's empty cache), and both must still be training
+    # when the node is lost.
+    iterations = 2 * ITERATIONS
+    raw = tiny_params_dict(**(OVERRIDES | {"max_failures": 2, "iterations": iterations}))
     raw["ray"] = {"address": cluster.address, "storage_path": "s3://pspnet/sweep"}
     raw["sweeps"] = {
         "tiny": {
@@ -267,9 +271,9 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
             "aux_weight": [0.4],
             "base_lr": [0.01, 0.02],
             "reduction": [0.25],
-            "iterations": ITERATIONS,
+            "iterations": iterations,
             "report_every": 3,
-            "grace_period": ITERATIONS
+            "grace_period": iterations
             // 3,  # = the number of reports: ASHA stops no trial, both run to the end
         }
     }
@@ -297,7 +301,7 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
         registered = wait_for_registered_checkpoints(
             "s3://pspnet/sweep", alive=thread.is_alive, runs=2, timeout=300
         )
-        assert max(registered.values()) < ITERATIONS, (
+        assert max(registered.values()) < iterations, (
             f"a trial ended before a node could be lost: {registered}"
         )
         placed = {r.data.tags["pspnet.trial_id"]: set(_rank_nodes(r)) for r in children()}

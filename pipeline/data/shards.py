@@ -6,17 +6,22 @@
 
 Local shards are memory-mapped; a URI (``s3://...``, ``gs://...``) or an explicit ``pyarrow.fs`` filesystem is
 read through ``pyarrow.fs``: each shard is downloaded once per machine into a local cache (``$PSPNET_SHARD_CACHE``)
-and memory-mapped from there. Files are opened lazily in each process and never pickled, so the dataset can be
+and memory-mapped from there. The first shard a process reads is fetched at once; the split's other shards are
+then fetched in the background while it is read (a first epoch from object storage does not wait for a shard
+at each shard boundary). A lock file per shard keeps the processes of a machine (DataLoader workers, Ray workers)
+from fetching one shard twice. Files are opened lazily in each process and never pickled, so the dataset can be
 sent to DataLoader or Ray workers.
 """
 
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,26 @@ import torch.utils.data
 from pipeline.data.prepare import MANIFEST, DataError
 
 CACHE_ENV = "PSPNET_SHARD_CACHE"  # where shards read from a URI are kept (default: <tmp>/pspnet-shards)
+_LOCKS: dict[
+    tuple[int, str], threading.Lock
+] = {}  # (pid, cache file) -> the lock of its fetch in this process
+_LOCKS_GUARD = threading.Lock()
+
+
+def _forget_locks_in_child() -> None:
+    """A forked child starts with no fetch in flight: a lock another thread held at the fork is never freed."""
+    global _LOCKS_GUARD
+    _LOCKS_GUARD = threading.Lock()
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
+def _thread_lock(target: Path) -> threading.Lock:
+    """This process's lock for fetching ``target`` (keyed by pid: a forked child never inherits a held one)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault((os.getpid(), str(target)), threading.Lock())
 
 
 class ShardedSegmentation(torch.utils.data.Dataset):
@@ -78,6 +103,12 @@ class ShardedSegmentation(torch.utils.data.Dataset):
                 with self._fs.open_input_stream(path) as f:
                     text = f.read().decode()
         except (FileNotFoundError, OSError) as exc:
+            if self._fs is None:  # a local path: on a cluster, only the driver's machine has it
+                hint += (
+                    "; on a Ray cluster, nodes other than the driver's cannot read its local files: set "
+                    "ray.storage_path (or PSPNET_STORAGE_PATH) to object storage (s3://BUCKET/PREFIX) and "
+                    "the shards are uploaded there for every node"
+                )
             raise DataError(f"{path}: shard manifest not found; {hint}") from exc
         try:
             manifest = json.loads(text)
@@ -88,8 +119,8 @@ class ShardedSegmentation(torch.utils.data.Dataset):
         return manifest
 
     def _reader(self, k: int) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
-        if self._pid != os.getpid():  # forked: do not share handles with the parent
-            self._open, self._pid = {}, os.getpid()
+        if self._pid != os.getpid():  # forked: do not share handles (nor the parent's prefetch thread)
+            self._open, self._pid, self._prefetching = {}, os.getpid(), False
         if k not in self._open:
             path = self._path(self.shard_names[k])
             try:
@@ -109,30 +140,63 @@ class ShardedSegmentation(torch.utils.data.Dataset):
             self._open[k] = (reader, starts)
         return self._open[k]
 
+    def _cache_path(self, k: int) -> Path:
+        shard = self.manifest["shards"][k]
+        cache = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pspnet-shards")
+        key = shard.get("sha256") or hashlib.sha256(self._path(shard["name"]).encode()).hexdigest()
+        return cache / key
+
     def _cached(self, k: int) -> str:
         """Shard ``k`` of a remote split, copied once per machine into the shard cache (named by its sha256 from
         the manifest; written to a temporary name and renamed, so concurrent readers never see half a file) and
-        memory-mapped from there: one sequential download instead of a request per row."""
-        shard = self.manifest["shards"][k]
-        cache = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "pspnet-shards")
-        target = (
-            cache / f"{shard.get('sha256') or hashlib.sha256(self._path(shard['name']).encode()).hexdigest()}"
-        )
-        if not target.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            try:
-                with self._fs.open_input_stream(self._path(shard["name"])) as src, open(tmp, "wb") as dst:
-                    while chunk := src.read(1 << 22):
-                        dst.write(chunk)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
+        memory-mapped from there: one sequential download instead of a request per row. The first call in a
+        process starts the background fetch of every other shard (:meth:`_prefetch`)."""
+        target = self._fetch(k)
+        if not getattr(self, "_prefetching", False):
+            self._prefetching = True
+            order = [(k + j) % len(self.shard_names) for j in range(1, len(self.shard_names))]
+            threading.Thread(target=self._prefetch, args=(order,), daemon=True, name="shard-prefetch").start()
         return str(target)
+
+    def _prefetch(self, order: list[int]) -> None:
+        """Fetch the shards ``order`` lists into the cache, one after the other (a failure here is left for
+        the reader of that shard to meet and report)."""
+        for k in order:
+            try:
+                self._fetch(k)
+            except Exception:  # noqa: BLE001 (the reader fetches it again and names the error)
+                return
+
+    def _fetch(self, k: int) -> Path:
+        """Shard ``k`` in the cache, downloaded unless there. One fetch per shard and machine: a thread lock
+        within the process, a POSIX lock on ``<target>.lock`` across processes (not inherited by a fork)."""
+        target = self._cache_path(k)
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _thread_lock(target), open(target.with_name(f".{target.name}.lock"), "a") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            try:
+                if not target.is_file():
+                    self._download(k, target)
+            finally:
+                fcntl.lockf(lock, fcntl.LOCK_UN)
+        return target
+
+    def _download(self, k: int, target: Path) -> None:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with self._fs.open_input_stream(self._path(self.shard_names[k])) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_open"] = {}  # open files/maps stay in the process that opened them
+        state["_prefetching"] = False  # and so does the background fetch
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -37,8 +37,9 @@ from pipeline.evaluation.benchmark import (
     scoring_settings,
 )
 from pipeline.evaluation.inference import Protocol
-from pipeline.evaluation.metrics import ConfusionMatrix
 from pipeline.evaluation.split import SplitResult, evaluate_split
+from pipeline.metrics import ConfusionMatrix
+from pipeline.storage import stage_split
 
 __all__ = ["evaluate_benchmark"]
 
@@ -47,7 +48,7 @@ __all__ = ["evaluate_benchmark"]
 class _Job:
     """One evaluation of a model file on a split: what the cache key and the figures need."""
 
-    split_dir: Path
+    split_dir: str  # where Ray tasks read the split: the folder, or its copy on object storage
     shards: ShardedSegmentation
     settings: dict[str, Any]
     keep: list[int]
@@ -146,6 +147,7 @@ def evaluate_benchmark(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     num_workers: int | None = None,
+    storage: str = "",
 ) -> dict:
     """Score ``model_path`` on the validation split under the "ss" and "ms" protocols.
 
@@ -158,6 +160,9 @@ def evaluate_benchmark(
         cache_dir: where finished evaluations are kept (default ``eval.cache_dir``, else
             ``<project>/.cache/evaluate``); ``use_cache=False`` recomputes and overwrites.
         num_workers: Ray tasks to shard the split over (default ``eval.num_workers``; 1 = this process).
+        storage: ``ray.storage_path`` (:func:`pipeline.storage.default_storage`): on object storage, Ray tasks
+            read the split's copy there (uploaded once, as for training), since nodes other than this one
+            cannot read ``data_dir``.
     """
     from pipeline.data.benchmarks import class_names
     from pipeline.evaluation import outputs
@@ -169,8 +174,9 @@ def evaluate_benchmark(
     on_gpu = e.use_gpu and (torch.cuda.is_available() or workers > 1)  # Ray tasks get the GPUs
     shards = ShardedSegmentation(data_dir / "val")
     n_vis = min(e.num_vis, len(shards))
+    split_dir = stage_split(data_dir / "val", storage) if workers > 1 and storage else str(data_dir / "val")
     job = _Job(
-        split_dir=data_dir / "val",
+        split_dir=split_dir,
         shards=shards,
         settings=scoring_settings(bench, meta, on_gpu=on_gpu),
         keep=[round(i * (len(shards) - 1) / max(1, n_vis - 1)) for i in range(n_vis)],

@@ -183,16 +183,17 @@ def pretrained_file(name: str, benchmark: str, root: str | Path | None = None) -
 
 
 def init_from_pretrained(
-    model: PSPNet, cfg: ModelConfig, benchmark: str, root: str | Path | None = None
+    model: PSPNet, cfg: ModelConfig, benchmark: str, root: str | Path | None = None, path: Path | None = None
 ) -> Path | None:
     """Start ``model`` from the converted ImageNet backbone that ``cfg.pretrained`` names (no-op when empty).
 
-    The one call the training worker makes after ``build_model``.
+    The one call the training worker makes after ``build_model``; ``path``: the file, where it is not
+    :func:`pretrained_file` (a worker on another machine reads the driver's copy from object storage).
     """
     if not cfg.pretrained:
         return None
     backbone_for(cfg.pretrained, cfg)
-    path = pretrained_file(cfg.pretrained, benchmark, root)
+    path = Path(path) if path is not None else pretrained_file(cfg.pretrained, benchmark, root)
     load_backbone(model, path)
     return path
 

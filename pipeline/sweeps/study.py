@@ -41,14 +41,15 @@ from pipeline.evaluation.benchmark import (
 )
 from pipeline.evaluation.split import evaluate_split
 from pipeline.model.pspnet import build_model
-from pipeline.storage import check_storage, stage_split
+from pipeline.ray_runtime import init_ray
+from pipeline.storage import check_storage, default_storage, stage_split
 from pipeline.sweeps.tune import (
     ReleaseOrphanedWorkerGroups,
     max_concurrent_trials,
     restore_or_build,
     trial_driver_resources,
 )
-from pipeline.training.cluster import build_trainer, default_storage, init_ray, loop_config
+from pipeline.training.cluster import build_trainer, loop_config
 from pipeline.training.launcher import check_scaling
 from pipeline.training.worker import load_training_state
 
@@ -143,6 +144,7 @@ def _train_and_score(
             mlflow_uri=config["mlflow_uri"],
             run_id=run_id,
             root=config["root"],
+            storage=config["storage_path"],
         ),
         name=f"{config['tune_name']}-trial={trial_id}",
         storage=config["storage_path"],

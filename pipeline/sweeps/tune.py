@@ -39,8 +39,9 @@ from pipeline.config import (
     replace,
     to_dict,
 )
-from pipeline.storage import check_storage, stage_split
-from pipeline.training.cluster import TRIAL_SLOT, build_trainer, default_storage, init_ray, loop_config
+from pipeline.ray_runtime import TRIAL_SLOT, init_ray
+from pipeline.storage import check_storage, default_storage, stage_split
+from pipeline.training.cluster import build_trainer, loop_config
 from pipeline.training.launcher import check_scaling
 
 METRIC = "val/miou"
@@ -249,6 +250,7 @@ def _trial(config: dict) -> None:
             mlflow_uri=uri,
             run_id=run_id,
             root=config["root"],
+            storage=config["storage_path"],
         ),
         name=f"{config['sweep_name']}-trial={trial_id}",
         storage=config["storage_path"],

@@ -25,8 +25,9 @@ from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_di
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.preflight import ScalingError
-from pipeline.storage import check_storage, stage_split
-from pipeline.training.cluster import build_trainer, default_storage, init_ray, loop_config, ray_address
+from pipeline.ray_runtime import init_ray, ray_address
+from pipeline.storage import check_storage, default_storage, stage_split
+from pipeline.training.cluster import build_trainer, loop_config
 from pipeline.training.worker import (
     PAPER_BATCH,
     effective_base_lr,
@@ -221,6 +222,7 @@ def train(
         mlflow_uri=uri,
         run_id=run_id,
         root=str(root),
+        storage=storage,
     )
     trainer = build_trainer(bench, params.ray, config, name=ray_name, storage=storage, keep=2)
     started = time.time()

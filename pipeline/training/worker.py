@@ -32,7 +32,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline import tracking
 from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
@@ -42,6 +41,8 @@ from pipeline.machine import cpu_model
 from pipeline.model.backbones import init_from_pretrained
 from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
+from pipeline.storage import local_copy
+from pipeline.training import run_log
 from pipeline.training.losses import pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
 from pipeline.training.sampler import IterationSampler
@@ -205,8 +206,11 @@ def _build_model_and_optimizer(
     t = bench.train
     torch.manual_seed(t.seed)
     model = build_model(bench.model, bench.data.num_classes)
-    # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one.
-    init_from_pretrained(model, bench.model, cfg["benchmark"], cfg.get("root"))
+    # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one (staged by
+    # the driver: on a cluster, a copy on object storage).
+    if cfg.get("pretrained"):
+        with local_copy(cfg["pretrained"]) as path:
+            init_from_pretrained(model, bench.model, cfg["benchmark"], path=path)
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -250,7 +254,7 @@ def _wrap(
     return net
 
 
-def _record_placement(rank: int, world: int, uri: str, run_id: str) -> list[str]:
+def _record_placement(rank: int, world: int, cfg: dict) -> list[str]:
     """The Ray node and CPU model of every rank (gathered over the process group), tagged on the MLflow run by
     rank 0 as ``ray.node.rank<r>`` and ``host.cpu`` (CPU digits depend on the CPU model); returns the node ids
     by rank."""
@@ -263,7 +267,7 @@ def _record_placement(rank: int, world: int, uri: str, run_id: str) -> list[str]
     if rank == 0:
         tags = {f"ray.node.rank{r}": n for r, n in enumerate(nodes)} | {"ray.nodes": len(set(nodes))}
         tags["host.cpu"] = "; ".join(sorted({cpu for _, cpu in placed}))
-        tracking.set_tags(uri, run_id, tags)
+        run_log.set_tags(cfg, tags)
         print(f"[train] ranks on nodes {[n[:8] for n in nodes]}", flush=True)
     return nodes
 
@@ -369,11 +373,13 @@ def _report(
     bench: BenchmarkConfig,
     rank: int,
 ) -> None:
-    """``ray.train.report`` on every rank; rank 0 attaches the full training state as the checkpoint."""
+    """``ray.train.report`` on every rank; rank 0 attaches the full training state as the checkpoint, once
+    its MLflow writes so far are in the store."""
     report = {"iteration": step, **{k: v for k, v in metrics.items() if math.isfinite(v)}}
     if rank != 0:
         ray.train.report(report, checkpoint=None)
         return
+    run_log.flush()
     with tempfile.TemporaryDirectory() as tmp:
         save_torch(
             Path(tmp) / STATE_FILE,
@@ -399,7 +405,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     # OpenCV's pool (the augmentation) sized like torch's; set here, before the loader forks its processes:
     # cv2.setNumThreads inside a forked loader process deadlocks.
     cv2.setNumThreads(max(1, t.cpus_per_worker))
-    uri, run_id = cfg["mlflow_uri"], cfg["run_id"]
     log = rank == 0
     train_precision(bench, device)  # bf16 on a CPU without native bf16 fails here, before any work
 
@@ -407,9 +412,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     start, restored_from = _restore(model, optimizer, bench, device)
     if restored_from and log:
         print(f"[train] resumed from iteration {start} ({restored_from})", flush=True)
-        tracking.log_metrics(uri, run_id, {"train/resumed_from": start}, step=start)
+        run_log.log_metrics(cfg, {"train/resumed_from": start}, step=start)
     net = _wrap(model, bench, device, world)
-    _record_placement(rank, world, uri, run_id)
+    _record_placement(rank, world, cfg)
     net.train()
     loader = build_train_loader(
         bench,
@@ -422,6 +427,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     where = {"rank": rank, "world": world, "device": device}
     if start >= t.iterations:
         _report_final_validation(model, bench, cfg, start, **where)
+        if log:
+            run_log.flush()
         return
 
     window = _Window()
@@ -442,7 +449,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             if log:
                 print(f"[train] it {step} val mIoU {val['miou']:.4f}", flush=True)
         if metrics and log:
-            tracking.log_metrics(uri, run_id, metrics, step=step)
+            run_log.log_metrics(cfg, metrics, step=step)
         if step % t.checkpoint_every == 0 or step == t.iterations:
             _report(step, metrics, model, optimizer, bench, rank)
             _reseed_torch(t.seed, rank, step)
