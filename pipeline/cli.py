@@ -83,6 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.storage import default_storage
 
     params = load_params(args.params)
     _check_services(params)
@@ -110,12 +111,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out_dir=Path(args.out),
         mlflow_uri=uri,
         run_id=run_id,
+        storage=default_storage(
+            params.ray, _root()
+        ),  # on s3://, Ray tasks on other nodes read the shards there
     )
     _print_scores("", done["metrics"], done["facts"])
     if run_id:  # the model into MLflow's registry (pspnet-NAME); alias "best" = best ms mIoU so far
-        reg = tracking.publish_model(uri, run_id, model_path, params, args.benchmark)
+        reg = _publish(uri, run_id, model_path, params, args.benchmark)
         print(f"[evaluate] registered {reg['name']} v{reg['version']} (best: v{reg['best_version']})")
     return 0
+
+
+def _publish(uri: str, run_id: str, model_path: Path, params, benchmark: str) -> dict:
+    """The evaluated model file as the run's registered model (:mod:`pipeline.served_model`)."""
+    import tempfile
+
+    from pipeline import tracking
+    from pipeline.predict import labeler_from_file
+    from pipeline.served_model import PSPNetPyfunc, package
+
+    labeler = labeler_from_file(model_path, params, benchmark)
+    with tempfile.TemporaryDirectory(prefix="pspnet-publish-") as tmp:
+        return tracking.publish_model(
+            uri, run_id, PSPNetPyfunc(), package(labeler, model_path, Path(tmp)), benchmark
+        )
 
 
 def _print_scores(prefix: str, metrics: dict, facts: dict) -> None:
@@ -282,8 +301,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from pipeline.evaluation.score import score_folders
-    from pipeline.files import atomic_write_text
+    from pipeline.files import atomic_write_text, check_output
 
+    if args.json:
+        check_output(args.json, "--json", folder=False)
     scores = score_folders(Path(args.pred_dir), Path(args.gt_dir), args.num_classes, args.ignore_index)
     out = {k: scores[k] for k in ("miou", "macc", "aacc", "iou")}
     text = json.dumps(out, indent=2, allow_nan=True)

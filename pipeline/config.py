@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class Range:
     hi_open: bool = False
 
     def holds(self, value: float) -> bool:
+        """Whether ``value`` lies in the interval; NaN and infinities never do (every comparison with NaN is
+        false, so without this a NaN passed every range)."""
+        if not math.isfinite(value):
+            return False
         if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
             return False
         return not (self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi))
@@ -391,6 +396,18 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return obj
 
 
+def check_labels(num_classes: int, ignore_index: int, where: str) -> None:
+    """The schema's rules for a class count and an ignore label given outside ``params.yaml`` (``pspnet score``):
+    ``num_classes`` in the ``data.num_classes`` range, ``ignore_index`` in its range and outside the classes.
+
+    Raises:
+        ConfigError: naming ``where.num_classes`` or ``where.ignore_index``, the value and what was expected.
+    """
+    obj = DataConfig(num_classes=num_classes, ignore_index=ignore_index)
+    _check_ranges(obj, where)
+    _validate(obj, where)
+
+
 def _check_ranges(obj: Any, where: str) -> None:
     """Every field declared with :func:`num` holds a value (each item of a list) inside its range."""
     for f in dataclasses.fields(obj):
@@ -402,7 +419,7 @@ def _check_ranges(obj: Any, where: str) -> None:
         for i, item in enumerate(items):
             if not bounds.holds(item):
                 at = f"{where}.{f.name}" + (f"[{i}]" if isinstance(value, tuple) else "")
-                raise ConfigError(f"{at}: got {item!r}, expected a value {bounds}")
+                raise ConfigError(f"{at}: got {item!r}, expected a finite value {bounds}")
 
 
 def _validate(obj: Any, where: str) -> None:

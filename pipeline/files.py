@@ -92,6 +92,29 @@ def swap_dir(staged: str | Path, target: str | Path, *, aside: str | Path) -> No
     os.replace(staged, target)
 
 
+class OutputPathError(ValueError):
+    """An output path that cannot be written as asked (a folder where a file goes, a file where a folder goes)."""
+
+
+def check_output(path: str | Path, flag: str, *, folder: bool) -> None:
+    """Before any work: ``path`` can become the file (``folder=False``) or folder asked for; nothing in the way.
+
+    Raises:
+        OutputPathError: naming ``flag``, the path and what is in the way.
+    """
+    path = Path(path)
+    want = "a folder" if folder else "a file"
+    if path.exists() and path.is_dir() != folder:
+        raise OutputPathError(
+            f"{flag} {path}: {'a file' if folder else 'a folder'} is there, expected {want}"
+        )
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{flag} {path}: {parent} is a file, so {want} cannot be made under it")
+            break
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Digests
 

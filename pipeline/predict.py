@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import tarfile
 import tempfile
 import zipfile
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from pipeline.config import Params
 from pipeline.evaluation.inference import Protocol, predict, protocol_from_config
+from pipeline.files import OutputPathError, atomic_open, check_output
 
 MODEL_FILE = "model.pt"  # a registered version's artifacts/: our model file (pipeline.model.checkpoint)
 LABELER_SETTINGS = "labeler.json"  # ... and what turns it into a LabelMapper (LabelMapper.settings)
@@ -263,11 +263,15 @@ def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> La
     if model.startswith(("models:/", "runs:/")):
         from mlflow.exceptions import MlflowException
 
-        from pipeline import tracking
+        from pipeline import preflight, tracking
 
         uri = tracking.tracking_uri(params.mlflow, Path.cwd())
+        preflight.check_tracking(
+            uri
+        )  # a server that is down is named in seconds, not after minutes of retries
         try:
-            return tracking.load_registered(uri, model)
+            with tempfile.TemporaryDirectory(prefix="pspnet-registered-") as tmp:
+                return labeler_from_artifacts(tracking.download_model_artifacts(uri, model, Path(tmp)))
         except (MlflowException, OSError) as exc:
             raise PredictError(
                 f"{model}: cannot load it from the MLflow store {uri}: {exc} (`pspnet predict` reads a "
@@ -335,14 +339,9 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 
 
 def _atomic(path: Path, write: Callable[[Any], None]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(f)`` into ``path`` through a temporary name (the process umask's mode, as every output)."""
+    with atomic_open(path, "wb") as f:
+        write(f)
 
 
 def overlay(
@@ -419,9 +418,10 @@ def predict_images(
 
     _check_options(labeler, protocol, fmt)
     files = collect_images(inputs)
+    out = Path(out_dir)
+    _check_outputs(out, files, fmt)
     for path in files:  # all inputs are checked before anything is written
         read_rgb(path)
-    out = Path(out_dir)
     totals = np.zeros(labeler.num_classes, np.int64)
     written: list[Path] = []
     for path in tqdm(
@@ -458,11 +458,37 @@ def _check_options(labeler: LabelMapper, protocol: str, fmt: str | None) -> None
             )
 
 
+def _output_paths(out: Path, stem: str, fmt: str | None) -> list[Path]:
+    """The files :func:`_write_outputs` writes for the image ``stem``."""
+    paths = [out / "labels" / f"{stem}.png", out / "overlays" / f"{stem}.png"]
+    if fmt == "voc":
+        paths.append(out / "voc" / VOC_RESULTS / f"{stem}.png")
+    elif fmt is not None:
+        paths.append(out / fmt / f"{stem}.png")
+    return paths
+
+
+def _check_outputs(out: Path, files: Sequence[Path], fmt: str | None) -> None:
+    """Before any work: ``--out`` is a folder (or not there yet) and no output would replace an input."""
+    try:
+        check_output(out, "--out", folder=True)
+    except OutputPathError as exc:
+        raise PredictError(f"{exc} (it holds labels/ and overlays/)") from exc
+    inputs = {p.resolve(): p for p in files}
+    for path in files:
+        for target in _output_paths(out, path.stem, fmt):
+            if target.resolve() in inputs:
+                raise PredictError(
+                    f"{inputs[target.resolve()]}: an input image, and also where --out {out} would write "
+                    f"{target.relative_to(out)}; choose another --out"
+                )
+
+
 def _write_outputs(
     out: Path, stem: str, image: np.ndarray, labels: np.ndarray, labeler: LabelMapper, fmt: str | None
 ) -> Path | None:
     """One image's label map, overlay and (with ``fmt``) server file; returns the server file's path."""
-    _write_png(out / "labels" / f"{stem}.png", labels)
+    _write_png(out / "labels" / f"{stem}.png", labels)  # the paths of _output_paths
     vis = overlay(image, labels, labeler.palette, labeler.class_names)
     _write_png(out / "overlays" / f"{stem}.png", cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
     if fmt == "voc":

@@ -133,7 +133,7 @@ def test_malformed_header_is_refused_naming_the_file(tmp_path: Path) -> None:
         "width": ("wide", r"model\.pt: model_config\.width: expected a number"),
         "head_channels": (
             10**9,
-            r"model\.pt: model_config\.head_channels: got 1000000000, expected a value in",
+            r"model\.pt: model_config\.head_channels: got 1000000000, expected a finite value in",
         ),
     }
     for key, (value, match) in cases.items():
@@ -145,6 +145,28 @@ def test_malformed_header_is_refused_naming_the_file(tmp_path: Path) -> None:
         torch.save(payload, path)
         with pytest.raises(CheckpointError, match=match):
             load_model(path)
+
+
+def test_conventions_are_checked_like_the_rest_of_the_header(tmp_path: Path) -> None:
+    """Issue 23: a NaN mean or a zero std gave exit 0 and a 2 % mIoU logged as a FINISHED run."""
+    path, _ = saved(tmp_path)
+    good = torch.load(path, weights_only=True)
+    cases = [
+        ({"mean": [float("nan"), 116.28, 103.53]}, r"conventions\.mean is \[nan, .*expected 3 finite values"),
+        (
+            {"std": [0.0, 57.12, 57.375]},
+            r"conventions\.std is \[0\.0, .*expected 3 finite values in \(0, 255\]",
+        ),
+        ({"std": [58.0, 57.0]}, r"conventions\.std is \[58\.0, 57\.0\], expected 3"),
+        ({"channel_order": "HSV"}, r"conventions\.channel_order is 'HSV', expected RGB or BGR"),
+    ]
+    for change, match in cases:
+        torch.save({**good, "conventions": {**good["conventions"], **change}}, path)
+        with pytest.raises(CheckpointError, match=r"model\.pt: " + match):
+            load_model(path)
+    torch.save({**good, "conventions": ["RGB"]}, path)
+    with pytest.raises(CheckpointError, match=r"model\.pt: conventions must be a mapping, got list"):
+        load_model(path)
 
 
 _PEAK = """

@@ -147,10 +147,26 @@ def test_issue_values_out_of_range_fail_at_load(tmp_path, section, key, value, n
         load_params(path)
 
 
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf"])
+def test_nan_and_infinities_fail_at_load_naming_the_key(tmp_path, text):
+    """Issue 23: NaN passed every range check (every comparison with NaN is false): `train.base_lr: .nan`
+    failed 82 s later inside Ray without naming the key. Now it fails at load, the key named."""
+    raw = tiny_params_dict()
+    path = write_params(tmp_path / "params.yaml", raw)
+    text_yaml = path.read_text()
+    lr = raw["benchmarks"]["synthetic"]["train"]["base_lr"]
+    assert f"base_lr: {lr}" in text_yaml
+    path.write_text(text_yaml.replace(f"base_lr: {lr}", f"base_lr: {text}", 1))
+    with pytest.raises(
+        ConfigError, match=rf"train\.base_lr: got {re.escape(repr(float(text.replace('.', ''))))}"
+    ):
+        load_params(path)
+
+
 def test_synthetic_size_and_augment_relations():
     raw = tiny_params_dict()
     raw["benchmarks"]["synthetic"]["data"]["synthetic"]["size"] = 64  # synthetic.py draws 96..256
-    with pytest.raises(ConfigError, match=r"synthetic\.size: got 64, expected a value in \[96, 256\]"):
+    with pytest.raises(ConfigError, match=r"synthetic\.size: got 64, expected a finite value in \[96, 256\]"):
         params_from_dict(raw)
     raw = tiny_params_dict()
     raw["benchmarks"]["synthetic"]["train"]["augment"].update(scale_min=1.5, scale_max=1.0)

@@ -325,6 +325,28 @@ def _city_run(tmp_path: Path, **kwargs) -> dict:
     return prepare("cityscapes", bench, tmp_path / "archives", tmp_path / "prepared", progress=False)
 
 
+def test_a_cityscapes_mirror_serving_a_page_is_never_pinned(tmp_path):
+    """Issue 23: a mirror answering the package names with an HTML page: fetch pinned the page's checksum and
+    kept it forever (no request on the next fetch), and prepare's advice did not help. Now the page is refused
+    and removed, and the next fetch from a mended mirror gets the real packages."""
+    folder = tmp_path / "downloads"
+    cityscapes_archives(folder)
+    page = b"<!DOCTYPE html><html><body>Please log in</body></html>"
+    names = ["leftImg8bit_trainvaltest.zip", "gtFine_trainvaltest.zip"]
+    out = tmp_path / "archives"
+    with serve(dict.fromkeys(names, page)) as srv:
+        bench = _bench("cityscapes", mirror=srv.url, expected_train=4, expected_val=2)
+        with pytest.raises(
+            DataError, match=r"leftImg8bit_trainvaltest\.zip: fetched from .* not a ZIP archive"
+        ):
+            fetch("cityscapes", bench, out, progress=False)
+    assert not (out / names[0]).exists() and not (out / "checksums.json").exists()
+    with serve({n: (folder / n).read_bytes() for n in names}) as srv:
+        bench = _bench("cityscapes", mirror=srv.url, expected_train=4, expected_val=2)
+        sums = fetch("cityscapes", bench, out, progress=False)
+    assert sums[names[1]] == {"sha256": _sha256(folder / names[1]).removeprefix("sha256:")}
+
+
 def test_cityscapes_prepare_maps_label_ids_to_train_ids(tmp_path):
     manifest = _city_run(tmp_path)
     assert manifest["counts"] == {"train": 4, "val": 2, "cities": {"train": 2, "val": 1}}

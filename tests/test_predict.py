@@ -17,7 +17,7 @@ from pipeline.config import params_from_dict
 from pipeline.data import cityscapes, voc
 from pipeline.data.prepare import label_lut
 from pipeline.evaluation.inference import Protocol
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.metrics import ConfusionMatrix
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.predict import LabelMapper, labeler_from_file, predict_images
@@ -119,6 +119,37 @@ def test_bad_inputs_name_the_file_and_write_nothing(project, tmp_path: Path, cap
     missing = tmp_path / "nowhere"
     _run_fails(["predict", str(missing), *base, "--out", str(out)], capsys, str(missing))
     assert not out.exists()
+
+
+def test_outputs_never_replace_an_input_and_are_world_readable(project, tmp_path: Path, capsys) -> None:
+    """Issue 23: an input photo lying at --out/labels/<stem>.png was overwritten by its own label map; --out an
+    existing file failed late; outputs were written 0600 where every other output is 0644."""
+    import os
+    import stat
+
+    params_path, model_path = project
+    base = ["--model", str(model_path), "--params", str(params_path)]
+    out = tmp_path / "pred"
+    (photo,) = _photos(out / "labels", n=1)
+    photo = photo.rename(photo.with_suffix(".png"))  # at the very path of its own label map
+    before = photo.read_bytes()
+    _run_fails(
+        ["predict", str(out / "labels"), *base, "--out", str(out)], capsys, str(photo), "choose another"
+    )
+    assert photo.read_bytes() == before and not (out / "overlays").exists()
+
+    a_file = tmp_path / "out.txt"
+    a_file.write_text("mine")
+    _run_fails(["predict", str(photo), *base, "--out", str(a_file)], capsys, str(a_file), "a file")
+    assert a_file.read_text() == "mine"
+
+    old = os.umask(0o022)
+    try:
+        assert main(["predict", str(photo), *base, "--out", str(tmp_path / "ok")]) == 0
+    finally:
+        os.umask(old)
+    for written in (tmp_path / "ok").rglob("*.png"):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
 
 
 def _labeler(num_classes: int, names: list[str], palette: list) -> LabelMapper:

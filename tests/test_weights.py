@@ -281,6 +281,19 @@ def test_evaluate_checkpoint_logs_a_new_run(tmp_path: Path, tiny_prepared: Path,
     import_checkpoint("csail", [_save(tmp_path, "e5.pth", enc), _save(tmp_path, "d5.pth", dec)], other)
     argv[argv.index(str(ck))] = str(other)
     assert main(argv) == 2
+    # Issue 23: a missing --data and an --out that is a file were found only after a run was opened (left
+    # FAILED; the file case after the whole evaluation): both are now refused before, and no run is added.
+    argv[argv.index(str(other))] = str(ck)
+    nowhere = argv.copy()
+    nowhere[nowhere.index(str(tiny_prepared))] = str(tmp_path / "nowhere")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    as_file = argv.copy()
+    as_file[as_file.index(str(out))] = str(a_file)
+    for bad in (nowhere, as_file):
+        assert main(bad) == 2
+    assert a_file.read_text() == "mine"
+    assert len(client.search_runs([client.get_experiment_by_name("pspnet-synthetic").experiment_id])) == 1
 
 
 def test_a_short_sha256_prefix_is_not_verification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -169,12 +169,31 @@ def _fetch_release(benchmark: str, d: DataConfig, out_dir: Path, *, progress: bo
         algo, digest = expected_digest(release, d, benchmark)
         source = source_of(release, d, benchmark)
         dest = download(source, out_dir / release.name, checksum=digest, algo=algo, progress=progress)
-        if digest is None:  # nothing published (Cityscapes): pin what we got for the prepare stage
+        if digest is None:  # nothing published (Cityscapes): pin what we got for the prepare stage, once it
+            _check_is_archive(dest, source)  # is an archive (a login page is never kept as fetched)
             algo, digest = "sha256", file_digest(dest, "sha256")
         sums[release.name] = {algo: digest.lower()}
     write_record(out_dir, FetchRecord(benchmark, d.source, sums))
     _remove(out_dir, stale)
     return sums
+
+
+def _check_is_archive(path: Path, source: str) -> None:
+    """A file fetched without a published digest must at least be the archive it is named after; otherwise it
+    is removed (so that the next fetch downloads it again) and refused."""
+    import tarfile
+    import zipfile
+
+    name = path.name.lower()
+    ok = zipfile.is_zipfile(path) if name.endswith(".zip") else tarfile.is_tarfile(path)
+    if not ok:
+        head = path.read_bytes()[:60]
+        path.unlink()
+        raise DataError(
+            f"{path}: fetched from {source}, but not a {'ZIP' if name.endswith('.zip') else 'tar'} archive "
+            f"(it starts {head!r}: a login or error page?); removed, so the next fetch downloads it again. "
+            "Check the source (data.mirror / data.archive_dir)"
+        )
 
 
 def _own_names(name: str) -> set[str]:
@@ -327,7 +346,7 @@ def check_prepared(out_dir: Path, *, num_classes: int, ignore_index: int, sample
     scorer the evaluate stage uses. Returns ``{split: {"rows_checked", "miou"}}``.
     """
     from pipeline.data.shards import ShardedSegmentation
-    from pipeline.evaluation.metrics import ConfusionMatrix
+    from pipeline.metrics import ConfusionMatrix
 
     report = {}
     for split in ("train", "val"):

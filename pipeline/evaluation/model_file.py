@@ -19,7 +19,7 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation import benchmark as ev
 from pipeline.evaluation import outputs
 from pipeline.evaluation.split import evaluate_split
-from pipeline.files import file_digest
+from pipeline.files import check_output, file_digest
 
 
 class ModelFileError(ValueError):
@@ -73,12 +73,14 @@ def evaluate_model_file(
             raise  # already specific (CheckpointError, ...)
         raise ModelFileError(str(exc)) from None  # e.g. another class count than the benchmark's
     chosen = {k: v for k, v in ev.protocols(bench).items() if protocol in (k, "both")}
+    shards = ShardedSegmentation(data / "val")  # the inputs and the output are checked before a run is opened
+    check_output(out, "--out", folder=True)
     sha = file_digest(path)
     uri, run_id = checkpoint_run(benchmark, params, path, meta, sha, root)
     status = "FAILED"
     try:
         settings = ev.scoring_settings(bench, meta, on_gpu=False)
-        results = evaluate_split(model, ShardedSegmentation(data / "val"), chosen, **settings)
+        results = evaluate_split(model, shards, chosen, **settings)
         names = class_names(bench, data)
         context = ev.context_scores(bench, names, results)
         metrics = ev.scores(results, context)

@@ -14,7 +14,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.config import ConfigError, check_labels
+from pipeline.metrics import ConfusionMatrix
 
 
 class ScoreInputError(ValueError):
@@ -57,8 +58,15 @@ def score_folders(
     Raises:
         ScoreInputError: see the module docstring.
     """
-    if num_classes < 2:
-        raise ScoreInputError(f"--num-classes {num_classes}: expected at least 2 classes")
+    try:  # the schema's rules (data.num_classes, data.ignore_index): 2-255 classes, the ignore label outside
+        check_labels(num_classes, ignore_index, "score")
+    except ConfigError as exc:
+        flags = (
+            str(exc)
+            .replace("score.num_classes", "--num-classes")
+            .replace("score.ignore_index", "--ignore-index")
+        )
+        raise ScoreInputError(flags) from exc
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     preds = _label_files(pred_dir, "prediction")
     gts = _label_files(gt_dir, "ground-truth")

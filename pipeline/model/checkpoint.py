@@ -139,6 +139,7 @@ def _check_header(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, int
         raise CheckpointError(
             f"{path}: num_classes is {num_classes!r}, expected an integer {limits['num_classes']}"
         )
+    _check_conventions(payload["conventions"], path, limits)
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: state_dict must be a mapping of names to tensors")
@@ -158,6 +159,31 @@ def _check_header(payload: dict[str, Any], path: Path) -> tuple[ModelConfig, int
             f"({len(unexpected)}), shapes {wrong[:5]} ({len(wrong)})"
         )
     return cfg, num_classes
+
+
+def _check_conventions(conv: Any, path: Path, limits: dict) -> None:
+    """``conventions`` as the rest of the header: a mapping whose ``mean`` / ``std`` (when given) are three
+    finite values in the schema's ``data.mean`` / ``data.std`` ranges (a NaN mean or a zero std scored every
+    image wrongly without an error), and whose ``channel_order`` is RGB or BGR."""
+    if not isinstance(conv, dict):
+        raise CheckpointError(f"{path}: conventions must be a mapping, got {type(conv).__name__}")
+    for key in ("mean", "std"):
+        if key not in conv:
+            continue
+        value = conv[key]
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) != 3
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            or not all(limits[key].holds(float(v)) for v in value)
+        ):
+            raise CheckpointError(
+                f"{path}: conventions.{key} is {value!r}, expected 3 finite values {limits[key]} (RGB, 0-255)"
+            )
+    if conv.get("channel_order", "RGB") not in ("RGB", "BGR"):
+        raise CheckpointError(
+            f"{path}: conventions.channel_order is {conv['channel_order']!r}, expected RGB or BGR"
+        )
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PSPNet, dict[str, Any]]:
