@@ -286,11 +286,16 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.predict import load_labeler, predict_images
+    from pipeline.predict import MAX_PIXELS, load_labeler, predict_images
 
     labeler = load_labeler(args.model, args.params, args.benchmark)
     out = predict_images(
-        labeler, args.inputs, Path(args.out), protocol=args.protocol, fmt=args.format or None
+        labeler,
+        args.inputs,
+        Path(args.out),
+        protocol=args.protocol,
+        fmt=args.format or None,
+        max_pixels=args.max_pixels or MAX_PIXELS,
     )
     classes = ", ".join(f"{k} {v}" for k, v in sorted(out["classes"].items(), key=lambda kv: -kv[1])[:8])
     print(f"[predict] {out['images']} image(s) -> {out['labels']}, {out['overlays']}; pixels: {classes}")
@@ -402,6 +407,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=("ss", "ms"), default="ss")
     p.add_argument("--format", choices=("cityscapes", "voc", "ade20k"), default="", help="server submission")
     p.add_argument("--benchmark", default="", help="for a model file that records none (imported weights)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse larger images before decoding them (default 40 MP)",
+    )
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:

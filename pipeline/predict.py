@@ -66,6 +66,8 @@ class LabelMapper(nn.Module):
         mean, std: RGB normalisation on the 0-255 scale.
         class_names, palette: one name and one RGB colour per class.
         benchmark: where the model was trained (informational).
+        memory_budget_mb: the benchmark's ``eval.memory_budget_mb``: bounds the score buffers and forward batch
+            of one image as in the evaluate stage (an image whose buffers exceed it is refused by name).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class LabelMapper(nn.Module):
         class_names: Sequence[str],
         palette: Sequence[Sequence[int]],
         benchmark: str = "",
+        memory_budget_mb: float | None = None,
     ) -> None:
         super().__init__()
         self.net = net.eval()
@@ -87,6 +90,7 @@ class LabelMapper(nn.Module):
         self.class_names = list(class_names)
         self.palette = [tuple(int(c) for c in rgb) for rgb in palette]
         self.benchmark = benchmark
+        self.memory_budget_mb = memory_budget_mb
         if len(self.class_names) != len(self.palette):
             raise PredictError(f"{len(self.class_names)} class names but {len(self.palette)} palette colours")
 
@@ -104,6 +108,7 @@ class LabelMapper(nn.Module):
             "std": self.std,
             "class_names": self.class_names,
             "palette": [list(rgb) for rgb in self.palette],
+            "memory_budget_mb": self.memory_budget_mb,
         }
 
     def scores(self, image: np.ndarray, protocol: str = "ss") -> Tensor:
@@ -111,7 +116,15 @@ class LabelMapper(nn.Module):
         if protocol not in self.protocols:
             raise PredictError(f"protocol {protocol!r} is not one of {sorted(self.protocols)}")
         with torch.inference_mode():
-            return predict(self.net, image, self.protocols[protocol], self.mean, self.std, self.num_classes)
+            return predict(
+                self.net,
+                image,
+                self.protocols[protocol],
+                self.mean,
+                self.std,
+                self.num_classes,
+                memory_budget_mb=self.memory_budget_mb,
+            )
 
     def forward(self, images: Tensor, protocol: str = "ss") -> Tensor:
         """(N, H, W, 3) uint8 RGB (or one (H, W, 3) image) -> (N, H, W) int64 class indices."""
@@ -161,6 +174,7 @@ def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> 
         class_names=class_names(bench),
         palette=palette(bench),
         benchmark=benchmark,
+        memory_budget_mb=bench.eval.memory_budget_mb,
     )
 
 
@@ -243,6 +257,9 @@ def _checked_settings(raw: Any, path: Path, num_classes: int) -> dict[str, Any]:
     benchmark = raw.get("benchmark", "")
     if not isinstance(benchmark, str):
         raise bad("benchmark", "a name")
+    budget = raw.get("memory_budget_mb")
+    if budget is not None and not (isinstance(budget, int | float) and math.isfinite(budget) and budget > 0):
+        raise bad("memory_budget_mb", "a number of megabytes > 0, or null")
     return {
         "protocols": built,
         "mean": raw["mean"],
@@ -250,6 +267,7 @@ def _checked_settings(raw: Any, path: Path, num_classes: int) -> dict[str, Any]:
         "class_names": names,
         "palette": colours,
         "benchmark": benchmark,
+        "memory_budget_mb": budget,
     }
 
 
@@ -311,10 +329,40 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; an unreadable, grey, 16-bit or otherwise unusual image is refused by name."""
+MAX_PIXELS = 40_000_000  # 40 MP (a 6000 x 6000 photo predicts in ~3.3 GB); --max-pixels raises it
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the file's header, without decoding its pixels (None: no image header)."""
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # the size is what we want to read, not a reason to refuse here
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, ValueError, SyntaxError):
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_rgb(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; an unreadable, grey, 16-bit or otherwise unusual image is refused by name, and so is
+    one of more than ``max_pixels`` pixels, from its header, before it is decoded (a 1 MB PNG can hold 20000 x
+    20000 pixels: 1.2 GB decoded, 12 GB of scores)."""
+    size = image_size(path)
+    if size is not None and size[0] * size[1] > max_pixels:
+        w, h = size
+        raise PredictError(
+            f"{path}: {w} x {h} pixels ({w * h / 1e6:.0f} MP), more than --max-pixels {max_pixels} "
+            f"({max_pixels / 1e6:.0f} MP); resize it, or raise --max-pixels if the memory is there"
+        )
     data = np.fromfile(path, np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as exc:  # OpenCV's own limits (CV_IO_MAX_IMAGE_PIXELS) and corrupt headers
+        raise PredictError(f"{path}: OpenCV cannot decode it ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
         raise PredictError(f"{path}: not a readable image (expected a JPEG/PNG/... RGB photo)")
     if image.dtype != np.uint8:
@@ -405,6 +453,7 @@ def predict_images(
     protocol: str = "ss",
     fmt: str | None = None,
     progress: bool = True,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict[str, Any]:
     """Label every image of ``inputs`` into ``out_dir`` (see the module docstring for the layout).
 
@@ -421,14 +470,18 @@ def predict_images(
     out = Path(out_dir)
     _check_outputs(out, files, fmt)
     for path in files:  # all inputs are checked before anything is written
-        read_rgb(path)
+        read_rgb(path, max_pixels)
     totals = np.zeros(labeler.num_classes, np.int64)
     written: list[Path] = []
     for path in tqdm(
         files, desc=f"predict [{labeler.protocols[protocol].name}]", unit="img", disable=not progress
     ):
-        image = read_rgb(path)
-        labels = labeler.scores(image, protocol).argmax(0).numpy().astype(np.uint8)  # (H, W)
+        image = read_rgb(path, max_pixels)
+        try:
+            scores = labeler.scores(image, protocol)
+        except ValueError as exc:  # over eval.memory_budget_mb: named with the file
+            raise PredictError(f"{path}: {exc}") from exc
+        labels = scores.argmax(0).numpy().astype(np.uint8)  # (H, W)
         totals += np.bincount(labels.ravel(), minlength=labeler.num_classes)
         target = _write_outputs(out, path.stem, image, labels, labeler, fmt)
         if fmt is not None:

@@ -152,6 +152,53 @@ def test_outputs_never_replace_an_input_and_are_world_readable(project, tmp_path
         assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
 
 
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` and whose pixel data is a few bytes (a crafted file)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_images_too_large_are_refused_from_their_header(project, tmp_path: Path, capsys) -> None:
+    """Issue 23: a 1 MB PNG of 20000 x 20000 drove predict past 6 GB; a header claiming 100000 x 100000 gave a
+    cv2.error traceback. Both are now named with their size, before any pixel is decoded."""
+    params_path, model_path = project
+    base = ["--model", str(model_path), "--params", str(params_path), "--out", str(tmp_path / "o")]
+    huge = _png_header_only(tmp_path / "huge.png", 100_000, 100_000)
+    _run_fails(
+        ["predict", str(huge), *base], capsys, str(huge), "100000 x 100000 pixels (10000 MP)", "--max-pixels"
+    )
+    (photo,) = _photos(tmp_path / "photos", n=1)  # 48 x 64 = 3072 pixels
+    _run_fails(["predict", str(photo), *base, "--max-pixels", "3000"], capsys, str(photo), "64 x 48 pixels")
+    assert main(["predict", str(photo), *base, "--max-pixels", "4000"]) == 0  # the flag raises the limit
+    assert not (tmp_path / "o" / "labels" / "huge.png").exists()
+
+
+def test_predictions_keep_the_memory_budget(project, tmp_path: Path, capsys) -> None:
+    """Issue 23: `predict` ignored eval.memory_budget_mb (evaluate applied it): an image whose score buffers
+    exceed the budget is now refused by name instead of allocating them."""
+    params_path, model_path = project
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"]["eval"]["memory_budget_mb"] = 0.01
+    tight = write_params(tmp_path / "tight.yaml", raw)
+    (photo,) = _photos(tmp_path / "photos", n=1)
+    argv = ["predict", str(photo), "--model", str(model_path), "--out", str(tmp_path / "o")]
+    _run_fails([*argv, "--params", str(tight)], capsys, str(photo), "memory_budget_mb")
+    labeler = labeler_from_file(model_path, params_from_dict(raw))
+    assert labeler.memory_budget_mb == 0.01 and labeler.settings()["memory_budget_mb"] == 0.01
+
+
 def _labeler(num_classes: int, names: list[str], palette: list) -> LabelMapper:
     cfg = params_from_dict(tiny_params_dict()).benchmark("synthetic").model
     torch.manual_seed(num_classes)

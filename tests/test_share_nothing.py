@@ -180,3 +180,46 @@ def test_a_small_study_runs_its_cells_on_the_worker_nodes(cluster, tiny_prepared
     workers = {n.node_id for n in cluster.worker_nodes}
     assert len(runs) == 2 and all(r.tags["ray.node.rank0"] in workers for r in runs)
     assert all(0 <= r.metrics["ss/miou"] <= 1 for r in runs)
+
+
+def test_a_pretrained_backbone_reaches_the_worker_nodes_through_storage(cluster, tiny_prepared, tmp_path):
+    """The converted backbone lies on the driver's disk (data/pretrained/NAME): the driver checks its name and
+    stages it to S3, each worker loads it from there. Trained 2 iterations at a tiny rate, the model is still
+    the backbone, not the seeded random initialisation."""
+    import dataclasses
+
+    import torch
+
+    from pipeline.model import backbones
+    from pipeline.model.checkpoint import load_model
+    from pipeline.model.pspnet import build_model
+
+    raw = tiny_params_dict(iterations=2, checkpoint_every=2, val_every=2, log_every=1, base_lr=1e-7)
+    raw["ray"] = {"address": cluster.address, "storage_path": STORAGE}
+    raw["benchmarks"]["synthetic"]["model"]["pretrained"] = "test-synthetic"
+    params = params_from_dict(raw)
+    bench = params.benchmark("synthetic")
+    m, n = bench.model, bench.data.num_classes
+    torch.manual_seed(123)
+    donor = build_model(dataclasses.replace(m, pretrained=""), n)
+    state = {k: v for k, v in donor.state_dict().items() if k.split(".")[0] in backbones.BACKBONE_LAYERS}
+    backbones.save_backbone(
+        backbones.pretrained_file("test-synthetic", "synthetic", tmp_path), state, {"name": "test-synthetic"}
+    )
+    entry = backbones.Backbone(
+        "test-synthetic", m.depth, tuple(m.stem_widths), "imagenet-deep", "x", None, "t"
+    )
+    backbones.BACKBONES["test-synthetic"] = dataclasses.replace(entry, width=m.width)  # on the driver only
+    try:
+        result = train(
+            "synthetic", params, data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
+        )
+    finally:
+        del backbones.BACKBONES["test-synthetic"]
+    trained, _ = load_model(result.model_path)
+    torch.manual_seed(bench.train.seed)
+    scratch = build_model(dataclasses.replace(m, pretrained=""), n)
+    first = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)  # the first convolution
+    got = trained.state_dict()[first]
+    assert torch.allclose(got, state[first], atol=1e-4), "the workers did not start from the backbone"
+    assert (got - scratch.state_dict()[first]).abs().max() > 1e-2

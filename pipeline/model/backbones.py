@@ -2,7 +2,7 @@
 (published checksums, or pinned on first use) and conversion, and loading into a model.
 
     pspnet pretrained --benchmark ade20k --out data/pretrained/ade20k --cache data/downloads/pretrained
-    init_from_pretrained(model, cfg.model, "ade20k")     # the training worker, after build_model
+    init_from_pretrained(model, cfg.model, "ade20k")     # after build_model (the training driver and workers split it)
 
 The key rules of the two ImageNet layouts ("imagenet-deep", "imagenet-v1c") live with the other sources' in
 :mod:`pipeline.model.weights`.
@@ -185,10 +185,9 @@ def pretrained_file(name: str, benchmark: str, root: str | Path | None = None) -
 def init_from_pretrained(
     model: PSPNet, cfg: ModelConfig, benchmark: str, root: str | Path | None = None, path: Path | None = None
 ) -> Path | None:
-    """Start ``model`` from the converted ImageNet backbone that ``cfg.pretrained`` names (no-op when empty).
-
-    The one call the training worker makes after ``build_model``; ``path``: the file, where it is not
-    :func:`pretrained_file` (a worker on another machine reads the driver's copy from object storage).
+    """Start ``model`` from the converted ImageNet backbone that ``cfg.pretrained`` names (no-op when empty),
+    checked against the backbone table; ``path``: the file, where it is not :func:`pretrained_file`. (The
+    training loop splits the two: the driver checks the name and stages the file, each worker loads it.)
     """
     if not cfg.pretrained:
         return None

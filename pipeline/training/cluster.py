@@ -37,11 +37,12 @@ def loop_config(
     (:mod:`pipeline.training.run_log`), never opening the store itself; the splits are where ``train_dir`` /
     ``val_dir`` say (on object storage for a cluster); the converted backbone ``model.pretrained`` names is
     staged to ``storage`` like them."""
-    from pipeline.model.backbones import pretrained_file
+    from pipeline.model.backbones import backbone_for, pretrained_file
     from pipeline.training.run_log import relay
 
     pretrained = ""
-    if bench.model.pretrained:
+    if bench.model.pretrained:  # checked against the table here, on the driver; the workers load the file
+        backbone_for(bench.model.pretrained, bench.model)
         pretrained = stage_file(pretrained_file(bench.model.pretrained, benchmark, root), storage)
     return {
         "run_log": relay(),

@@ -38,7 +38,7 @@ from pipeline.data.transforms import TrainTransform
 from pipeline.evaluation.inference import Protocol, cpu_has_native_bf16
 from pipeline.evaluation.split import evaluate_split
 from pipeline.machine import cpu_model
-from pipeline.model.backbones import init_from_pretrained
+from pipeline.model.backbones import load_backbone
 from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
 from pipeline.storage import local_copy
@@ -208,9 +208,9 @@ def _build_model_and_optimizer(
     model = build_model(bench.model, bench.data.num_classes)
     # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one (staged by
     # the driver: on a cluster, a copy on object storage).
-    if cfg.get("pretrained"):
+    if cfg.get("pretrained"):  # the driver checked the name against the backbone table
         with local_copy(cfg["pretrained"]) as path:
-            init_from_pretrained(model, bench.model, cfg["benchmark"], path=path)
+            load_backbone(model, path)
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
