@@ -396,6 +396,16 @@ def _build(cls: type, raw: dict, where: str) -> Any:
     return obj
 
 
+def checked_model_config(raw: dict, where: str) -> ModelConfig:
+    """A :class:`ModelConfig` from a plain mapping (a model file's header, a configuration inferred from a
+    checkpoint's shapes), with the schema's key, type and range checks.
+
+    Raises:
+        ConfigError: naming ``where.KEY``, the value and what was expected.
+    """
+    return _build(ModelConfig, dict(raw), where)
+
+
 def check_labels(num_classes: int, ignore_index: int, where: str) -> None:
     """The schema's rules for a class count and an ignore label given outside ``params.yaml`` (``pspnet score``):
     ``num_classes`` in the ``data.num_classes`` range, ``ignore_index`` in its range and outside the classes.

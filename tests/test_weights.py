@@ -307,3 +307,45 @@ def test_a_short_sha256_prefix_is_not_verification(tmp_path: Path, capsys: pytes
         assert "s.pth: expected sha256 checksum" in capsys.readouterr().err
     for enough in (digest[:16], digest):
         assert main(["import-weights", "--source", "semseg", str(src), str(out), "--sha256", enough]) == 0
+
+
+_IMPORT_PEAK = """
+import resource, sys
+sys.path.insert(0, sys.argv[3])
+from pipeline.model.weights import WeightsError, import_checkpoint
+try:
+    import_checkpoint(sys.argv[1], [sys.argv[2]], sys.argv[2] + ".out.pt")
+except WeightsError as exc:
+    print("refused:", exc)
+print("peak_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_crafted_shapes_cannot_size_an_imported_model(tmp_path: Path) -> None:
+    """Issue 23: a small semseg-layout file whose few tensors imply a width-8 ResNet-50 with an 8192-wide head
+    made import-weights build that model (gigabytes) from the inferred shapes before any check. The inferred
+    configuration is now held to the schema and the file's tensors to a storage-less skeleton first."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    raw = semseg_checkpoint(num_classes=5)
+    sd = raw["state_dict"]
+    for n, planes in zip((1, 2, 3, 4), (512, 1024, 2048, 4096), strict=True):  # width 8: planes of 64 x 8
+        sd[f"module.layer{n}.0.conv1.weight"] = torch.zeros(planes, 1, 1, 1)
+    sd["module.cls.0.weight"] = torch.zeros(8192, 1, 1, 1)
+    path = _save(tmp_path, "crafted.pth", raw)
+    assert path.stat().st_size < 3_000_000
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PEAK, "semseg", str(path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "refused:" in proc.stdout and "crafted.pth: the weights do not fit the model" in proc.stdout, (
+        proc.stdout + proc.stderr[-2000:]
+    )
+    peak = int(proc.stdout.split("peak_mb")[1])
+    assert peak < 1200, f"{peak} MB peak: the inferred model was built before the shapes were checked"
+    assert not Path(f"{path}.out.pt").exists()

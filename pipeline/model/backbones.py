@@ -24,7 +24,15 @@ from pipeline.files import atomic_write_json, file_digest, verify_checksum
 from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import PSPNet
 from pipeline.model.resnet import DilatedResNet
-from pipeline.model.weights import WeightsError, fill, infer_backbone, read_state_dict, remap
+from pipeline.model.weights import (
+    WeightsError,
+    fill,
+    fits_on_meta,
+    infer_backbone,
+    read_state_dict,
+    remap,
+    schema_checked,
+)
 
 BACKBONE_FORMAT = "pspnet-repro-backbone/1"
 PRETRAINED_DIR = Path("data/pretrained")  # relative to the project root; pretrained@NAME writes <this>/NAME
@@ -143,7 +151,10 @@ def convert_backbone(path: str | Path, layout: str) -> tuple[dict[str, Tensor], 
     path = Path(path)
     state, dropped = remap(read_state_dict(path), layout, str(path))
     arch = infer_backbone(state, str(path))
-    net = DilatedResNet(arch["depth"], width=arch["width"], stem_widths=arch["stem_widths"])
+    schema_checked({k: arch[k] for k in ("depth", "width", "stem_widths")}, str(path))  # before any memory
+    make = lambda: DilatedResNet(arch["depth"], width=arch["width"], stem_widths=arch["stem_widths"])  # noqa: E731
+    fits_on_meta(make, state, str(path))
+    net = make()
     fill(net, state, str(path))  # every key of the backbone filled, none left over
     return net.state_dict(), {**arch, "stem_widths": list(arch["stem_widths"]), "dropped": dropped}
 
@@ -312,7 +323,11 @@ def _convert_checked(b: Backbone, raw: Path) -> tuple[dict[str, Tensor], dict[st
                 f"{raw}: a ResNet-{info['depth']} with stem {info['stem_widths']}, but {b.name} should be "
                 f"ResNet-{b.depth} with stem {list(b.stem_widths)}"
             )
-    except WeightsError as exc:  # not the checkpoint the URL should serve: never cache it
+    except (
+        ValueError,
+        OSError,
+        RuntimeError,
+    ) as exc:  # any refusal (WeightsError and the rest): never cached
         raw.unlink(missing_ok=True)
         raise WeightsError(
             f"{exc}. {raw.name} from {b.url} is not the expected {b.name} checkpoint; the file was removed, "

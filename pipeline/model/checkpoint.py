@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, DataConfig, ModelConfig, _build, to_dict
+from pipeline.config import ConfigError, DataConfig, ModelConfig, checked_model_config, to_dict
 from pipeline.files import atomic_open
 from pipeline.model.pspnet import PSPNet, build_model
 
@@ -119,7 +119,7 @@ def save_model(
 
 def _model_config_from_dict(raw: dict[str, Any], where: str) -> ModelConfig:
     try:
-        return _build(ModelConfig, dict(raw), f"{where}: model_config")
+        return checked_model_config(raw, f"{where}: model_config")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from exc
 

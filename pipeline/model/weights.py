@@ -38,14 +38,14 @@ fails naming the leftovers / the missing keys. Nothing is written under the outp
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pipeline.config import ModelConfig, to_dict
+from pipeline.config import ConfigError, ModelConfig, check_labels, checked_model_config, to_dict
 from pipeline.files import MIN_PREFIX, ChecksumError, file_digest, verify_checksum
 from pipeline.model.checkpoint import load_torch, save_model
 from pipeline.model.pspnet import build_model
@@ -330,6 +330,42 @@ def infer_model_config(
     return cfg, num_classes
 
 
+def fits_on_meta(build: Callable[[], torch.nn.Module], state: dict[str, Tensor], where: str) -> None:
+    """Check ``state`` against the module ``build()`` makes, built on the ``meta`` device (no storage): the
+    same names and shapes, before any real memory is spent on shapes a file claims (a crafted 2.6 MB file
+    inferred a model of about 51 GB).
+
+    Raises:
+        WeightsError: naming missing, unexpected and misshapen keys.
+    """
+    with torch.device("meta"):
+        skeleton = build().state_dict()
+    missing = sorted(k for k in set(skeleton) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(state) - set(skeleton))
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in skeleton.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise WeightsError(
+            f"{where}: the weights do not fit the model their shapes describe: missing {missing[:10]} "
+            f"({len(missing)}), without a place {unexpected[:10]} ({len(unexpected)}), shapes {wrong[:5]}"
+        )
+
+
+def schema_checked(raw: dict[str, Any], where: str, num_classes: int | None = None) -> ModelConfig:
+    """An inferred configuration held to the params schema's ranges (widths, stems, head sizes, classes),
+    as any configuration a user writes is: the shapes of a file decide nothing the schema would refuse."""
+    try:
+        cfg = checked_model_config(raw, f"{where}: the inferred model_config")
+        if num_classes is not None:
+            check_labels(num_classes, 255, f"{where}: the inferred")
+    except ConfigError as exc:
+        raise WeightsError(str(exc)) from None
+    return cfg
+
+
 def fill(module: torch.nn.Module, state: dict[str, Tensor], where: str) -> None:
     """Load ``state`` into ``module``, failing with the names of missing, unexpected or misshapen keys.
 
@@ -432,6 +468,8 @@ def import_checkpoint(
         raise WeightsError(
             f"{where}: the checkpoint predicts {n} classes, the benchmark expects {num_classes}"
         )
+    cfg = schema_checked(to_dict(cfg), where, n)
+    fits_on_meta(lambda: build_model(cfg, n), state, where)
     model = build_model(cfg, n)
     fill(model, state, where)
     conventions = {
