@@ -137,9 +137,15 @@ def test_ade20k_published_sha1_is_enforced(tmp_path):
     ids=["split-size", "stray-label", "missing-label", "num-classes"],
 )
 def test_ade20k_gates(tmp_path, files, data, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DataError, match=message) as failed:
         _ade_run(tmp_path, files, **data)
     assert not (tmp_path / "prepared").exists()
+    # Issue 23: the files are named as members of the archive, not inside the removed temporary folder
+    assert "-extract-" not in str(failed.value), failed.value
+    if "label" in message:
+        assert f"{tmp_path / 'archives' / 'ADEChallengeData2016.zip'}:ADEChallengeData2016/" in str(
+            failed.value
+        )
 
 
 def test_self_miou_gate_fails_on_labels_without_any_class(tmp_path):

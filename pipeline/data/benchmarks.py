@@ -387,34 +387,59 @@ def prepare(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-extract-") as tmp:
-        work = Path(tmp) / "extracted"
-        for name in sums:
-            safe_extract(archives / name, work)
-        root, extra, kwargs = _ade_layout(
-            d, work, Path(tmp) / "layout", expected, archives, progress=progress
-        )
-        staged = Path(tmp) / "prepared"
-        manifest = prepare_ade_layout(
-            root,
-            staged,
-            num_classes=d.num_classes,
-            reduce_zero_label=d.reduce_zero_label,
-            ignore_index=d.ignore_index,
-            shard_rows=d.shard_rows,
-            expected=expected,
-            progress=progress,
-            **kwargs,
-        )
-        manifest["gates"] = check_prepared(staged, num_classes=d.num_classes, ignore_index=d.ignore_index)
-        manifest |= {
-            "source": d.source,
-            "archives": sums,
-            **{k: v for k, v in extra.items() if v is not None},
-        }
-        atomic_write_json(staged / MANIFEST, manifest, indent=2, sort_keys=True)
-        _swap_in(staged, out_dir, aside=Path(tmp) / "previous")
+        try:
+            manifest = _prepare_in(Path(tmp), d, sums, archives, out_dir, expected, progress)
+        except DataError as exc:  # the temporary folder is gone with the error: name the archives' members
+            raise DataError(_in_archive_terms(str(exc), Path(tmp), archives, sorted(sums))) from exc
     if len(sums) == 1:
         manifest["archive_sha256"] = file_digest(archives / next(iter(sums)))
+    return manifest
+
+
+def _in_archive_terms(message: str, tmp: Path, archives: Path, names: list[str]) -> str:
+    """``message`` with the paths inside prepare's temporary folder (removed with the error) written as the
+    archive members they came from: ``data/archives/ade20k/ADEChallengeData2016.zip:ADEChallengeData2016/...``."""
+    extracted = f"{tmp / 'extracted'}/"
+    where = str(archives / names[0]) if len(names) == 1 else f"{archives}/{{{','.join(names)}}}"
+    message = message.replace(extracted, f"{where}:")
+    message = message.replace(f"{tmp / 'layout'}/", f"(the layout staged from {where}) ")
+    return message.replace(str(tmp), "(prepare's temporary folder)")
+
+
+def _prepare_in(
+    tmp: Path,
+    d: DataConfig,
+    sums: dict,
+    archives: Path,
+    out_dir: Path,
+    expected: dict[str, int],
+    progress: bool,
+) -> dict:
+    """Extract, lay out, shard, gate and swap in, inside prepare's temporary folder ``tmp``."""
+    work = tmp / "extracted"
+    for name in sums:
+        safe_extract(archives / name, work)
+    root, extra, kwargs = _ade_layout(d, work, tmp / "layout", expected, archives, progress=progress)
+    staged = tmp / "prepared"
+    manifest = prepare_ade_layout(
+        root,
+        staged,
+        num_classes=d.num_classes,
+        reduce_zero_label=d.reduce_zero_label,
+        ignore_index=d.ignore_index,
+        shard_rows=d.shard_rows,
+        expected=expected,
+        progress=progress,
+        **kwargs,
+    )
+    manifest["gates"] = check_prepared(staged, num_classes=d.num_classes, ignore_index=d.ignore_index)
+    manifest |= {
+        "source": d.source,
+        "archives": sums,
+        **{k: v for k, v in extra.items() if v is not None},
+    }
+    atomic_write_json(staged / MANIFEST, manifest, indent=2, sort_keys=True)
+    _swap_in(staged, out_dir, aside=tmp / "previous")
     return manifest
 
 
