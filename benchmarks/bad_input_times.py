@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the test helpers import `conftest`, as under pytest
 
 from cluster.local import s3_server  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
