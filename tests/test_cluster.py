@@ -26,7 +26,7 @@ from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.storage import StorageError, check_storage, stage_split
 from pipeline.training.launcher import train
-from tests.conftest import tiny_params_dict, wait_for_registered_checkpoints
+from tests.conftest import registered_checkpoints, tiny_params_dict, wait_for_registered_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +97,29 @@ def _leftover_report(cluster, group_ids: list[str], victim: str) -> str:
 
 def _rank_nodes(run) -> list[str]:
     return [run.data.tags[f"ray.node.rank{r}"] for r in range(2)]
+
+
+def _running_trial_on_a_worker_node(cluster, children, iterations: int, thread, timeout: float = 300):
+    """(a worker node, the trials still running with a registered checkpoint, {trial: its ranks' nodes}) once
+    a worker node holds a rank of such a trial; an AssertionError if the sweep ends or ``timeout`` passes first."""
+    deadline = time.time() + timeout
+    while True:
+        registered = registered_checkpoints("s3://pspnet/sweep")
+        running = {name.split("trial=")[-1] for name, it in registered.items() if it < iterations}
+        placed = {  # a child run is tagged with its ranks' nodes once its workers have started
+            r.data.tags["pspnet.trial_id"]: set(_rank_nodes(r))
+            for r in children()
+            if "ray.node.rank1" in r.data.tags
+        }
+        for node in cluster.worker_nodes:
+            if any(node.node_id in placed.get(t, set()) for t in running):
+                return node, running, placed
+        if not thread.is_alive() or time.time() > deadline:
+            raise AssertionError(
+                f"no running trial with a registered checkpoint held a rank on a worker node: "
+                f"registered {registered}, placed {placed}"
+            )
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +275,7 @@ def test_ray_job_submit_runs_the_stage_command(cluster, tiny_prepared, tmp_path)
 
 
 def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path):
-    """Two trials at once over the nodes; a node that holds a rank of one of them is killed and replaced: that
+    """Two trials over the nodes; a node that holds a rank of one still running is killed and replaced: that
     trial alone resumes from its checkpoint on S3, the sweep completes, MLflow keeps one parent and one child
     per trial, and no placement group or actor is left."""
     from ray.util.state import list_actors, list_placement_groups
@@ -298,19 +321,12 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
     thread = threading.Thread(target=run)
     thread.start()
     try:
-        registered = wait_for_registered_checkpoints(
-            "s3://pspnet/sweep", alive=thread.is_alive, runs=2, timeout=300
-        )
         # The trials may not overlap for long: with worker nodes that share nothing, a trial placed on them
-        # starts later (fresh shard caches, its own worker processes), and on CI's 2 cores the other, on the
-        # head, has been seen to finish first. The node lost is one that a still-running trial trains on.
-        running = {name.split("trial=")[-1] for name, it in registered.items() if it < iterations}
-        assert running, f"every trial ended before a node could be lost: {registered}"
-        placed = {r.data.tags["pspnet.trial_id"]: set(_rank_nodes(r)) for r in children()}
+        # starts later (fresh shard caches, its own worker processes), and on CI's 2 cores one has been seen to
+        # finish before the other registered its first checkpoint. The node lost is one that a still-running
+        # trial with a registered checkpoint trains on: polled until there is one.
+        victim, running, placed = _running_trial_on_a_worker_node(cluster, children, iterations, thread)
         worker_ids = {n.node_id for n in cluster.worker_nodes}
-        victim = next(
-            n for n in cluster.worker_nodes if any(n.node_id in placed[t] for t in running if t in placed)
-        )
         hit = {t for t in running if victim.node_id in placed.get(t, set())}
         cluster.remove_node(victim, allow_graceful=False)
         add_worker_node(cluster, 1)
@@ -320,7 +336,9 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
 
-    assert len(placed) == 2 and len(set.union(*placed.values())) >= 3  # two trials at once, over 3 nodes
+    # the ranks' nodes as the trials ended (a resumed trial's tags name its new nodes) and before the loss
+    ended = {r.data.tags["pspnet.trial_id"]: set(_rank_nodes(r)) for r in children()}
+    assert len(ended) == 2 and len(set.union(*ended.values(), *placed.values())) >= 3  # over 3 nodes at least
     assert set.union(*placed.values()) & worker_ids and len(hit) == 1
     assert list(result.table["stop_reason"]) == ["completed", "completed"]
     assert result.summary["max_concurrent_trials"] == 2
