@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 	  'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["reference-nodeps"])')
 	@touch $(STAMP)
 
-## Headless Chromium for tests/test_mlflow_ui.py (Debian's package; nothing to do when it is installed).
+## Debian packages the tests use: headless Chromium (tests/test_mlflow_ui.py) and rsync (tests/test_cluster_launcher.py); nothing to do when installed.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
-	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+	@command -v chromium >/dev/null && command -v rsync >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium rsync; }
 	@chromium --version
 
 ## The whole pipeline on the embedded synthetic benchmark: CPU, a local Ray cluster, MLflow in ./mlflow.db.
