@@ -476,7 +476,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     import yaml
 
     from pipeline.config import replace
-    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.evaluation.stage import evaluate_benchmark
     from pipeline.training.launcher import train
 
     _ade_run(tmp_path, ade_files(n_train=4, n_val=2), expected_train=4)

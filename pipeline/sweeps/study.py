@@ -32,14 +32,9 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data.benchmarks import class_names
-from pipeline.data.shards import ShardedSegmentation
-from pipeline.evaluation.benchmark import (
-    context_scores,
-    flat_metrics,
-    protocols,
-    scoring_settings,
-)
-from pipeline.evaluation.split import evaluate_split
+from pipeline.evaluation.benchmark import context_scores, flat_metrics
+from pipeline.evaluation.evaluate import evaluate_model
+from pipeline.evaluation.split import protocols
 from pipeline.model.pspnet import build_model
 from pipeline.ray_runtime import init_ray
 from pipeline.storage import check_storage, default_storage, stage_split
@@ -58,17 +53,13 @@ STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 def _evaluate(bench, state: dict, val_dir: str, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
     """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run.
-    ``val_dir`` is the split's folder or its copy on object storage (the trial may run on any node)."""
+    ``val_dir`` is the split's folder or its copy on object storage (the trial may run on any node). Scored in
+    the trial's own process on its CPU (``eval.cpu_precision``), with no cache (the model is not a file)."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
     chosen = {k: p for k, p in protocols(bench).items() if k in which}
-    settings = {k: v for k, v in scoring_settings(bench, {}, on_gpu=False).items() if k in _CELL_SETTINGS}
-    results = evaluate_split(model, ShardedSegmentation(val_dir), chosen, progress=False, **settings)
+    results, _ = evaluate_model(model, bench, val_dir, chosen, progress=False)
     return flat_metrics(results, names, context_scores(bench, names, results))
-
-
-# A study cell is scored in fp32 on the CPU with the default batching, whatever eval.cpu_precision says.
-_CELL_SETTINGS = ("num_classes", "ignore_index", "mean", "std", "batch_size")
 
 
 def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> tuple[dict, str] | None:
