@@ -138,8 +138,11 @@ def evaluate_rows(
                 batch_size=scoring.batch_size,
                 memory_budget_mb=scoring.memory_budget_mb,
                 precision=scoring.precision,
-            )  # (C, H, W)
-            pred = scores.argmax(0).to(torch.uint8).numpy()  # (H, W)
+                on_device=True,
+            )  # (C, H, W) on device
+            pred = (
+                scores.argmax(0).to(torch.uint8).cpu().numpy()
+            )  # (H, W): labels cross to the host, not scores
             res.matrix.update(pred, label)
             res.seconds += time.perf_counter() - started
             res.images += 1
