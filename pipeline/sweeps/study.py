@@ -38,7 +38,7 @@ from pipeline.evaluation.split import protocols
 from pipeline.model.pspnet import build_model
 from pipeline.ray_runtime import init_ray
 from pipeline.storage import check_storage, default_storage, stage_split
-from pipeline.sweeps.tune import (
+from pipeline.sweeps.trials import (
     ReleaseOrphanedWorkerGroups,
     max_concurrent_trials,
     restore_or_build,
