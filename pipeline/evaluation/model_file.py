@@ -40,13 +40,12 @@ def checkpoint_run(
         uri,
         exp,
         run_name=f"checkpoint-{path.stem}",
-        tags={
-            tracking.BENCHMARK_TAG: benchmark,
+        tags=tracking.provenance(benchmark, "evaluate --checkpoint", root)
+        | {
             "pspnet.kind": "checkpoint-evaluation",
             "pspnet.checkpoint.file": str(path),
             "pspnet.checkpoint.sha256": sha,
             "pspnet.checkpoint.source": source_of(meta),
-            "git_commit": tracking.git_commit(root),
         },
         params=flatten(meta["model_config"], "model.")
         | flatten(bench.eval, "eval.")

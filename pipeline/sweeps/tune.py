@@ -29,7 +29,6 @@ from pipeline import sweep_report, tracking
 from pipeline.config import (
     BenchmarkConfig,
     Params,
-    RayConfig,
     SweepConfig,
     benchmark_from_dict,
     config_hash,
@@ -37,15 +36,13 @@ from pipeline.config import (
     replace,
     to_dict,
 )
-from pipeline.ray_runtime import init_ray
-from pipeline.storage import check_storage, default_storage, stage_split
 from pipeline.sweeps.trials import (
     ReleaseOrphanedWorkerGroups,
     max_concurrent_trials,
     restore_or_build,
     trial_driver_resources,
 )
-from pipeline.training.cluster import build_trainer, loop_config
+from pipeline.training.cluster import RunPlan, plan_run
 from pipeline.training.launcher import check_scaling
 
 METRIC = "val/miou"
@@ -98,41 +95,21 @@ def _trial(config: dict) -> None:
     base = benchmark_from_dict(config["bench"])
     sweep = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["sweep"].items()})
     bench = trial_benchmark(base, sweep, config)
-    uri, parent = config["mlflow_uri"], config["parent_run_id"]
-    exp_id = config["experiment_id"]
-    run_id = tracking.find_run(uri, exp_id, {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial_id})
-    if run_id is None:
-        run_id = tracking.start_run(
-            uri,
-            exp_id,
-            run_name=f"trial-{trial_id}",
-            tags={
-                tracking.PARENT_TAG: parent,
-                tracking.TRIAL_TAG: trial_id,
-                tracking.CONFIG_HASH_TAG: config_hash(bench),
-                tracking.BENCHMARK_TAG: config["benchmark"],
-            },
-            params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
-        )
-    trainer = build_trainer(
-        bench,
-        RayConfig(**config["ray"]),
-        loop_config(
-            bench,
-            benchmark=config["benchmark"],
-            train_dir=config["train_dir"],
-            val_dir=config["val_dir"],
-            mlflow_uri=uri,
-            run_id=run_id,
-            root=config["root"],
-            storage=config["storage_path"],
-        ),
-        name=f"{config['sweep_name']}-trial={trial_id}",
-        storage=config["storage_path"],
-        callbacks=[TuneReportCallback()],
+    plan = RunPlan(**config["plan"])
+    run_id = tracking.child_run(
+        plan.mlflow_uri,
+        config["experiment_id"],
+        config["parent_run_id"],
+        trial_id,
+        run_name=f"trial-{trial_id}",
+        tags={tracking.CONFIG_HASH_TAG: config_hash(bench), tracking.BENCHMARK_TAG: plan.benchmark},
+        params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
+    )
+    trainer = plan.trainer(
+        bench, run_id, name=f"{config['sweep_name']}-trial={trial_id}", callbacks=[TuneReportCallback()]
     )
     trainer.fit()
-    tracking.finish_run(uri, run_id)
+    tracking.finish_run(plan.mlflow_uri, run_id)
 
 
 def _results_table(results, iterations: int) -> pd.DataFrame:
@@ -177,12 +154,7 @@ def _open_parent(uri: str, params: Params, name: str, root: Path) -> tuple[str, 
         exp_id,
         shash,
         run_name=sweep_name,
-        tags={
-            tracking.BENCHMARK_TAG: cfg.benchmark,
-            "git_commit": tracking.git_commit(root),
-            tracking.CODE_TAG: code,
-            "pspnet.stage": "tune",
-        },
+        tags=tracking.provenance(cfg.benchmark, "tune", root, code),
         params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
     )
     return exp_id, parent, sweep_name
@@ -285,27 +257,19 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
     )
     check_scaling(probe)
     iterations, every = probe.train.iterations, probe.train.checkpoint_every
-    storage = default_storage(params.ray, root)
-    check_storage(storage)
-    init_ray(params.ray.address)
+    plan = plan_run(params, cfg.benchmark, data_dir=data_dir, root=root)
     concurrent = max_concurrent_trials(base, cfg, ray.cluster_resources())
 
-    uri = tracking.tracking_uri(params.mlflow, root)
+    uri, storage = plan.mlflow_uri, plan.storage
     exp_id, parent, sweep_name = _open_parent(uri, params, name, root)
     trainable = ray.tune.with_resources(_trial, trial_driver_resources())
     constants = {
         "bench": to_dict(base),
         "sweep": to_dict(cfg),
-        "ray": to_dict(params.ray),
-        "benchmark": cfg.benchmark,
-        "train_dir": stage_split(data_dir / "train", storage),
-        "val_dir": stage_split(data_dir / "val", storage),
-        "mlflow_uri": uri,
+        "plan": plan.to_dict(),
         "parent_run_id": parent,
         "experiment_id": exp_id,
-        "root": str(root),
         "sweep_name": sweep_name,
-        "storage_path": storage,
     }
     tuner = restore_or_build(
         f"{storage.rstrip('/')}/{sweep_name}",
