@@ -32,7 +32,7 @@ from pipeline.config import (
 )
 from pipeline.data.benchmarks import class_names
 from pipeline.evaluation.benchmark import context_scores, flat_metrics
-from pipeline.evaluation.evaluate import evaluate_model
+from pipeline.evaluation.evaluate import Placement, evaluate_model
 from pipeline.evaluation.split import protocols
 from pipeline.model.pspnet import build_model
 from pipeline.sweeps.trials import (
@@ -48,14 +48,19 @@ from pipeline.training.worker import load_training_state
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
-def _evaluate(bench, state: dict, val_dir: str, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
+def _evaluate(bench, state: dict, plan: RunPlan, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
     """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run.
-    ``val_dir`` is the split's folder or its copy on object storage (the trial may run on any node). Scored in
-    the trial's own process on its CPU (``eval.cpu_precision``), with no cache (the model is not a file)."""
+
+    Where the benchmark scores on GPUs (``eval.use_gpu``: the paper benchmarks) the cell's split is sharded
+    over ``eval.num_workers`` Ray tasks of one GPU each, as the evaluate stage does (the cell's training has
+    released its GPUs); otherwise it is scored in the trial's own process on its CPU (``eval.cpu_precision``).
+    The split is read where the plan staged it (the trial may run on any node); no cache (no model file)."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
     chosen = {k: p for k, p in protocols(bench).items() if k in which}
-    results, _ = evaluate_model(model, bench, val_dir, chosen, progress=False)
+    e = bench.eval
+    where = Placement.of(e, plan.storage) if e.use_gpu else Placement()
+    results, _ = evaluate_model(model, bench, plan.val_dir, chosen, where=where, progress=False)
     return flat_metrics(results, names, context_scores(bench, names, results))
 
 
@@ -120,12 +125,12 @@ def _child_run(
 def _train_and_score(
     config: dict, plan: RunPlan, trial_id: str, study: StudyConfig, bench: BenchmarkConfig, run_id: str
 ) -> dict[str, float]:
-    """Train the cell with Ray Train (logging into ``run_id``), then score its final model on the CPU."""
+    """Train the cell with Ray Train (logging into ``run_id``), then score its final model (:func:`_evaluate`)."""
     result = plan.trainer(bench, run_id, name=f"{config['tune_name']}-trial={trial_id}").fit()
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     torch.set_num_threads(1)
-    return _evaluate(bench, state, plan.val_dir, config["class_names"], tuple(study.protocols))
+    return _evaluate(bench, state, plan, config["class_names"], tuple(study.protocols))
 
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
