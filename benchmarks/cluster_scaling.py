@@ -112,24 +112,24 @@ def _evaluation_seconds(nodes: int, prepared: Path, bench) -> float:
     import ray
 
     from pipeline.evaluation.distributed import evaluate_distributed
-    from pipeline.evaluation.evaluate import protocols
+    from pipeline.evaluation.split import Scoring, protocols
     from pipeline.storage import stage_split
 
     model = build_model(bench.model, bench.data.num_classes).eval()
     split = stage_split(prepared / "val", "s3://pspnet/bench-eval")
     d = bench.data
-    settings = {"num_classes": d.num_classes, "ignore_index": d.ignore_index, "mean": d.mean, "std": d.std}
+    settings = Scoring(d.num_classes, d.ignore_index, d.mean, d.std)
     with ray_cluster(head_cpus=0, worker_cpus=(1,) * nodes, dashboard=False) as cluster:
         ray.init(address=cluster.address)
         chosen = {"ms": protocols(bench)["ms"]}
         rows = list(range(VAL_IMAGES))
         evaluate_distributed(
-            model, split, chosen, num_workers=nodes, rows=rows[:nodes], progress=False, **settings
+            model, split, chosen, settings, num_workers=nodes, rows=rows[:nodes], progress=False
         )
         started = (
             time.perf_counter()
         )  # after a warm-up pass: the workers' imports are not the protocol's cost
-        evaluate_distributed(model, split, chosen, num_workers=nodes, rows=rows, progress=False, **settings)
+        evaluate_distributed(model, split, chosen, settings, num_workers=nodes, rows=rows, progress=False)
         return time.perf_counter() - started
 
 

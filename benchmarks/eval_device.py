@@ -133,7 +133,8 @@ def main() -> None:
         util = f"{100 * tflops / peak:.1f} % of peak" if peak else "utilisation n/a"
         print(
             f"{precision:>5}: {seconds:7.3f} s/image (median of {args.repeats})  {stats.forward_passes} forward "
-            f"passes, {stats.crops} crops; network {stats.network_s:.3f} s ({tflops:.3g} TFLOP/s, {util}), "
+            f"passes, {stats.crops} crops, {stats.windows_per_pass} windows per pass; network "
+            f"{stats.network_s:.3f} s ({tflops:.3g} TFLOP/s, {util}), "
             f"outside {stats.total_s - stats.network_s:.3f} s",
             flush=True,
         )

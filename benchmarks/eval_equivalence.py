@@ -81,7 +81,7 @@ def main() -> int:
     out: dict = {}
 
     # 1. the evaluate stage: the confusion matrices it caches
-    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.evaluation.stage import evaluate_benchmark
 
     tag = Path(args.out).stem
     cache_dir = work / f"cache-{tag}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from pipeline.config import load_params
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.inference import cpu_has_native_bf16, prepare_model, protocol_from_config
-from pipeline.evaluation.split import evaluate_rows
+from pipeline.evaluation.split import Scoring, evaluate_rows
 from pipeline.model.checkpoint import load_model
 
 
@@ -48,12 +49,8 @@ def main() -> None:
     for precision in ("fp32", "bf16"):
         fast = prepare_model(model, device, precision=precision)
         started = time.perf_counter()
-        results[precision] = evaluate_rows(
-            fast, shards, protocols, rows, num_classes=bench.data.num_classes,
-            ignore_index=bench.data.ignore_index, mean=bench.data.mean, std=bench.data.std, device=device,
-            batch_size=bench.eval.batch_size, memory_budget_mb=bench.eval.memory_budget_mb,
-            precision=precision, keep=rows,
-        )  # fmt: skip
+        sc = replace(Scoring.of(bench, on_gpu=device == "cuda"), precision=precision)
+        results[precision] = evaluate_rows(fast, shards, protocols, rows, sc, device=device, keep=rows)
         seconds[precision] = time.perf_counter() - started
     print(f"{args.benchmark}: {len(rows)} images, {device}, {torch.get_num_threads()} threads")
     print(f"time: fp32 {seconds['fp32']:.1f} s, bf16 {seconds['bf16']:.1f} s "

@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.evaluation.stage import evaluate_benchmark
     from pipeline.storage import default_storage
 
     params = load_params(args.params)

@@ -208,7 +208,8 @@ class EvalConfig:
     ss_flip: bool = False
     batch_size: int = num(4, 1)  # most crops per forward pass (mirrored copies included)
     num_vis: int = num(6, 0)  # validation images drawn in the prediction panel
-    # Bound on one image's score buffers plus its largest forward batch (pipeline/evaluation/inference.py).
+    # Bound on one image's score buffers plus its largest forward batch (pipeline/evaluation/inference.py), in
+    # host RAM; on CUDA the larger of it and 80 % of the device's free memory (CUDA_FREE_SHARE there).
     memory_budget_mb: float = num(4096.0, 0, lo_open=True)
     precision: Literal["fp32", "bf16"] = "bf16"  # the network's precision on CUDA (bf16 autocast)
     # ... and on CPU: "bf16" needs native bf16 (AVX512-BF16 or AMX; about 2x faster there, measured in

@@ -15,7 +15,7 @@ from pathlib import Path
 import ray
 
 # A logical resource that Tune trial drivers hold instead of a CPU, so that a trial's Train workers can use every
-# core (see pipeline.sweeps.tune). Local clusters get plenty; clusters started elsewhere may not have it.
+# core (see pipeline.sweeps.trials). Local clusters get plenty; clusters started elsewhere may not have it.
 TRIAL_SLOT = "trial_slot"
 LOCAL_TRIAL_SLOTS = 1000
 # The object-store settings of the driver that the workers need too (read by pyarrow's S3 filesystem and boto).

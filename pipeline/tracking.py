@@ -246,6 +246,31 @@ def open_parent_run(
     )
 
 
+def child_run(
+    uri: str,
+    experiment_id: str,
+    parent: str,
+    trial_id: str,
+    *,
+    run_name: str,
+    tags: Mapping[str, str],
+    params,
+) -> str:
+    """A Tune trial's run under the sweep's or study's ``parent``: found again when the trial restarts (a lost
+    node, a resumed driver), else created with ``tags`` and ``params``."""
+    key = {PARENT_TAG: parent, TRIAL_TAG: trial_id}
+    return find_run(uri, experiment_id, key) or start_run(
+        uri, experiment_id, run_name=run_name, tags=key | dict(tags), params=params
+    )
+
+
+def provenance(benchmark: str, stage: str, root: Path, code: str = "") -> dict[str, str]:
+    """The tags that say where a run's numbers come from: the benchmark, the stage (or command) that made
+    them, the git commit, and for sweeps and studies the code fingerprint their cells are keyed by."""
+    tags = {BENCHMARK_TAG: benchmark, "pspnet.stage": stage, "git_commit": git_commit(root)}
+    return tags | ({CODE_TAG: code} if code else {})
+
+
 def log_table(uri: str, run_id: str, table, artifact_file: str) -> None:
     """A pandas DataFrame as an MLflow table artifact (``.json`` or ``.parquet`` names only)."""
     MlflowClient(uri).log_table(run_id, data=table, artifact_file=artifact_file)

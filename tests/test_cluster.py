@@ -192,9 +192,8 @@ def test_evaluation_on_several_nodes_equals_one_process(cluster, tiny_prepared):
     from pipeline.config import ModelConfig
     from pipeline.data.shards import ShardedSegmentation
     from pipeline.evaluation.distributed import evaluate_distributed
-    from pipeline.evaluation.evaluate import protocols
     from pipeline.evaluation.inference import prepare_model
-    from pipeline.evaluation.split import evaluate_rows
+    from pipeline.evaluation.split import Scoring, evaluate_rows, protocols
     from pipeline.model.pspnet import build_model
 
     bench = params_from_dict(tiny_params_dict()).benchmark("synthetic")
@@ -204,7 +203,7 @@ def test_evaluation_on_several_nodes_equals_one_process(cluster, tiny_prepared):
         bench.data.num_classes,
     ).eval()
     d = bench.data
-    settings = {"num_classes": d.num_classes, "ignore_index": d.ignore_index, "mean": d.mean, "std": d.std}
+    settings = Scoring(d.num_classes, d.ignore_index, d.mean, d.std)
     chosen = {"ss": protocols(bench)["ss"]}
     val_uri = stage_split(tiny_prepared / "val", "s3://pspnet/eval")
     rows = list(range(len(ShardedSegmentation(val_uri))))
@@ -213,12 +212,12 @@ def test_evaluation_on_several_nodes_equals_one_process(cluster, tiny_prepared):
     torch.set_num_threads(1)  # as each Ray task (1 CPU) runs
     try:
         single = evaluate_rows(
-            prepare_model(model), ShardedSegmentation(tiny_prepared / "val"), chosen, rows, **settings
+            prepare_model(model), ShardedSegmentation(tiny_prepared / "val"), chosen, rows, settings
         )
     finally:
         torch.set_num_threads(threads)
     sharded = evaluate_distributed(
-        model, val_uri, chosen, num_workers=4, rows=rows, progress=False, address=cluster.address, **settings
+        model, val_uri, chosen, settings, num_workers=4, rows=rows, progress=False, address=cluster.address
     )
     assert torch.equal(sharded["ss"].matrix.mat, single["ss"].matrix.mat)
     assert int(single["ss"].matrix.mat.sum()) > 0

@@ -218,8 +218,11 @@ def test_dvc_status_reruns_exactly_the_stages_that_import_the_change(committed_r
     changed = _changed_after_edit(repo, env, "pipeline/evaluation/benchmark.py", '"""', '"""Edited. ')
     assert _kinds(changed) == {"evaluate", "study"}
     assert {n for n in names if n.startswith(("evaluate@", "study@"))} == changed
-    # The evaluate stage's own orchestration (cache, outputs): that stage only.
+    # The one evaluation assembly (scoring settings, cache, Ray tasks): every scored model, not training.
     changed = _changed_after_edit(repo, env, "pipeline/evaluation/evaluate.py", '"""', '"""Edited. ')
+    assert {n for n in names if n.startswith(("evaluate@", "study@"))} == changed
+    # The evaluate stage's own files (figures, tables, MLflow): that stage only.
+    changed = _changed_after_edit(repo, env, "pipeline/evaluation/stage.py", '"""', '"""Edited. ')
     assert changed == {n for n in names if n.startswith("evaluate@")}
 
     # The report: only the report stages.

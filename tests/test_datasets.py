@@ -476,7 +476,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     import yaml
 
     from pipeline.config import replace
-    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.evaluation.stage import evaluate_benchmark
     from pipeline.training.launcher import train
 
     _ade_run(tmp_path, ade_files(n_train=4, n_val=2), expected_train=4)
@@ -490,6 +490,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
         "model.aux_channels": 8, "train.iterations": 2, "train.batch_size": 4, "train.num_workers": 2, "train.cpus_per_worker": 1,
         "train.use_gpu": False, "train.checkpoint_every": 2, "train.val_every": 2, "train.log_every": 1,
         "train.augment.crop_size": 24, "eval.base_size": 28, "eval.crop_size": 24, "eval.ms_scales": (0.75, 1.0),
+        "eval.use_gpu": False, "eval.num_workers": 1,
     }  # fmt: skip
     bench = replace(params.benchmark("ade20k"), **small)
     params = replace(params, benchmarks={"ade20k": bench})

@@ -11,11 +11,10 @@ import torch
 from pipeline.config import ModelConfig, params_from_dict, replace
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation import split as split_module
-from pipeline.evaluation.benchmark import protocols
 from pipeline.evaluation.distributed import _chunks, evaluate_distributed
-from pipeline.evaluation.evaluate import evaluate_benchmark
 from pipeline.evaluation.inference import prepare_model
-from pipeline.evaluation.split import evaluate_rows
+from pipeline.evaluation.split import Scoring, evaluate_rows, protocols
+from pipeline.evaluation.stage import evaluate_benchmark
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from tests.conftest import tiny_params_dict
@@ -62,24 +61,24 @@ def test_sharded_equals_single_process_bit_for_bit(local_ray, tiny_prepared, ben
     d = bench.data
     shards = ShardedSegmentation(tiny_prepared / "val")
     rows = list(range(len(shards)))
-    settings = {"num_classes": d.num_classes, "ignore_index": d.ignore_index, "mean": d.mean, "std": d.std}
+    settings = Scoring(d.num_classes, d.ignore_index, d.mean, d.std)
     chosen = protocols(bench)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray task (1 CPU) runs, so each image's arithmetic is the same
     try:
-        single = evaluate_rows(prepare_model(model), shards, chosen, rows, keep=[0, 5], **settings)
+        single = evaluate_rows(prepare_model(model), shards, chosen, rows, settings, keep=[0, 5])
     finally:
         torch.set_num_threads(threads)
     sharded = evaluate_distributed(
         model,
         tiny_prepared / "val",
         chosen,
+        settings,
         num_workers=2,
         rows=rows,
         keep=[0, 5],
         progress=False,
-        **settings,
     )
     for key in chosen:
         assert torch.equal(sharded[key].matrix.mat, single[key].matrix.mat)
@@ -129,3 +128,44 @@ def test_evaluate_benchmark_caches_and_shards(
     third = evaluate_benchmark("synthetic", changed, out_dir=tmp_path / "c", num_workers=1, **kw)["facts"]
     assert third["ss"]["cached"] and not third["ms"]["cached"]
     assert third["ms"]["protocol_hash"] != first["ms"]["protocol_hash"]
+
+
+def test_a_gpu_that_the_cluster_lacks_is_refused_not_replaced_by_cpus(
+    local_ray, tiny_prepared, bench, checkpoint
+):
+    """Issue 27: ``eval.use_gpu`` on a cluster without GPUs raised nothing and scored on CPUs (or, in one
+    process, silently on this CPU); GPU tasks are declared with ``max_calls=1`` (a fresh process per task)."""
+    from pipeline.evaluation.distributed import EvaluationPlacementError, chunk_task
+    from pipeline.evaluation.evaluate import Placement
+
+    _, model = checkpoint
+    sc = Scoring.of(bench)
+    with pytest.raises(EvaluationPlacementError, match="eval.use_gpu: true, but the Ray cluster has no GPU"):
+        evaluate_distributed(
+            model, tiny_prepared / "val", protocols(bench), sc, num_workers=2, use_gpu=True, rows=[0, 1]
+        )
+    if not torch.cuda.is_available():
+        with pytest.raises(EvaluationPlacementError, match="this process sees no CUDA device"):
+            Placement(workers=1, use_gpu=True).on_gpu()
+    assert Placement(workers=2, use_gpu=True).on_gpu() and not Placement(workers=1).on_gpu()
+    assert chunk_task(True, 1)._default_options["max_calls"] == 1
+    assert chunk_task(False, 1)._default_options.get("max_calls") in (None, 0)
+
+
+def test_validation_scores_with_the_benchmarks_ss_protocol(tiny_prepared, bench, checkpoint):
+    """Issue 24: the training's validation built its protocol by hand and ignored ``eval.ss_flip``."""
+    from pipeline.evaluation.inference import Protocol
+    from pipeline.evaluation.split import evaluate_split
+    from pipeline.training.worker import validate
+
+    _, model = checkpoint
+    cpu = torch.device("cpu")
+    scores = {}
+    for flip in (False, True):
+        b = replace(bench, **{"eval.ss_flip": flip, "train.val_images": 0})
+        scores[flip] = validate(model, b, tiny_prepared / "val", rank=0, world=1, device=cpu)["miou"]
+    e = bench.eval
+    by_hand = Protocol((1.0,), True, e.mode, e.crop_size, e.stride_rate, e.base_size)
+    shards = ShardedSegmentation(tiny_prepared / "val")
+    flipped = evaluate_split(model, shards, {"v": by_hand}, Scoring.of(bench), progress=False, prepare=False)
+    assert scores[True] == flipped["v"].matrix.compute()["miou"] and scores[True] != scores[False]

@@ -185,6 +185,7 @@ def test_stats_count_passes_and_crops() -> None:
     predict(ConvModel().eval(), image(40, 40), Protocol(**common), MEAN, STD, 4, batch_size=8, stats=stats)
     assert (stats.forward_passes, stats.crops) == (4, 32)  # 16 windows + 16 mirrors, 8 per pass
     assert 0 < stats.network_s <= stats.total_s
+    assert stats.windows_per_pass == 4  # 8 crops per pass = 4 windows and their mirrors (issue 27: reported)
 
 
 def test_memory_budget_bounds_the_batch_and_the_buffers() -> None:
@@ -195,8 +196,11 @@ def test_memory_budget_bounds_the_batch_and_the_buffers() -> None:
     budget_mb = (buffers + 3.5 * one) / 2**20  # room for 3 windows
     ref = predict(model, img, protocol, MEAN, STD, 4, batch_size=16)
     model.batches.clear()
-    out = predict(model, img, protocol, MEAN, STD, 4, batch_size=16, memory_budget_mb=budget_mb)
-    assert max(model.batches) == 3 and sum(model.batches) == 16
+    stats = InferenceStats()
+    out = predict(model, img, protocol, MEAN, STD, 4, batch_size=16, memory_budget_mb=budget_mb, stats=stats)
+    assert max(model.batches) == 3 and sum(model.batches) == 16 and stats.windows_per_pass == 3
+    on_device = predict(model, img, protocol, MEAN, STD, 4, batch_size=16, on_device=True)
+    assert torch.equal(on_device, predict(model, img, protocol, MEAN, STD, 4, batch_size=16))
     assert torch.allclose(out, ref, atol=1e-6)
     with pytest.raises(ValueError, match="memory_budget_mb"):
         predict(model, img, protocol, MEAN, STD, 4, memory_budget_mb=buffers / 2 / 2**20)

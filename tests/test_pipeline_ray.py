@@ -14,7 +14,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import params_from_dict
-from pipeline.evaluation.evaluate import evaluate_benchmark
+from pipeline.evaluation.stage import evaluate_benchmark
 from pipeline.machine import cpu_model
 from pipeline.model.checkpoint import load_model
 from pipeline.report import write_report

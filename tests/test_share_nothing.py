@@ -118,7 +118,7 @@ def test_training_with_the_default_store_runs_on_nodes_without_the_drivers_disk(
 def test_evaluate_stage_on_two_nodes_reads_the_shards_from_object_storage(
     cluster, trained, tiny_prepared, tmp_path
 ) -> None:
-    from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.evaluation.stage import evaluate_benchmark
 
     root, params, result = trained
     bench = params.benchmark("synthetic")

@@ -260,7 +260,9 @@ def test_evaluate_checkpoint_logs_a_new_run(tmp_path: Path, tiny_prepared: Path,
     import_checkpoint("csail", [_save(tmp_path, "e.pth", enc), _save(tmp_path, "d.pth", dec)], ck)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    params = write_params(tmp_path / "params.yaml", tiny_params_dict())
+    raw = tiny_params_dict()
+    raw["benchmarks"]["synthetic"]["eval"]["cache_dir"] = str(tmp_path / "cache")
+    params = write_params(tmp_path / "params.yaml", raw)
     out = tmp_path / "report"
     argv = ["evaluate", "--params", str(params), "--benchmark", "synthetic", "--checkpoint", str(ck)]
     argv += ["--data", str(tiny_prepared), "--out", str(out), "--protocol", "ss"]
@@ -294,6 +296,11 @@ def test_evaluate_checkpoint_logs_a_new_run(tmp_path: Path, tiny_prepared: Path,
         assert main(bad) == 2
     assert a_file.read_text() == "mine"
     assert len(client.search_runs([client.get_experiment_by_name("pspnet-synthetic").experiment_id])) == 1
+    # Issue 24: the evaluate stage's path (its cache, its context classes), not a copy that bypassed them
+    assert facts["ss"]["cached"] is False and facts["context_classes"] == ["boat", "car"]
+    assert main(argv) == 0
+    again = json.loads((out / "evaluation.json").read_text())
+    assert again["ss"]["cached"] is True and json.loads((out / "metrics.json").read_text()) == metrics
 
 
 def test_a_short_sha256_prefix_is_not_verification(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

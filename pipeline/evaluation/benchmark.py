@@ -1,13 +1,12 @@
 """A benchmark's evaluation settings and the summaries of finished results (pure: no I/O, no MLflow).
 
-    protocols          the "ss" and "ms" protocols of params.yaml's eval block
-    scoring_settings   the keyword arguments of split.evaluate_split for a model file and a benchmark
     load_for_benchmark the model file, refused when it predicts another number of classes
     context_scores     the synthetic benchmark's boat-vs-car pair accuracy per protocol
     scores / run_facts the numbers (metrics.json) and the facts behind them (evaluation.json)
     flat_metrics       the MLflow keys (ss/miou, ss/iou/<class>, ss/context_pair_acc, ...)
 
-The evaluate stage (evaluate.py), ``pspnet evaluate --checkpoint`` and the study cells use them.
+``evaluate_model`` (evaluate.py: the stage, ``pspnet evaluate --checkpoint``, the study cells) and the
+training's validation use them.
 """
 
 from __future__ import annotations
@@ -19,33 +18,8 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import BenchmarkConfig
-from pipeline.evaluation.inference import Protocol, protocol_from_config
-from pipeline.evaluation.split import SplitResult
+from pipeline.evaluation.split import Scoring, SplitResult
 from pipeline.metrics import pair_accuracy
-
-# what the numbers depend on besides the checkpoint, the protocol and the split (batching does not)
-SCORING_KEYS = ("num_classes", "ignore_index", "mean", "std", "precision")
-
-
-def protocols(bench: BenchmarkConfig) -> dict[str, Protocol]:
-    """The benchmark's single-scale ("ss") and multi-scale + flip ("ms") protocols from ``params.yaml``."""
-    return {"ss": protocol_from_config(bench.eval, False), "ms": protocol_from_config(bench.eval, True)}
-
-
-def scoring_settings(bench: BenchmarkConfig, meta: Mapping[str, Any], *, on_gpu: bool) -> dict[str, Any]:
-    """Keyword arguments of :func:`evaluate_split` for a model file's ``meta``: its own normalisation when it
-    records one (imported checkpoints), the benchmark's otherwise."""
-    d, e = bench.data, bench.eval
-    conv = meta.get("conventions") or {}
-    return {
-        "num_classes": d.num_classes,
-        "ignore_index": d.ignore_index,
-        "mean": list(conv.get("mean", d.mean)),
-        "std": list(conv.get("std", d.std)),
-        "precision": e.precision if on_gpu else e.cpu_precision,
-        "batch_size": e.batch_size,
-        "memory_budget_mb": e.memory_budget_mb,
-    }
 
 
 def load_for_benchmark(benchmark: str, bench: BenchmarkConfig, model_path: Path) -> tuple[nn.Module, dict]:
@@ -100,7 +74,7 @@ def scores(results: Mapping[str, SplitResult], context: Mapping[str, dict]) -> d
 
 
 def run_facts(
-    benchmark: str, model_path: Path, results: Mapping[str, SplitResult], settings: Mapping, context_classes
+    benchmark: str, model_path: Path, results: Mapping[str, SplitResult], sc: Scoring, context_classes
 ) -> dict[str, Any]:
     """What produced the numbers (``evaluation.json`` beside ``metrics.json``): the protocols with their fields
     and hashes, the precision, images, seconds and whether each came from the cache."""
@@ -108,7 +82,7 @@ def run_facts(
     for key, res in results.items():
         s = res.summary()
         facts[key] = {k: s[k] for k in ("protocol", "protocol_hash", "protocol_fields", "images", "seconds")}
-        facts[key] |= {"precision": settings["precision"], "cached": res.cached}
+        facts[key] |= {"precision": sc.precision, "cached": res.cached}
     if context_classes:
         facts["context_classes"] = list(context_classes)
     return facts

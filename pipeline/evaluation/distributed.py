@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.evaluation.inference import Protocol
-from pipeline.evaluation.split import SplitResult
+from pipeline.evaluation.split import Scoring, SplitResult
 from pipeline.metrics import ConfusionMatrix
 from pipeline.ray_runtime import init_ray
 
@@ -37,26 +37,44 @@ def _evaluate_chunk(
     protocols: dict[str, Protocol],
     rows: list[int],
     keep: list[int],
-    kw: dict,
+    scoring: Scoring,
+    threads: int,
+    use_gpu: bool,
 ) -> dict[str, tuple[Any, dict, float, int]]:
     """Ray task: one chunk of rows under every protocol -> ``{key: (matrix, samples, seconds, images)}``."""
     from pipeline.data.shards import ShardedSegmentation
     from pipeline.evaluation.split import evaluate_split
 
-    kw = dict(kw)
-    torch.set_num_threads(kw.pop("threads"))
-    device = "cuda" if kw.pop("use_gpu") and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(threads)
+    if use_gpu and not torch.cuda.is_available():
+        raise EvaluationPlacementError(
+            f"a GPU task of the evaluation sees no CUDA device (torch {torch.__version__})"
+        )
+    device = "cuda" if use_gpu else "cpu"
     results = evaluate_split(
         model,
         ShardedSegmentation(split_dir),
         protocols,
+        scoring,
         rows=rows,
         keep=keep,
         device=device,
         progress=False,
-        **kw,
     )
     return {k: (r.matrix.mat.numpy(), r.samples, r.seconds, r.images) for k, r in results.items()}
+
+
+class EvaluationPlacementError(RuntimeError):
+    """Scoring asked for a GPU where none is visible (``eval.use_gpu``)."""
+
+
+def chunk_task(use_gpu: bool, threads: int):
+    """The Ray task of one chunk. A GPU task is declared with ``max_calls=1`` (its worker process exits after
+    it): a reused process would keep the CUDA context of the GPU it first had although Ray assigns the next
+    task another one. ``.options()`` cannot set it, and Ray sets it by default only for a ``num_gpus`` given
+    to ``ray.remote`` itself."""
+    gpu = {"num_gpus": 1, "max_calls": 1} if use_gpu else {}
+    return ray.remote(num_cpus=threads, max_retries=2, **gpu)(_evaluate_chunk)
 
 
 def _chunks(rows: Sequence[int], n: int) -> list[list[int]]:
@@ -70,18 +88,12 @@ def evaluate_distributed(
     model: nn.Module,
     split_dir: str | Path,
     protocols: Mapping[str, Protocol],
+    scoring: Scoring,
     *,
     num_workers: int,
     use_gpu: bool = False,
     rows: Sequence[int],
     keep: Sequence[int] = (),
-    num_classes: int,
-    ignore_index: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int = 4,
-    memory_budget_mb: float | None = None,
-    precision: str = "fp32",
     threads_per_worker: int = 1,
     progress: bool = True,
     address: str = "",
@@ -95,27 +107,18 @@ def evaluate_distributed(
     started_ray = init_ray(address)
     try:
         model_ref = ray.put(model.cpu().eval())
-        remote = ray.remote(_evaluate_chunk).options(
-            num_cpus=threads_per_worker, num_gpus=1 if use_gpu else 0, max_retries=2
-        )
-        kw = {
-            "num_classes": num_classes,
-            "ignore_index": ignore_index,
-            "mean": list(mean),
-            "std": list(std),
-            "batch_size": batch_size,
-            "memory_budget_mb": memory_budget_mb,
-            "precision": precision,
-            "threads": threads_per_worker,
-            "use_gpu": use_gpu,
-        }
+        if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+            raise EvaluationPlacementError(
+                "eval.use_gpu: true, but the Ray cluster has no GPU; set eval.use_gpu: false to score on CPUs"
+            )
+        remote = chunk_task(use_gpu, threads_per_worker)
         # absolute: tasks on other nodes do not run in this directory
         split = str(split_dir) if "://" in str(split_dir) else str(Path(split_dir).resolve())
         protocols = dict(protocols)
         pending = _chunks(rows, num_workers * CHUNKS_PER_WORKER)
         keep_set = set(keep)
         merged = {
-            k: SplitResult(p, ConfusionMatrix(num_classes, ignore_index), 0.0, {}, 0)
+            k: SplitResult(p, ConfusionMatrix(scoring.num_classes, scoring.ignore_index), 0.0, {}, 0)
             for k, p in protocols.items()
         }
         in_flight: dict[ray.ObjectRef, int] = {}
@@ -125,16 +128,17 @@ def evaluate_distributed(
             while pending or in_flight:
                 while pending and len(in_flight) < num_workers:
                     chunk = pending.pop(0)
+                    kept = [r for r in chunk if r in keep_set]
                     ref = remote.remote(
-                        model_ref, split, protocols, chunk, [r for r in chunk if r in keep_set], kw
+                        model_ref, split, protocols, chunk, kept, scoring, threads_per_worker, use_gpu
                     )
                     in_flight[ref] = len(chunk)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in done:
                     bar.update(in_flight.pop(ref))
                     for key, (mat, samples, seconds, images) in ray.get(ref).items():
-                        part = ConfusionMatrix(num_classes, ignore_index)
-                        part.mat = torch.from_numpy(mat)
+                        part = ConfusionMatrix(scoring.num_classes, scoring.ignore_index)
+                        part.mat = torch.from_numpy(mat.copy())  # ray.get returns a read-only array
                         merged[key].merge(SplitResult(protocols[key], part, seconds, samples, images))
         # seconds: each protocol's share of the wall-clock time, by its share of the workers' time
         busy = sum(r.seconds for r in merged.values()) or 1.0

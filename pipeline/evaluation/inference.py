@@ -131,12 +131,15 @@ class InferenceStats:
         network_s: seconds inside the network's forward (synchronised on CUDA).
         total_s: seconds inside ``predict``; ``total_s - network_s`` is resizing, padding, softmax, flip
             and accumulation.
+        windows_per_pass: the most windows one forward pass took (``batch_size`` halved with flip, lowered
+            to fit the memory budget); 0 in whole mode.
     """
 
     forward_passes: int = 0
     crops: int = 0
     network_s: float = 0.0
     total_s: float = 0.0
+    windows_per_pass: int = 0  # the most sliding windows batched into one pass (after the memory budget)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,6 +200,9 @@ def _is_channels_last(model: nn.Module) -> bool:
             return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
     return False
 
+
+# On CUDA, the share of the device's free memory one image's buffers and forward batch may take.
+CUDA_FREE_SHARE = 0.8
 
 _WINDOW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
@@ -357,6 +363,7 @@ def predict(
     memory_budget_mb: float | None = None,
     precision: str = "fp32",
     stats: InferenceStats | None = None,
+    on_device: bool = False,
 ) -> Tensor:
     """Softmax scores of one image under ``protocol``.
 
@@ -373,10 +380,13 @@ def predict(
             :func:`window_bytes`); ``None``: only ``batch_size`` bounds the batch.
         precision: "bf16" autocasts the network (``eval.precision`` on CUDA, ``eval.cpu_precision`` on CPU;
             a CPU without native bf16 is refused).
-        stats: filled with forward passes, crops and time in the network.
+        stats: filled with forward passes, crops, windows per pass and time in the network.
+        on_device: return the scores where they were computed (take the argmax there and move labels,
+            not (C, H, W) float32 scores: ~210 MB per ADE20K image).
 
     Returns:
-        float32 scores (C, H, W) on the CPU, each pixel a probability distribution.
+        float32 scores (C, H, W) on the CPU (on ``device`` with ``on_device``), each pixel a probability
+        distribution.
 
     Raises:
         ValueError: a malformed image or setting, or score buffers larger than ``memory_budget_mb``.
@@ -421,7 +431,9 @@ def predict(
         total /= len(protocol.scales)
     if stats is not None:
         stats.total_s += time.perf_counter() - started
-    return total.cpu()
+        if protocol.mode == "slide":
+            stats.windows_per_pass = max(stats.windows_per_pass, per_pass)
+    return total if on_device else total.cpu()
 
 
 def _check_arguments(image: np.ndarray, batch_size: int, precision: str, device: str | torch.device) -> None:
@@ -458,6 +470,9 @@ def _images_per_pass(
     largest = max(max(sh, crop) * max(sw, crop) for sh, sw in sizes)
     buffers = 4 * c * (largest + 2 * h * w)  # one scale's padded scores, the running total, the resized copy
     budget = memory_budget_mb * _MB
+    if run.device.type == "cuda":  # the budget (sized for host RAM) gives way to what the device has free
+        free, _ = torch.cuda.mem_get_info(run.device)
+        budget = max(budget, CUDA_FREE_SHARE * free)
     if buffers > budget:
         raise ValueError(
             f"score buffers for a {h}x{w} image under {protocol.name} need {buffers / _MB:.0f} MB "

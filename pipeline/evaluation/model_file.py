@@ -4,7 +4,8 @@ log it as a new run of that benchmark's MLflow experiment.
     evaluate_model_file
       load_for_benchmark     the model, refused with the file's name when it does not fit the benchmark
       checkpoint_run         a new MLflow run tagged with the file, its SHA-256 and its source
-      evaluate_split         the chosen protocols on the validation split (the one evaluation path, split.py)
+      evaluate_model         the chosen protocols on the validation split: the evaluate stage's path
+                             (evaluate.py: the cache, Ray tasks with eval.num_workers, GPUs with eval.use_gpu)
       outputs.write_tables   per_class.csv, metrics.json, evaluation.json; the numbers into the run
 """
 
@@ -17,9 +18,11 @@ from pipeline.config import Params, flatten
 from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation import benchmark as ev
-from pipeline.evaluation import outputs
-from pipeline.evaluation.split import evaluate_split
+from pipeline.evaluation import cache, outputs
+from pipeline.evaluation.evaluate import CacheSlot, Placement, evaluate_model, summarise
+from pipeline.evaluation.split import protocols
 from pipeline.files import check_output, file_digest
+from pipeline.storage import default_storage
 
 
 class ModelFileError(ValueError):
@@ -37,13 +40,12 @@ def checkpoint_run(
         uri,
         exp,
         run_name=f"checkpoint-{path.stem}",
-        tags={
-            tracking.BENCHMARK_TAG: benchmark,
+        tags=tracking.provenance(benchmark, "evaluate --checkpoint", root)
+        | {
             "pspnet.kind": "checkpoint-evaluation",
             "pspnet.checkpoint.file": str(path),
             "pspnet.checkpoint.sha256": sha,
             "pspnet.checkpoint.source": source_of(meta),
-            "git_commit": tracking.git_commit(root),
         },
         params=flatten(meta["model_config"], "model.")
         | flatten(bench.eval, "eval.")
@@ -72,22 +74,28 @@ def evaluate_model_file(
         if type(exc).__module__.startswith("pipeline."):
             raise  # already specific (CheckpointError, ...)
         raise ModelFileError(str(exc)) from None  # e.g. another class count than the benchmark's
-    chosen = {k: v for k, v in ev.protocols(bench).items() if protocol in (k, "both")}
-    shards = ShardedSegmentation(data / "val")  # the inputs and the output are checked before a run is opened
+    chosen = {k: v for k, v in protocols(bench).items() if protocol in (k, "both")}
+    ShardedSegmentation(data / "val")  # the inputs and the output are checked before a run is opened
     check_output(out, "--out", folder=True)
     sha = file_digest(path)
     uri, run_id = checkpoint_run(benchmark, params, path, meta, sha, root)
     status = "FAILED"
     try:
-        settings = ev.scoring_settings(bench, meta, on_gpu=False)
-        results = evaluate_split(model, shards, chosen, **settings)
+        results, sc = evaluate_model(
+            model,
+            bench,
+            data / "val",
+            chosen,
+            meta=meta,
+            where=Placement.of(bench.eval, default_storage(params.ray, root)),
+            cache_slot=CacheSlot(Path(bench.eval.cache_dir or cache.default_dir()), sha),
+            progress=True,
+            benchmark=benchmark,
+        )
         names = class_names(bench, data)
-        context = ev.context_scores(bench, names, results)
-        metrics = ev.scores(results, context)
-        facts = ev.run_facts(benchmark, path, results, settings, [])
+        metrics, facts, flat = summarise(benchmark, bench, path, names, results, sc)
         facts |= {"checkpoint": str(path), "sha256": sha, "source": source_of(meta)}
         written = outputs.write_tables(out, names, results, metrics, facts)
-        flat = {k: v for k, v in ev.flat_metrics(results, names, context).items() if "/iou/" not in k}
         outputs.log_to_mlflow(uri, run_id, results, flat, written)
         status = "FINISHED"
     finally:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -13,8 +14,60 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.data.shards import ShardedSegmentation
-from pipeline.evaluation.inference import Protocol, predict, prepare_model
+from pipeline.evaluation.inference import Protocol, predict, prepare_model, protocol_from_config
 from pipeline.metrics import ConfusionMatrix
+
+if TYPE_CHECKING:
+    from pipeline.config import BenchmarkConfig
+
+
+def protocols(bench: BenchmarkConfig) -> dict[str, Protocol]:
+    """The benchmark's single-scale ("ss") and multi-scale + flip ("ms") protocols from ``params.yaml``."""
+    return {"ss": protocol_from_config(bench.eval, False), "ms": protocol_from_config(bench.eval, True)}
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a model's outputs on a split become confusion matrices, beside the protocol: the label space, the
+    input normalisation and the network's precision (what the numbers depend on: :meth:`cache_fields`), and
+    how the forward passes are batched (which does not change them)."""
+
+    num_classes: int
+    ignore_index: int
+    mean: tuple[float, ...]  # per-channel RGB on the 0-255 scale
+    std: tuple[float, ...]
+    precision: str = "fp32"  # "bf16" autocasts the network
+    batch_size: int = 4  # most crops per forward pass (mirrored copies included)
+    memory_budget_mb: float | None = None  # bound on one image's buffers; None: batch_size alone
+
+    CACHE_FIELDS = ("num_classes", "ignore_index", "mean", "std", "precision")
+
+    @classmethod
+    def of(
+        cls, bench: BenchmarkConfig, meta: Mapping[str, Any] | None = None, *, on_gpu: bool = False
+    ) -> Scoring:
+        """The settings of a model file (its header ``meta``) on ``bench``: its own normalisation when it
+        records one (imported checkpoints), the benchmark's otherwise; ``eval.precision`` on a GPU,
+        ``eval.cpu_precision`` on a CPU; ``eval``'s batching."""
+        d, e = bench.data, bench.eval
+        conv = (meta or {}).get("conventions") or {}
+        return cls(
+            num_classes=d.num_classes,
+            ignore_index=d.ignore_index,
+            mean=tuple(conv.get("mean", d.mean)),
+            std=tuple(conv.get("std", d.std)),
+            precision=e.precision if on_gpu else e.cpu_precision,
+            batch_size=e.batch_size,
+            memory_budget_mb=e.memory_budget_mb,
+        )
+
+    def cache_fields(self) -> dict[str, Any]:
+        """The settings an evaluation's cache key holds (batching does not change the numbers)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(self).items()
+            if k in self.CACHE_FIELDS
+        }
 
 
 @dataclass
@@ -57,15 +110,9 @@ def evaluate_rows(
     shards: ShardedSegmentation,
     protocols: Mapping[str, Protocol],
     rows: Sequence[int],
+    scoring: Scoring,
     *,
-    num_classes: int,
-    ignore_index: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device | str = "cpu",
-    batch_size: int = 4,
-    memory_budget_mb: float | None = None,
-    precision: str = "fp32",
     keep: Sequence[int] = (),
     on_image: Callable[[], None] | None = None,
 ) -> dict[str, SplitResult]:
@@ -73,7 +120,7 @@ def evaluate_rows(
     on ``device``; see :func:`prepare_model`). ``on_image`` is called after each image (progress)."""
     keep = set(keep)
     results = {
-        key: SplitResult(p, ConfusionMatrix(num_classes, ignore_index), 0.0, {}, 0)
+        key: SplitResult(p, ConfusionMatrix(scoring.num_classes, scoring.ignore_index), 0.0, {}, 0)
         for key, p in protocols.items()
     }
     for row in rows:
@@ -84,15 +131,18 @@ def evaluate_rows(
                 model,
                 image,
                 res.protocol,
-                mean,
-                std,
-                num_classes,
+                scoring.mean,
+                scoring.std,
+                scoring.num_classes,
                 device=device,
-                batch_size=batch_size,
-                memory_budget_mb=memory_budget_mb,
-                precision=precision,
-            )  # (C, H, W)
-            pred = scores.argmax(0).to(torch.uint8).numpy()  # (H, W)
+                batch_size=scoring.batch_size,
+                memory_budget_mb=scoring.memory_budget_mb,
+                precision=scoring.precision,
+                on_device=True,
+            )  # (C, H, W) on device
+            pred = (
+                scores.argmax(0).to(torch.uint8).cpu().numpy()
+            )  # (H, W): labels cross to the host, not scores
             res.matrix.update(pred, label)
             res.seconds += time.perf_counter() - started
             res.images += 1
@@ -107,46 +157,27 @@ def evaluate_split(
     model: nn.Module,
     shards: ShardedSegmentation,
     protocols: Mapping[str, Protocol],
+    scoring: Scoring,
     *,
-    num_classes: int,
-    ignore_index: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     device: torch.device | str = "cpu",
-    batch_size: int = 4,
     rows: Sequence[int] | None = None,
     keep: Sequence[int] = (),
     progress: bool = True,
-    memory_budget_mb: float | None = None,
-    precision: str = "fp32",
     prepare: bool = True,
 ) -> dict[str, SplitResult]:
     """The evaluation: one confusion matrix per protocol over ``rows`` (default: the whole split) at the
-    original label resolution, in this process. The evaluate stage (directly, or in each Ray task of
-    ``distributed.py``), ``pspnet evaluate --checkpoint``, the study cells and the training's validation all
-    score through it.
+    original label resolution, in this process. Every score passes through it: ``evaluate_model``
+    (evaluate.py: the evaluate stage, ``pspnet evaluate --checkpoint``, the study cells; here or in each Ray
+    task of ``distributed.py``) and the training's validation.
 
     With ``prepare`` the model is first made fast for inference (:func:`prepare_model`: eval mode, BatchNorm
     folded, channels-last, on ``device``; a copy, ``model`` itself is left as it is); without, it is only put
     in eval mode (the training loop's live model, which the caller puts back in train mode).
     """
-    model = prepare_model(model, device, precision=precision) if prepare else model.eval()
+    model = prepare_model(model, device, precision=scoring.precision) if prepare else model.eval()
     rows = list(range(len(shards))) if rows is None else list(rows)
     desc = "evaluate [" + ", ".join(p.name for p in protocols.values()) + "]"
     with tqdm(total=len(rows), desc=desc, disable=not progress, unit="img") as bar:
         return evaluate_rows(
-            model,
-            shards,
-            protocols,
-            rows,
-            num_classes=num_classes,
-            ignore_index=ignore_index,
-            mean=mean,
-            std=std,
-            device=device,
-            batch_size=batch_size,
-            memory_budget_mb=memory_budget_mb,
-            precision=precision,
-            keep=keep,
-            on_image=lambda: bar.update(1),
+            model, shards, protocols, rows, scoring, device=device, keep=keep, on_image=lambda: bar.update(1)
         )

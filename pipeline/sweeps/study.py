@@ -21,7 +21,6 @@ from pipeline import sweep_report, tracking
 from pipeline.config import (
     BenchmarkConfig,
     Params,
-    RayConfig,
     StudyConfig,
     SweepConfig,
     benchmark_from_dict,
@@ -32,43 +31,37 @@ from pipeline.config import (
     to_dict,
 )
 from pipeline.data.benchmarks import class_names
-from pipeline.data.shards import ShardedSegmentation
-from pipeline.evaluation.benchmark import (
-    context_scores,
-    flat_metrics,
-    protocols,
-    scoring_settings,
-)
-from pipeline.evaluation.split import evaluate_split
+from pipeline.evaluation.benchmark import context_scores, flat_metrics
+from pipeline.evaluation.evaluate import Placement, evaluate_model
+from pipeline.evaluation.split import protocols
 from pipeline.model.pspnet import build_model
-from pipeline.ray_runtime import init_ray
-from pipeline.storage import check_storage, default_storage, stage_split
-from pipeline.sweeps.tune import (
+from pipeline.sweeps.trials import (
     ReleaseOrphanedWorkerGroups,
     max_concurrent_trials,
     restore_or_build,
     trial_driver_resources,
 )
-from pipeline.training.cluster import build_trainer, loop_config
+from pipeline.training.cluster import RunPlan, plan_run
 from pipeline.training.launcher import check_scaling
 from pipeline.training.worker import load_training_state
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
-def _evaluate(bench, state: dict, val_dir: str, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
+def _evaluate(bench, state: dict, plan: RunPlan, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
     """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run.
-    ``val_dir`` is the split's folder or its copy on object storage (the trial may run on any node)."""
+
+    Where the benchmark scores on GPUs (``eval.use_gpu``: the paper benchmarks) the cell's split is sharded
+    over ``eval.num_workers`` Ray tasks of one GPU each, as the evaluate stage does (the cell's training has
+    released its GPUs); otherwise it is scored in the trial's own process on its CPU (``eval.cpu_precision``).
+    The split is read where the plan staged it (the trial may run on any node); no cache (no model file)."""
     model = build_model(bench.model, bench.data.num_classes)
     model.load_state_dict(state["model"])
     chosen = {k: p for k, p in protocols(bench).items() if k in which}
-    settings = {k: v for k, v in scoring_settings(bench, {}, on_gpu=False).items() if k in _CELL_SETTINGS}
-    results = evaluate_split(model, ShardedSegmentation(val_dir), chosen, progress=False, **settings)
+    e = bench.eval
+    where = Placement.of(e, plan.storage) if e.use_gpu else Placement()
+    results, _ = evaluate_model(model, bench, plan.val_dir, chosen, where=where, progress=False)
     return flat_metrics(results, names, context_scores(bench, names, results))
-
-
-# A study cell is scored in fp32 on the CPU with the default batching, whatever eval.cpu_precision says.
-_CELL_SETTINGS = ("num_classes", "ignore_index", "mean", "std", "batch_size")
 
 
 def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> tuple[dict, str] | None:
@@ -91,7 +84,8 @@ def _study_trial(config: dict) -> None:
     study = study_from_dict(config["study"])
     base = benchmark_from_dict(config["bench"])
     bench = study_cell_config(base, study, config["cell"], seed=int(config["seed"]))
-    uri, exp_id = config["mlflow_uri"], config["experiment_id"]
+    plan = RunPlan(**config["plan"])
+    uri, exp_id = plan.mlflow_uri, config["experiment_id"]
     chash, code = config_hash(bench), config["code"]  # the driver's fingerprint: part of this study's key
     reuse = _finished_cell_run(uri, exp_id, chash, code, study.protocols)
     if reuse is not None:  # the same configuration and seed was trained and scored by another study
@@ -99,7 +93,7 @@ def _study_trial(config: dict) -> None:
         run_id = _child_run(config, trial_id, study, bench, chash, {"pspnet.reused_from": source})
     else:
         run_id = _child_run(config, trial_id, study, bench, chash, {})
-        metrics = _train_and_score(config, trial_id, study, bench, run_id)
+        metrics = _train_and_score(config, plan, trial_id, study, bench, run_id)
     tracking.log_metrics(uri, run_id, metrics, step=bench.train.iterations)
     tracking.finish_run(uri, run_id)
     ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
@@ -109,14 +103,13 @@ def _child_run(
     config: dict, trial_id: str, study: StudyConfig, bench: BenchmarkConfig, chash: str, extra_tags: dict
 ) -> str:
     """This trial's child run: found again after a restart, else created with the cell's tags."""
-    uri, exp_id = config["mlflow_uri"], config["experiment_id"]
-    tags = {tracking.PARENT_TAG: config["parent_run_id"], tracking.TRIAL_TAG: trial_id}
-    return tracking.find_run(uri, exp_id, tags) or tracking.start_run(
-        uri,
-        exp_id,
+    return tracking.child_run(
+        config["plan"]["mlflow_uri"],
+        config["experiment_id"],
+        config["parent_run_id"],
+        trial_id,
         run_name=f"{config['study_name']}/{config['cell']}/seed{config['seed']}",
-        tags=tags
-        | {
+        tags={
             STUDY_TAG: config["study_name"],
             CELL_TAG: config["cell"],
             SEED_TAG: str(config["seed"]),
@@ -130,29 +123,14 @@ def _child_run(
 
 
 def _train_and_score(
-    config: dict, trial_id: str, study: StudyConfig, bench: BenchmarkConfig, run_id: str
+    config: dict, plan: RunPlan, trial_id: str, study: StudyConfig, bench: BenchmarkConfig, run_id: str
 ) -> dict[str, float]:
-    """Train the cell with Ray Train (logging into ``run_id``), then score its final model on the CPU."""
-    result = build_trainer(
-        bench,
-        RayConfig(**config["ray"]),
-        loop_config(
-            bench,
-            benchmark=study.benchmark,
-            train_dir=config["train_dir"],
-            val_dir=config["val_dir"],
-            mlflow_uri=config["mlflow_uri"],
-            run_id=run_id,
-            root=config["root"],
-            storage=config["storage_path"],
-        ),
-        name=f"{config['tune_name']}-trial={trial_id}",
-        storage=config["storage_path"],
-    ).fit()
+    """Train the cell with Ray Train (logging into ``run_id``), then score its final model (:func:`_evaluate`)."""
+    result = plan.trainer(bench, run_id, name=f"{config['tune_name']}-trial={trial_id}").fit()
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     torch.set_num_threads(1)
-    return _evaluate(bench, state, config["val_dir"], config["class_names"], tuple(study.protocols))
+    return _evaluate(bench, state, plan, config["class_names"], tuple(study.protocols))
 
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
@@ -180,10 +158,8 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
     for cell in study.cells:
         check_scaling(study_cell_config(base, study, cell, seed=study.seeds[0]))
-    storage = default_storage(params.ray, root)
-    check_storage(storage)
-    init_ray(params.ray.address)
-    uri = tracking.tracking_uri(params.mlflow, root)
+    plan = plan_run(params, study.benchmark, data_dir=data_dir, root=root)
+    uri = plan.mlflow_uri
     exp_name = f"{tracking.experiment_name(params.mlflow, study.benchmark)}-studies"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
     code = tracking.code_fingerprint()
@@ -201,17 +177,12 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         "seed": ray.tune.grid_search(list(study.seeds)),
         "study": to_dict(study),
         "bench": to_dict(base),
-        "ray": to_dict(params.ray),
+        "plan": plan.to_dict(),  # the splits on object storage: uploaded there once
         "study_name": name,
         "tune_name": tune_name,
-        "train_dir": stage_split(data_dir / "train", storage),  # on object storage: uploaded there once
-        "val_dir": stage_split(data_dir / "val", storage),
         "class_names": class_names(base, data_dir),  # read here: a trial's node may not see data_dir
-        "mlflow_uri": uri,
         "parent_run_id": parent,
         "experiment_id": exp_id,
-        "storage_path": storage,
-        "root": str(root),
         "code": code,
     }
     results = _run_trials(space, base, study)
@@ -232,14 +203,8 @@ def _open_study_run(
         exp_id,
         shash,
         run_name=study_dir,
-        tags={
-            STUDY_TAG: name,
-            "pspnet.table": study.table,
-            tracking.BENCHMARK_TAG: study.benchmark,
-            "git_commit": tracking.git_commit(root),
-            tracking.CODE_TAG: code,
-            "pspnet.stage": "study",
-        },
+        tags=tracking.provenance(study.benchmark, "study", root, code)
+        | {STUDY_TAG: name, "pspnet.table": study.table},
         params={f"study.{k}": v for k, v in flatten(study).items()},
     )
 
@@ -247,7 +212,7 @@ def _open_study_run(
 def _run_trials(space: dict, base: BenchmarkConfig, study: StudyConfig) -> ray.tune.ResultGrid:
     """The Tune grid over ``space`` (cells x seeds), restored if its driver died, run to the end; the first
     cell's config sizes how many trials run at once."""
-    tune_name, storage = space["tune_name"], space["storage_path"]
+    tune_name, storage = space["tune_name"], space["plan"]["storage"]
     trainable = ray.tune.with_resources(_study_trial, trial_driver_resources())
 
     def build() -> ray.tune.Tuner:

@@ -15,7 +15,6 @@ their Ray Train checkpoints, and the MLflow parent and child runs are reused.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from pipeline import sweep_report, tracking
 from pipeline.config import (
     BenchmarkConfig,
-    ConfigError,
     Params,
-    RayConfig,
     SweepConfig,
     benchmark_from_dict,
     config_hash,
@@ -39,9 +36,13 @@ from pipeline.config import (
     replace,
     to_dict,
 )
-from pipeline.ray_runtime import TRIAL_SLOT, init_ray
-from pipeline.storage import check_storage, default_storage, stage_split
-from pipeline.training.cluster import build_trainer, loop_config
+from pipeline.sweeps.trials import (
+    ReleaseOrphanedWorkerGroups,
+    max_concurrent_trials,
+    restore_or_build,
+    trial_driver_resources,
+)
+from pipeline.training.cluster import RunPlan, plan_run
 from pipeline.training.launcher import check_scaling
 
 METRIC = "val/miou"
@@ -88,176 +89,27 @@ def param_space(sweep: SweepConfig) -> dict:
     }
 
 
-# placement group states that hold or wait for resources (PREPARED: reserved, the commit not yet done)
-_HOLDING = ("CREATED", "PREPARED", "PENDING", "RESCHEDULING")
-_SETTLE_S = 60.0  # at the experiment's end: how long the trials' Train controllers get to exit
-
-
-@dataclass(frozen=True)
-class _Group:
-    pg_id: str
-    state: str
-    job: str
-    by_actor: bool  # created by an actor (a Train controller), not by a driver (Tune's trial groups)
-    creator_dead: bool
-
-
-def _placement_groups() -> list[_Group]:
-    """Every placement group with its creator, from the GCS. ``ray.util.placement_group_table`` leaves the
-    creator out; Ray 2.60's own table records (the private accessor it reads) carry it."""
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-
-    table = gcs_pb2.PlacementGroupTableData
-    groups = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = table.FromString(raw)
-        actor = pg.creator_actor_id  # a driver's is the nil id, which the GCS calls dead
-        by_actor = bool(actor) and actor != b"\xff" * len(actor)
-        groups.append(
-            _Group(pg.placement_group_id.hex(), table.PlacementGroupState.Name(pg.state),
-                   pg.creator_job_id.hex(), by_actor, pg.creator_actor_dead)
-        )  # fmt: skip
-    return groups
-
-
-def _handle(pg_id: str):
-    from ray.util.placement_group import PlacementGroup, PlacementGroupID
-
-    return PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
-
-
-class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
-    """Frees the worker placement groups whose Ray Train controller died without removing them.
-
-    A trial's Train controller creates its workers' placement group; when the trial's actor is stopped (ASHA,
-    the experiment's end) the controller dies with it, and a group created by an actor outlives the actor for
-    as long as the job lives. Ray Train's cleaner removes only the group it was told about, and was seen to
-    miss it: on a loaded machine the next trial then waited forever for CPUs, and after a node lost mid-sweep a
-    group that a dying controller had just created for a retry stayed CREATED (both seen in CI). A group whose
-    creator is dead serves nobody: it is removed whenever seen, and at the experiment's end the trials'
-    controllers get up to a minute to exit before the last pass. A group whose controller lives is never
-    touched: removing it would kill that controller's workers and make it start a new group.
-
-    Only groups of this driver's job created after the sweep started count: other jobs on a shared cluster,
-    and this driver's own earlier groups, keep theirs.
-    """
-
-    def setup(self, **info) -> None:
-        self._job = ray.get_runtime_context().get_job_id()
-        self._before = {g.pg_id for g in _placement_groups()}
-        self._checked = 0.0
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._release()
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._release()
-
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        if time.monotonic() - self._checked > 5:  # a stopped trial's controller exits a little later
-            self._release()
-
-    def on_experiment_end(self, trials, **info) -> None:
-        start = time.monotonic()
-        while self._release(announce=True) and time.monotonic() < start + _SETTLE_S:
-            time.sleep(0.5)  # some controller still lives: its group is freed once it has exited
-        if time.monotonic() - start > 1:
-            print(f"[tune] waited {time.monotonic() - start:.0f} s for the trials' Train controllers to exit")
-
-    def _release(self, announce: bool = False) -> bool:
-        """Remove the sweep's orphaned groups; whether groups of live controllers still hold resources."""
-        self._checked = time.monotonic()
-        live = False
-        for g in _placement_groups():
-            if g.job != self._job or g.pg_id in self._before or g.state not in _HOLDING or not g.by_actor:
-                continue
-            if not g.creator_dead:
-                live = True
-                continue
-            if announce:
-                print(
-                    f"[tune] freeing placement group {g.pg_id}: its Train controller has exited", flush=True
-                )
-            ray.util.remove_placement_group(_handle(g.pg_id))
-        return live
-
-
-def trial_driver_resources() -> dict:
-    """A trial's driver only waits on its TorchTrainer: it holds a logical slot (local clusters) or a sliver of a
-    CPU (clusters started elsewhere), never a whole core its workers need."""
-    return {TRIAL_SLOT: 1} if ray.cluster_resources().get(TRIAL_SLOT) else {"CPU": 0.01}
-
-
-def restore_or_build(exp_path: str, trainable, build, label: str) -> ray.tune.Tuner:
-    """The Tune experiment at ``exp_path`` restored (its driver died: finished trials are kept, unfinished and
-    errored ones continue from their checkpoints), else ``build()``'s new one."""
-    if ray.tune.Tuner.can_restore(exp_path):
-        print(f"[{label}] resuming {exp_path}", flush=True)
-        return ray.tune.Tuner.restore(
-            exp_path, trainable=trainable, resume_unfinished=True, resume_errored=True
-        )
-    return build()
-
-
-def max_concurrent_trials(bench: BenchmarkConfig, sweep: SweepConfig, resources: dict) -> int:
-    """How many trials the cluster holds at once (Tune does not count the Train workers' resources)."""
-    t = bench.train
-    cpus = resources.get("CPU", 0) - (0 if resources.get(TRIAL_SLOT) else 1)  # drivers' CPU slivers
-    fits = [int(cpus // (t.num_workers * t.cpus_per_worker))]
-    if t.use_gpu:
-        fits.append(int(resources.get("GPU", 0) // t.num_workers))
-    fit = min(fits)
-    if fit < 1:
-        raise ConfigError(
-            f"one trial needs {t.num_workers} workers x {t.cpus_per_worker} CPU"
-            f"{' + 1 GPU' if t.use_gpu else ''}; the cluster has {resources.get('CPU', 0):g} CPU and "
-            f"{resources.get('GPU', 0):g} GPU"
-        )
-    return min(fit, sweep.max_concurrent) if sweep.max_concurrent else fit
-
-
 def _trial(config: dict) -> None:
     """One trial: a Ray Train run of the training loop with this trial's values, logged as an MLflow child run."""
     trial_id = ray.tune.get_context().get_trial_id()
     base = benchmark_from_dict(config["bench"])
     sweep = SweepConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["sweep"].items()})
     bench = trial_benchmark(base, sweep, config)
-    uri, parent = config["mlflow_uri"], config["parent_run_id"]
-    exp_id = config["experiment_id"]
-    run_id = tracking.find_run(uri, exp_id, {tracking.PARENT_TAG: parent, tracking.TRIAL_TAG: trial_id})
-    if run_id is None:
-        run_id = tracking.start_run(
-            uri,
-            exp_id,
-            run_name=f"trial-{trial_id}",
-            tags={
-                tracking.PARENT_TAG: parent,
-                tracking.TRIAL_TAG: trial_id,
-                tracking.CONFIG_HASH_TAG: config_hash(bench),
-                tracking.BENCHMARK_TAG: config["benchmark"],
-            },
-            params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
-        )
-    trainer = build_trainer(
-        bench,
-        RayConfig(**config["ray"]),
-        loop_config(
-            bench,
-            benchmark=config["benchmark"],
-            train_dir=config["train_dir"],
-            val_dir=config["val_dir"],
-            mlflow_uri=uri,
-            run_id=run_id,
-            root=config["root"],
-            storage=config["storage_path"],
-        ),
-        name=f"{config['sweep_name']}-trial={trial_id}",
-        storage=config["storage_path"],
-        callbacks=[TuneReportCallback()],
+    plan = RunPlan(**config["plan"])
+    run_id = tracking.child_run(
+        plan.mlflow_uri,
+        config["experiment_id"],
+        config["parent_run_id"],
+        trial_id,
+        run_name=f"trial-{trial_id}",
+        tags={tracking.CONFIG_HASH_TAG: config_hash(bench), tracking.BENCHMARK_TAG: plan.benchmark},
+        params=flatten(bench) | {f"tune.{k}": config[k] for k in SEARCHED},
+    )
+    trainer = plan.trainer(
+        bench, run_id, name=f"{config['sweep_name']}-trial={trial_id}", callbacks=[TuneReportCallback()]
     )
     trainer.fit()
-    tracking.finish_run(uri, run_id)
+    tracking.finish_run(plan.mlflow_uri, run_id)
 
 
 def _results_table(results, iterations: int) -> pd.DataFrame:
@@ -302,12 +154,7 @@ def _open_parent(uri: str, params: Params, name: str, root: Path) -> tuple[str, 
         exp_id,
         shash,
         run_name=sweep_name,
-        tags={
-            tracking.BENCHMARK_TAG: cfg.benchmark,
-            "git_commit": tracking.git_commit(root),
-            tracking.CODE_TAG: code,
-            "pspnet.stage": "tune",
-        },
+        tags=tracking.provenance(cfg.benchmark, "tune", root, code),
         params={f"sweep.{k}": v for k, v in flatten(cfg).items()} | flatten(base),
     )
     return exp_id, parent, sweep_name
@@ -410,27 +257,19 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
     )
     check_scaling(probe)
     iterations, every = probe.train.iterations, probe.train.checkpoint_every
-    storage = default_storage(params.ray, root)
-    check_storage(storage)
-    init_ray(params.ray.address)
+    plan = plan_run(params, cfg.benchmark, data_dir=data_dir, root=root)
     concurrent = max_concurrent_trials(base, cfg, ray.cluster_resources())
 
-    uri = tracking.tracking_uri(params.mlflow, root)
+    uri, storage = plan.mlflow_uri, plan.storage
     exp_id, parent, sweep_name = _open_parent(uri, params, name, root)
     trainable = ray.tune.with_resources(_trial, trial_driver_resources())
     constants = {
         "bench": to_dict(base),
         "sweep": to_dict(cfg),
-        "ray": to_dict(params.ray),
-        "benchmark": cfg.benchmark,
-        "train_dir": stage_split(data_dir / "train", storage),
-        "val_dir": stage_split(data_dir / "val", storage),
-        "mlflow_uri": uri,
+        "plan": plan.to_dict(),
         "parent_run_id": parent,
         "experiment_id": exp_id,
-        "root": str(root),
         "sweep_name": sweep_name,
-        "storage_path": storage,
     }
     tuner = restore_or_build(
         f"{storage.rstrip('/')}/{sweep_name}",

@@ -1,9 +1,9 @@
 """How a Ray Train run is laid out: the one place that builds a ``TorchTrainer`` (for ``pspnet train``, a sweep
 trial and a study cell alike). Connecting to a cluster is :mod:`pipeline.ray_runtime`'s.
 
-    init_ray(params.ray.address)                     # attach to ray.address / $RAY_ADDRESS, else a fresh local one
-    trainer = build_trainer(bench, params.ray, loop_config(...), name=..., storage=...)
-    trainer.fit()
+    plan = plan_run(params, benchmark, data_dir=..., root=...)   # the driver's prologue, once: storage checked,
+                                                                  # Ray attached, the MLflow store, splits staged
+    plan.trainer(bench, run_id, name=...).fit()                   # in the driver or in a Tune trial
 
 A fresh local cluster is started explicitly (``address="local"``): a bare ``ray.init()`` would silently attach
 to any ``ray start`` cluster already running on the machine.
@@ -11,13 +11,87 @@ to any ``ray start`` cluster already running on the machine.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipeline.config import BenchmarkConfig, RayConfig, to_dict
-from pipeline.storage import stage_file
+from pipeline import tracking
+from pipeline.config import BenchmarkConfig, Params, RayConfig, to_dict
+from pipeline.ray_runtime import init_ray
+from pipeline.storage import check_storage, default_storage, stage_file, stage_split
 from pipeline.training.worker import train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a driver's trainings read, write and log: decided once by :func:`plan_run`, then carried (as
+    plain values, :meth:`to_dict`) into Tune trials on any node.
+
+    Attributes:
+        benchmark: the benchmark's name (experiment names, the pretrained backbone's stage folder).
+        root: the project folder on the driver.
+        storage: ``ray.storage_path`` (checkpoints; on object storage also the splits and backbones).
+        mlflow_uri: the tracking store every run of this driver logs to.
+        train_dir, val_dir: the prepared splits, or their copies on object storage.
+        ray: ``params.ray`` (placement strategy).
+    """
+
+    benchmark: str
+    root: str
+    storage: str
+    mlflow_uri: str
+    train_dir: str
+    val_dir: str
+    ray: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def trainer(
+        self, bench: BenchmarkConfig, run_id: str, *, name: str, callbacks: list | None = None, keep: int = 1
+    ) -> TorchTrainer:
+        """The Ray Train run of ``bench`` that logs to the MLflow run ``run_id``, named ``name`` under storage."""
+        config = loop_config(
+            bench,
+            benchmark=self.benchmark,
+            train_dir=self.train_dir,
+            val_dir=self.val_dir,
+            mlflow_uri=self.mlflow_uri,
+            run_id=run_id,
+            root=self.root,
+            storage=self.storage,
+        )
+        return build_trainer(
+            bench,
+            RayConfig(**self.ray),
+            config,
+            name=name,
+            storage=self.storage,
+            callbacks=callbacks,
+            keep=keep,
+        )
+
+
+def plan_run(params: Params, benchmark: str, *, data_dir: Path, root: Path) -> RunPlan:
+    """The driver's prologue, the same for ``pspnet train``, a sweep and a study: the storage checked (before
+    Ray starts), Ray attached (``ray.address`` / ``$RAY_ADDRESS``, else a fresh local cluster), the MLflow
+    store, and the prepared splits staged where every node reads them."""
+    storage = default_storage(params.ray, root)
+    check_storage(storage)
+    init_ray(params.ray.address)
+    train_dir, val_dir = (stage_split(data_dir / s, storage) for s in ("train", "val"))
+    return RunPlan(
+        benchmark=benchmark,
+        root=str(root),
+        storage=storage,
+        mlflow_uri=tracking.tracking_uri(params.mlflow, root),
+        train_dir=str(train_dir),
+        val_dir=str(val_dir),
+        ray=to_dict(params.ray),
+    )
 
 
 def loop_config(

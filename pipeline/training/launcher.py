@@ -25,9 +25,8 @@ from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_di
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.preflight import ScalingError
-from pipeline.ray_runtime import init_ray, ray_address
-from pipeline.storage import check_storage, default_storage, stage_split
-from pipeline.training.cluster import build_trainer, loop_config
+from pipeline.ray_runtime import ray_address
+from pipeline.training.cluster import plan_run
 from pipeline.training.worker import (
     PAPER_BATCH,
     effective_base_lr,
@@ -114,11 +113,8 @@ def _open_run(
         return run_id
     manifest_path = data_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    tags = {
+    tags = tracking.provenance(benchmark, stage, root) | {
         tracking.CONFIG_HASH_TAG: chash,
-        tracking.BENCHMARK_TAG: benchmark,
-        "pspnet.stage": stage,
-        "git_commit": tracking.git_commit(root),
         "pspnet.bn_batch": str(bn_batch(bench)),
         "pspnet.split_hash": str(manifest.get("dataset_hash", "")),
         "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
@@ -204,27 +200,14 @@ def train(
     _check_inputs(bench, benchmark, data_dir, force)
     if not bench.train.use_gpu and not ray_address(params.ray.address):
         train_precision(bench, torch.device("cpu"))  # the local workers run on this CPU: bf16 native here?
-    storage = default_storage(params.ray, root)
-    check_storage(storage)
-    init_ray(params.ray.address)
+    plan = plan_run(params, benchmark, data_dir=data_dir, root=root)
     _check_cluster(bench, params.ray.address, force)
 
-    uri = tracking.tracking_uri(params.mlflow, root)
+    uri, storage = plan.mlflow_uri, plan.storage
     run_id = _open_run(uri, params, benchmark, bench, data_dir, root, stage)
     chash = config_hash(bench)
     ray_name = f"{benchmark}-{chash}-{run_id[:8]}"
-    train_dir, val_dir = (stage_split(data_dir / s, storage) for s in ("train", "val"))
-    config = loop_config(
-        bench,
-        benchmark=benchmark,
-        train_dir=train_dir,
-        val_dir=val_dir,
-        mlflow_uri=uri,
-        run_id=run_id,
-        root=str(root),
-        storage=storage,
-    )
-    trainer = build_trainer(bench, params.ray, config, name=ray_name, storage=storage, keep=2)
+    trainer = plan.trainer(bench, run_id, name=ray_name, keep=2)
     started = time.time()
     result = _fit(trainer, uri, run_id, ray_name)
     seconds = time.time() - started

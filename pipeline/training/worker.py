@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
-from pipeline.evaluation.inference import Protocol, cpu_has_native_bf16
-from pipeline.evaluation.split import evaluate_split
+from pipeline.evaluation.inference import cpu_has_native_bf16
+from pipeline.evaluation.split import Scoring, evaluate_split, protocols
 from pipeline.machine import cpu_model
 from pipeline.model.backbones import load_backbone
 from pipeline.model.checkpoint import load_torch, save_torch
@@ -144,30 +144,18 @@ def validate(
     world: int,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Single-scale mIoU on (a prefix of) the validation split, sharded over ranks, one all-reduced matrix."""
-    d, e = bench.data, bench.eval
+    """Single-scale mIoU on (a prefix of) the validation split, sharded over ranks, one all-reduced matrix:
+    the benchmark's "ss" protocol and scoring settings, as the evaluate stage uses them."""
     shards = ShardedSegmentation(val_dir)
     count = len(shards) if bench.train.val_images <= 0 else min(len(shards), bench.train.val_images)
-    protocol = Protocol(
-        scales=(1.0,),
-        flip=False,
-        mode=e.mode,
-        crop_size=e.crop_size,
-        stride_rate=e.stride_rate,
-        base_size=e.base_size,
-    )
     was_training = model.training
     result = evaluate_split(
         model,
         shards,
-        {"val": protocol},
+        {"val": protocols(bench)["ss"]},
+        Scoring.of(bench, on_gpu=device.type == "cuda"),
         rows=range(rank, count, world),
-        num_classes=d.num_classes,
-        ignore_index=d.ignore_index,
-        mean=d.mean,
-        std=d.std,
         device=device,
-        batch_size=e.batch_size,
         progress=False,
         prepare=False,  # the live training model, as it is (eval mode), then back to train mode
     )["val"]
