@@ -14,7 +14,7 @@ from conftest import tiny_params_dict, write_params
 
 from pipeline.cli import main
 from pipeline.config import params_from_dict
-from pipeline.data import cityscapes, voc
+from pipeline.data import ade20k, cityscapes, voc
 from pipeline.data.prepare import label_lut
 from pipeline.evaluation.inference import Protocol
 from pipeline.metrics import ConfusionMatrix
@@ -238,7 +238,7 @@ def test_server_formats_round_trip(fmt: str, num_classes: int, tmp_path: Path) -
     names = {
         "cityscapes": list(cityscapes.CLASS_NAMES),
         "voc": list(voc.CLASS_NAMES),
-        "ade20k": [f"class_{i}" for i in range(150)],
+        "ade20k": list(ade20k.CLASS_NAMES),
     }[fmt]
     palette = list(cityscapes.PALETTE) if fmt == "cityscapes" else voc.palette(num_classes)
     labeler = _labeler(num_classes, names, palette)

@@ -3,7 +3,7 @@
     protocols          the "ss" and "ms" protocols of params.yaml's eval block
     scoring_settings   the keyword arguments of split.evaluate_split for a model file and a benchmark
     load_for_benchmark the model file, refused when it predicts another number of classes
-    context_scores     the synthetic benchmark's boat-vs-car pair accuracy per protocol
+    context_scores     the context pair's accuracy per protocol (the synthetic benchmark's boat vs car)
     scores / run_facts the numbers (metrics.json) and the facts behind them (evaluation.json)
     flat_metrics       the MLflow keys (ss/miou, ss/iou/<class>, ss/context_pair_acc, ...)
 
@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import BenchmarkConfig
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.evaluation.inference import Protocol, protocol_from_config
 from pipeline.evaluation.split import SplitResult
 from pipeline.metrics import pair_accuracy
@@ -62,15 +63,14 @@ def load_for_benchmark(benchmark: str, bench: BenchmarkConfig, model_path: Path)
 
 
 def context_scores(
-    bench: BenchmarkConfig, names: Sequence[str], results: Mapping[str, SplitResult]
+    labels: BenchmarkLabels, results: Mapping[str, SplitResult]
 ) -> dict[str, dict[str, float]]:
-    """The synthetic benchmark's context metric per protocol (boat vs car pair accuracy); ``{}`` elsewhere."""
-    if bench.data.source != "synthetic":
+    """The context metric per protocol: the pair accuracy of ``labels.context`` (the synthetic benchmark's
+    boat vs car); ``{}`` for a benchmark without a context pair."""
+    pair = labels.context_indices()
+    if pair is None:
         return {}
-    from pipeline.data.synthetic import CONTEXT_CLASSES
-
-    a, b = (list(names).index(c) for c in CONTEXT_CLASSES)
-    return {key: pair_accuracy(res.matrix.mat.numpy(), a, b) for key, res in results.items()}
+    return {key: pair_accuracy(res.matrix.mat.numpy(), *pair) for key, res in results.items()}
 
 
 def flat_metrics(
@@ -112,11 +112,3 @@ def run_facts(
     if context_classes:
         facts["context_classes"] = list(context_classes)
     return facts
-
-
-def context_classes(bench: BenchmarkConfig) -> tuple[str, ...]:
-    if bench.data.source != "synthetic":
-        return ()
-    from pipeline.data.synthetic import CONTEXT_CLASSES
-
-    return tuple(CONTEXT_CLASSES)

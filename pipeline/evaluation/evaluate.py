@@ -27,7 +27,6 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation import cache
 from pipeline.evaluation.benchmark import (
     SCORING_KEYS,
-    context_classes,
     context_scores,
     flat_metrics,
     load_for_benchmark,
@@ -164,7 +163,7 @@ def evaluate_benchmark(
             read the split's copy there (uploaded once, as for training), since nodes other than this one
             cannot read ``data_dir``.
     """
-    from pipeline.data.benchmarks import class_names
+    from pipeline.data.source_labels import benchmark_labels
     from pipeline.evaluation import outputs
     from pipeline.files import file_digest as file_sha256
 
@@ -194,12 +193,13 @@ def evaluate_benchmark(
         progress=progress,
         benchmark=benchmark,
     )
-    names = class_names(bench, data_dir)
-    context = context_scores(bench, names, results)
+    labels = benchmark_labels(bench)
+    names = labels.names
+    context = context_scores(labels, results)
     metrics = scores(results, context)
-    facts = run_facts(benchmark, model_path, results, job.settings, context_classes(bench))
+    facts = run_facts(benchmark, model_path, results, job.settings, labels.context)
     written = outputs.write_tables(out_dir, names, results, metrics, facts)
-    written += outputs.write_figures(out_dir, benchmark, bench, names, shards, job.keep, results)
+    written += outputs.write_figures(out_dir, benchmark, bench, labels, shards, job.keep, results)
     if mlflow_uri and run_id:
         flat = {k: v for k, v in flat_metrics(results, names, context).items() if "/iou/" not in k}
         outputs.log_to_mlflow(

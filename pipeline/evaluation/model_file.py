@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import Params, flatten
-from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
+from pipeline.data.source_labels import benchmark_labels
 from pipeline.evaluation import benchmark as ev
 from pipeline.evaluation import outputs
 from pipeline.evaluation.split import evaluate_split
@@ -81,8 +81,9 @@ def evaluate_model_file(
     try:
         settings = ev.scoring_settings(bench, meta, on_gpu=False)
         results = evaluate_split(model, shards, chosen, **settings)
-        names = class_names(bench, data)
-        context = ev.context_scores(bench, names, results)
+        labels = benchmark_labels(bench)
+        names = labels.names
+        context = ev.context_scores(labels, results)
         metrics = ev.scores(results, context)
         facts = ev.run_facts(benchmark, path, results, settings, [])
         facts |= {"checkpoint": str(path), "sha256": sha, "source": source_of(meta)}

@@ -31,8 +31,9 @@ from pipeline.config import (
     study_from_dict,
     to_dict,
 )
-from pipeline.data.benchmarks import class_names
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.data.shards import ShardedSegmentation
+from pipeline.data.source_labels import benchmark_labels
 from pipeline.evaluation.benchmark import (
     context_scores,
     flat_metrics,
@@ -56,7 +57,9 @@ from pipeline.training.worker import load_training_state
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
-def _evaluate(bench, state: dict, val_dir: str, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
+def _evaluate(
+    bench, state: dict, val_dir: str, labels: BenchmarkLabels, which: tuple[str, ...]
+) -> dict[str, float]:
     """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run.
     ``val_dir`` is the split's folder or its copy on object storage (the trial may run on any node)."""
     model = build_model(bench.model, bench.data.num_classes)
@@ -64,7 +67,7 @@ def _evaluate(bench, state: dict, val_dir: str, names: list[str], which: tuple[s
     chosen = {k: p for k, p in protocols(bench).items() if k in which}
     settings = {k: v for k, v in scoring_settings(bench, {}, on_gpu=False).items() if k in _CELL_SETTINGS}
     results = evaluate_split(model, ShardedSegmentation(val_dir), chosen, progress=False, **settings)
-    return flat_metrics(results, names, context_scores(bench, names, results))
+    return flat_metrics(results, labels.names, context_scores(labels, results))
 
 
 # A study cell is scored in fp32 on the CPU with the default batching, whatever eval.cpu_precision says.
@@ -152,7 +155,8 @@ def _train_and_score(
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     torch.set_num_threads(1)
-    return _evaluate(bench, state, config["val_dir"], config["class_names"], tuple(study.protocols))
+    labels = BenchmarkLabels.from_dict(config["labels"], "the trial config's labels")
+    return _evaluate(bench, state, config["val_dir"], labels, tuple(study.protocols))
 
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
@@ -206,7 +210,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         "tune_name": tune_name,
         "train_dir": stage_split(data_dir / "train", storage),  # on object storage: uploaded there once
         "val_dir": stage_split(data_dir / "val", storage),
-        "class_names": class_names(base, data_dir),  # read here: a trial's node may not see data_dir
+        "labels": benchmark_labels(base).to_dict(),
         "mlflow_uri": uri,
         "parent_run_id": parent,
         "experiment_id": exp_id,
