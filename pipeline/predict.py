@@ -140,8 +140,9 @@ class LabelMapper(nn.Module):
 
 
 def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> LabelMapper:
-    """A :class:`LabelMapper` from a model file (ours or imported). The benchmark (``benchmark``, else the one
-    the file was trained for) gives the protocols, class names and palette."""
+    """A :class:`LabelMapper` from a model file (ours or imported). The class names and palette are the file's
+    own (``meta["labels"]``); the benchmark (``benchmark``, else the one the file was trained for) gives the
+    protocols, and the names of a file written before model files carried them."""
     from pipeline.data.source_labels import benchmark_labels
     from pipeline.model.checkpoint import CheckpointError, load_model
 
@@ -164,7 +165,7 @@ def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> 
             f"{bench.data.num_classes}"
         )
     conv = meta.get("conventions") or {}
-    labels = benchmark_labels(bench)
+    labels = meta["labels"] or benchmark_labels(bench)
     return LabelMapper(
         net,
         protocols={

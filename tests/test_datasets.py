@@ -525,6 +525,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
 
     from pipeline.config import replace
     from pipeline.evaluation.evaluate import evaluate_benchmark
+    from pipeline.model.checkpoint import load_model
     from pipeline.training.launcher import train
 
     _ade_run(tmp_path, ade_files(n_train=4, n_val=2), expected_train=4)
@@ -561,6 +562,8 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     assert done["facts"]["ms"]["protocol"].startswith("ms2+flip")
     per_class = (tmp_path / "reports" / "per_class.csv").read_text().splitlines()
     assert per_class[1].startswith("wall,") and len(per_class) == 151  # the class names, not class_0
+    # Issue 24: the trained model file names ADE20K's classes itself
+    assert load_model(result.model_path)[1]["labels"].names == ade20k.CLASS_NAMES
 
 
 def test_ade20k_fetch_keeps_a_users_other_files(tmp_path):
