@@ -180,22 +180,22 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
     pspnet import-weights --source csail  encoder_epoch_20.pth,decoder_epoch_20.pth OUT.pt
 
     CSAIL's encoder and decoder come as two paths before OUT, or as one ``ENC,DEC`` argument. ``--benchmark``
-    refuses a checkpoint whose class count differs from the benchmark's. Nothing is written on an error.
+    refuses a checkpoint whose class count differs from the benchmark's and writes the benchmark's class names
+    and palette into the model file. Nothing is written on an error.
     """
+    from pipeline.data.source_labels import benchmark_labels
     from pipeline.model.weights import import_checkpoint
 
     if len(args.paths) < 2:
         raise ConfigError("import-weights: expected IN [IN2] OUT")
     *inputs, out = args.paths
     inputs = [p for arg in inputs for p in arg.split(",") if p]
-    num_classes = None
-    if args.benchmark:
-        num_classes = load_params(args.params).benchmark(args.benchmark).data.num_classes
+    labels = None
+    if args.benchmark:  # its class names and palette go into the model file
+        labels = benchmark_labels(load_params(args.params).benchmark(args.benchmark))
     sums = args.sha256.split(",") if args.sha256 else []
     align = None if args.align_corners is None else args.align_corners == "true"
-    meta = import_checkpoint(
-        args.source, inputs, out, num_classes=num_classes, align_corners=align, checksums=sums
-    )
+    meta = import_checkpoint(args.source, inputs, out, labels=labels, align_corners=align, checksums=sums)
     cfg, conv = meta["model_config"], meta["conventions"]
     print(
         f"[import-weights] {args.source} -> {out}: ResNet-{cfg['depth']} stem {cfg['stem_widths']}, "

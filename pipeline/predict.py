@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.config import Params
+from pipeline.data.labels import BenchmarkLabels, LabelsError
 from pipeline.evaluation.inference import Protocol, predict, protocol_from_config
 from pipeline.files import OutputPathError, atomic_open, check_output
 
@@ -139,9 +140,10 @@ class LabelMapper(nn.Module):
 
 
 def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> LabelMapper:
-    """A :class:`LabelMapper` from a model file (ours or imported). The benchmark (``benchmark``, else the one
-    the file was trained for) gives the protocols, class names and palette."""
-    from pipeline.data.benchmarks import class_names, palette
+    """A :class:`LabelMapper` from a model file (ours or imported). The class names and palette are the file's
+    own (``meta["labels"]``); the benchmark (``benchmark``, else the one the file was trained for) gives the
+    protocols, and the names of a file written before model files carried them."""
+    from pipeline.data.source_labels import benchmark_labels
     from pipeline.model.checkpoint import CheckpointError, load_model
 
     path = Path(path)
@@ -163,6 +165,7 @@ def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> 
             f"{bench.data.num_classes}"
         )
     conv = meta.get("conventions") or {}
+    labels = meta["labels"] or benchmark_labels(bench)
     return LabelMapper(
         net,
         protocols={
@@ -171,8 +174,8 @@ def labeler_from_file(path: str | Path, params: Params, benchmark: str = "") -> 
         },
         mean=conv.get("mean", bench.data.mean),
         std=conv.get("std", bench.data.std),
-        class_names=class_names(bench),
-        palette=palette(bench),
+        class_names=labels.names,
+        palette=labels.palette,
         benchmark=benchmark,
         memory_budget_mb=bench.eval.memory_budget_mb,
     )
@@ -218,19 +221,12 @@ def _checked_settings(raw: Any, path: Path, num_classes: int) -> dict[str, Any]:
 
     if not isinstance(raw, dict) or raw.get("format") != SETTINGS_FORMAT:
         raise bad("format", repr(SETTINGS_FORMAT))
-    names = raw.get("class_names")
-    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+    try:
+        labels = BenchmarkLabels.from_dict({k: raw.get(k) for k in ("class_names", "palette")}, str(path))
+    except LabelsError as exc:
+        raise PredictError(str(exc)) from None
+    if labels.num_classes != num_classes:
         raise bad("class_names", f"{num_classes} names (the model file's class count)")
-    colours = raw.get("palette")
-    if (
-        not isinstance(colours, list)
-        or len(colours) != num_classes
-        or not all(
-            isinstance(c, list) and len(c) == 3 and all(type(v) is int and 0 <= v <= 255 for v in c)
-            for c in colours
-        )
-    ):
-        raise bad("palette", f"{num_classes} [r, g, b] colours of integers 0-255")
     for key, positive in (("mean", False), ("std", True)):
         values = raw.get(key)
         if (
@@ -264,8 +260,8 @@ def _checked_settings(raw: Any, path: Path, num_classes: int) -> dict[str, Any]:
         "protocols": built,
         "mean": raw["mean"],
         "std": raw["std"],
-        "class_names": names,
-        "palette": colours,
+        "class_names": labels.names,
+        "palette": labels.palette,
         "benchmark": benchmark,
         "memory_budget_mb": budget,
     }

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig, to_dict
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.model.checkpoint import FORMAT, CheckpointError, load_model, save_model
 from pipeline.model.pspnet import build_model
 
@@ -68,6 +69,50 @@ def test_accepts_dataclass_config_and_leaves_no_temp_files(tmp_path: Path) -> No
     loaded, meta = load_model(path)
     assert meta["extra"] is None
     assert set(loaded.state_dict()) == set(model.state_dict())
+
+
+LABELS = BenchmarkLabels(("sky", "boat", "car"), ((1, 2, 3), (4, 5, 6), (7, 8, 9)), ("boat", "car"))
+
+
+def test_labels_round_trip_and_files_without_them_still_load(tmp_path: Path) -> None:
+    """Issue 24: a model file names its classes (and their colours) itself; one written before it did loads
+    with ``labels`` None, still weights-only."""
+    path, _ = saved(tmp_path, labels=LABELS)
+    assert load_model(path)[1]["labels"] == LABELS
+    payload = torch.load(path, weights_only=True)
+    assert payload["labels"] == {
+        "class_names": ["sky", "boat", "car"],
+        "palette": [[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+        "context": ["boat", "car"],
+    }
+    del payload["labels"]  # as every file written before
+    torch.save(payload, path)
+    assert load_model(path)[1]["labels"] is None
+    with pytest.raises(CheckpointError, match="3 class names for a model of 2 classes"):
+        save_model(tmp_path / "m.pt", build_model(CFG, 2), model_config=CFG, num_classes=2,
+                   conventions=CONVENTIONS, labels=LABELS)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (
+            {"class_names": ["a", "b"], "palette": [[0, 0, 0]] * 2},
+            "labels name 2 classes, the model predicts 3",
+        ),
+        ({"class_names": ["a", "b", "c"], "palette": [[0, 0, 256]] * 3}, r"labels: palette: .*0-255"),
+        ({"class_names": ["a", "b", 3], "palette": [[0, 0, 0]] * 3}, r"labels: class names: .*strings"),
+        ({"class_names": "abc", "palette": []}, r"labels\.class_names: expected a list"),
+        ([1, 2, 3], r"labels: expected a mapping"),
+    ],
+    ids=["count", "colour", "name", "not-a-list", "not-a-mapping"],
+)
+def test_bad_labels_are_refused(tmp_path: Path, labels, message: str) -> None:
+    path, _ = saved(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    torch.save(payload | {"labels": labels}, path)
+    with pytest.raises(CheckpointError, match=f"model.pt: {message}"):
+        load_model(path)
 
 
 def test_bad_model_config_is_refused_before_writing(tmp_path: Path) -> None:

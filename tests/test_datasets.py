@@ -20,11 +20,12 @@ import scipy.sparse
 from PIL import Image
 
 from pipeline.config import BenchmarkConfig, params_from_dict
-from pipeline.data import cityscapes, voc
+from pipeline.data import ade20k, cityscapes, voc
 from pipeline.data.archive import ChecksumError
-from pipeline.data.benchmarks import check_prepared, class_names, fetch, palette, prepare
+from pipeline.data.benchmarks import check_prepared, fetch, prepare
 from pipeline.data.prepare import DataError
 from pipeline.data.shards import ShardedSegmentation
+from pipeline.data.source_labels import benchmark_labels
 from tests.conftest import ROOT
 from tests.test_download import serve
 
@@ -76,12 +77,23 @@ def _tar(path: Path, files: dict[str, bytes]) -> Path:
 # ADE20K
 
 
+def object_info(names=ade20k.CLASS_NAMES) -> str:
+    """An ``objectInfo150.txt`` in the release's format (its quirks too: "22 " as an Idx, "bed " as a name)."""
+    rows = [f"{i}\t0.01\t10\t1\t{n}, synonym" for i, n in enumerate(names, 1)]
+    rows[21] = rows[21].replace("22\t", "22 \t")
+    return "Idx\tRatio\tTrain\tVal\tName\n" + "\n".join(rows).replace("bed, synonym", "bed ") + "\n"
+
+
 def ade_files(
-    n_train: int = 3, n_val: int = 2, *, stray: int | None = None, drop_label: bool = False
+    n_train: int = 3,
+    n_val: int = 2,
+    *,
+    stray: int | None = None,
+    drop_label: bool = False,
+    info: str | None = object_info(),
 ) -> dict:
     top = "ADEChallengeData2016"
-    files = {f"{top}/objectInfo150.txt": "Idx\tRatio\tTrain\tVal\tName\n"
-             + "".join(f"{i}\t0.01\t10\t1\tname{i}, synonym\n" for i in range(1, 151))}  # fmt: skip
+    files = {} if info is None else {f"{top}/objectInfo150.txt": info}
     for split, prefix, n in (("training", "train", n_train), ("validation", "val", n_val)):
         for i in range(1, n + 1):
             stem = f"ADE_{prefix}_{i:08d}"
@@ -107,15 +119,39 @@ def _ade_run(tmp_path: Path, files: dict, **data) -> dict:
 def test_ade20k_download_and_prepare(tmp_path):
     manifest = _ade_run(tmp_path, ade_files())
     assert manifest["splits"]["train"]["rows"] == 3 and manifest["splits"]["val"]["rows"] == 2
-    assert manifest["class_names"][:2] == ["name1", "name2"] and len(manifest["class_names"]) == 150
     assert manifest["gates"]["val"] == {"rows_checked": 2, "miou": 1.0}
     assert json.loads((tmp_path / "prepared" / "manifest.json").read_text())["source"] == "ade20k"
-    # the reports' per-class tables name ADE20K's classes from the prepared manifest
-    names = class_names(_bench("ade20k"), tmp_path / "prepared")
-    assert names[:2] == ["name1", "name2"] and class_names(_bench("ade20k"))[:1] == ["class_0"]
+    # Issue 24: ADE20K's names ship with the code (the archive's table agreed); no prepared folder needed
+    assert "class_names" not in manifest
+    assert benchmark_labels(_bench("ade20k")).names[:2] == ("wall", "building")
     _, label, image_id = ShardedSegmentation(tmp_path / "prepared" / "train").read(0)
     assert image_id == "ADE_train_00000001"
     assert set(np.unique(label)) <= set(range(150)) | {255}  # raw 0 -> 255, 1..150 -> 0..149
+
+
+# Rows of the release's objectInfo150.txt as published (github.com/CSAILVision/sceneparsing), verbatim.
+REAL_ROWS = (
+    "1\t0.1576\t11664\t1172\twall",
+    "2\t0.1072\t6046\t612\tbuilding, edifice",
+    "8\t0.0231\t1906\t199\tbed ",
+    "21\t0.0098\t3164\t306\tcar, auto, automobile, machine, motorcar",
+    "22 \t0.0074\t709\t75\twater",
+    "45\t0.0019\t549\t46\tchest of drawers, chest, bureau, dresser",
+    "77\t0.0009\t304\t27\tboat",
+    "128\t0.0004\t347\t36\tbicycle, bike, wheel, cycle ",
+    "150\t0.0002\t421\t56\tflag",
+)
+
+
+def test_ade20k_class_names_are_the_first_names_of_the_release_table(tmp_path):
+    """The shipped names are the table's first names, read the way prepare reads the archive's table."""
+    table = tmp_path / "objectInfo150.txt"
+    table.write_text("Idx\tRatio\tTrain\tVal\tName\n" + "\n".join(REAL_ROWS) + "\n")
+    read = ade20k.read_object_info(table)
+    assert read == {1: "wall", 2: "building", 8: "bed", 21: "car", 22: "water", 45: "chest of drawers",
+                    77: "boat", 128: "bicycle", 150: "flag"}  # fmt: skip
+    assert all(ade20k.CLASS_NAMES[i - 1] == name for i, name in read.items())
+    assert len(ade20k.CLASS_NAMES) == len(set(ade20k.CLASS_NAMES)) == len(ade20k.PALETTE) == 150
 
 
 def test_ade20k_published_sha1_is_enforced(tmp_path):
@@ -133,8 +169,23 @@ def test_ade20k_published_sha1_is_enforced(tmp_path):
         (ade_files(stray=200), {}, r"raw label value\(s\) \[200\]"),
         (ade_files(drop_label=True), {}, r"ADE_val_00000002\.jpg: no label image"),
         (ade_files(), {"num_classes": 151}, r"ade20k has 150 classes"),
+        (
+            ade_files(info=object_info("shrub" if n == "tree" else n for n in ade20k.CLASS_NAMES)),
+            {},
+            r"objectInfo150\.txt: 1 class name\(s\) differ .*Idx 5: 'shrub', expected 'tree'",
+        ),
+        (ade_files(info=object_info(ade20k.CLASS_NAMES[:149])), {}, r"expected rows Idx 1\.\.150"),
+        (ade_files(info=None), {}, r"objectInfo150\.txt: missing"),
     ],
-    ids=["split-size", "stray-label", "missing-label", "num-classes"],
+    ids=[
+        "split-size",
+        "stray-label",
+        "missing-label",
+        "num-classes",
+        "other-names",
+        "short-table",
+        "no-table",
+    ],
 )
 def test_ade20k_gates(tmp_path, files, data, message):
     with pytest.raises(DataError, match=message) as failed:
@@ -142,7 +193,7 @@ def test_ade20k_gates(tmp_path, files, data, message):
     assert not (tmp_path / "prepared").exists()
     # Issue 23: the files are named as members of the archive, not inside the removed temporary folder
     assert "-extract-" not in str(failed.value), failed.value
-    if "label" in message:
+    if "label" in message or "objectInfo150" in message:
         assert f"{tmp_path / 'archives' / 'ADEChallengeData2016.zip'}:ADEChallengeData2016/" in str(
             failed.value
         )
@@ -369,11 +420,8 @@ def test_cityscapes_prepare_maps_label_ids_to_train_ids(tmp_path):
     assert label[ids == 7].tolist() == [0] * int((ids == 7).sum())  # road
     assert (label[ids == 26] == 13).all() and (label[ids == 33] == 18).all()  # car, bicycle
     assert (label[np.isin(ids, [0, 1, 9, 29])] == 255).all()  # void, parking, caravan: ignored
-    assert class_names(_bench("cityscapes"))[13] == "car" and palette(_bench("cityscapes"))[0] == (
-        128,
-        64,
-        128,
-    )
+    labels = benchmark_labels(_bench("cityscapes"))
+    assert labels.names[13] == "car" and labels.palette[0] == (128, 64, 128)
 
 
 def test_cityscapes_missing_packages_say_where_to_get_them(tmp_path):
@@ -477,6 +525,7 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
 
     from pipeline.config import replace
     from pipeline.evaluation.stage import evaluate_benchmark
+    from pipeline.model.checkpoint import load_model
     from pipeline.training.launcher import train
 
     _ade_run(tmp_path, ade_files(n_train=4, n_val=2), expected_train=4)
@@ -513,7 +562,9 @@ def test_short_training_and_evaluation_on_prepared_ade20k(tmp_path):
     assert done["facts"]["ss"]["images"] == 2 and 0.0 <= done["metrics"]["ms"]["miou"] <= 1.0
     assert done["facts"]["ms"]["protocol"].startswith("ms2+flip")
     per_class = (tmp_path / "reports" / "per_class.csv").read_text().splitlines()
-    assert per_class[1].startswith("name1,") and len(per_class) == 151  # the class names, not class_0
+    assert per_class[1].startswith("wall,") and len(per_class) == 151  # the class names, not class_0
+    # Issue 24: the trained model file names ADE20K's classes itself
+    assert load_model(result.model_path)[1]["labels"].names == ade20k.CLASS_NAMES
 
 
 def test_ade20k_fetch_keeps_a_users_other_files(tmp_path):

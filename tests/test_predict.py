@@ -14,8 +14,9 @@ from conftest import tiny_params_dict, write_params
 
 from pipeline.cli import main
 from pipeline.config import params_from_dict
-from pipeline.data import cityscapes, voc
+from pipeline.data import ade20k, cityscapes, voc
 from pipeline.data.prepare import label_lut
+from pipeline.data.source_labels import benchmark_labels
 from pipeline.evaluation.inference import Protocol
 from pipeline.metrics import ConfusionMatrix
 from pipeline.model.checkpoint import save_model
@@ -78,6 +79,50 @@ def test_predict_folder_of_jpegs(project, tmp_path: Path, capsys) -> None:
         assert (legend < 250).any()  # something is drawn there
     assert len(seen) >= 2
     assert "3 image(s)" in capsys.readouterr().out
+
+
+def test_predict_names_ade20k_classes_from_the_model_file(tmp_path: Path, capsys) -> None:
+    """Issue 24: an ADE20K model file carries ADE20K's 150 class names, so `pspnet predict` labels its output
+    with them with no prepared folder anywhere; the names are the file's (the params give the protocols), and a
+    file written before model files named their classes falls back to the benchmark's shipped names."""
+    import copy
+
+    raw = tiny_params_dict()
+    ade = copy.deepcopy(raw["benchmarks"]["synthetic"])
+    ade["data"] |= {"source": "ade20k", "num_classes": 150, "reduce_zero_label": True}
+    raw["benchmarks"]["ade20k"] = ade
+    params_path = write_params(tmp_path / "params.yaml", raw)
+    bench = params_from_dict(raw).benchmark("ade20k")
+    torch.manual_seed(0)
+    model_path = tmp_path / "models" / "model.pt"
+    save_model(
+        model_path,
+        build_model(bench.model, 150).eval(),
+        model_config=bench.model,
+        num_classes=150,
+        conventions={"mean": list(bench.data.mean), "std": list(bench.data.std)},
+        labels=benchmark_labels(bench),
+        extra={"benchmark": "ade20k"},
+    )
+    _photos(tmp_path / "photos", n=2)
+
+    def predicted_names(out: str) -> list[str]:
+        argv = ["predict", str(tmp_path / "photos"), "--model", str(model_path), "--out", str(tmp_path / out)]
+        assert main([*argv, "--params", str(params_path)]) == 0
+        pixels = capsys.readouterr().out.split("pixels: ")[1].splitlines()[0]
+        return [item.rsplit(" ", 1)[0] for item in pixels.split(", ")]
+
+    names = predicted_names("p1")
+    assert names and set(names) <= set(ade20k.CLASS_NAMES)  # "wall", "chest of drawers", ... never "class_7"
+    payload = torch.load(model_path, weights_only=True)
+    assert payload["labels"]["class_names"] == list(ade20k.CLASS_NAMES)
+    # the file's names win over the benchmark's: the same file with its names renamed is labelled with those
+    payload["labels"]["class_names"] = [n.upper() for n in ade20k.CLASS_NAMES]
+    torch.save(payload, model_path)
+    assert predicted_names("p2") == [n.upper() for n in names]
+    del payload["labels"]  # a model file from before: the benchmark's shipped names
+    torch.save(payload, model_path)
+    assert predicted_names("p3") == names
 
 
 def _run_fails(argv: list[str], capsys, *names: str) -> str:
@@ -238,7 +283,7 @@ def test_server_formats_round_trip(fmt: str, num_classes: int, tmp_path: Path) -
     names = {
         "cityscapes": list(cityscapes.CLASS_NAMES),
         "voc": list(voc.CLASS_NAMES),
-        "ade20k": [f"class_{i}" for i in range(150)],
+        "ade20k": list(ade20k.CLASS_NAMES),
     }[fmt]
     palette = list(cityscapes.PALETTE) if fmt == "cityscapes" else voc.palette(num_classes)
     labeler = _labeler(num_classes, names, palette)

@@ -16,7 +16,6 @@ its label at the same size, and the ground truth scored against itself giving mI
 
 from __future__ import annotations
 
-import colorsys
 import json
 import shutil
 import tempfile
@@ -46,41 +45,6 @@ SOURCES = {
     "voc2012": (voc.RELEASES, voc.NUM_CLASSES, False, voc.SPLIT_SIZES),
     "cityscapes": (cityscapes.RELEASES, cityscapes.NUM_CLASSES, False, cityscapes.SPLIT_SIZES),
 }
-
-
-def class_names(bench: BenchmarkConfig, prepared: Path | None = None) -> list[str]:
-    """The benchmark's class names in label order. ADE20K's come from the archive's ``objectInfo150.txt``,
-    which prepare stores in ``<prepared>/manifest.json``; without a prepared folder holding them (or for a
-    class count they do not match) they are ``class_0 ...``."""
-    source = bench.data.source
-    if source == "synthetic":
-        return list(synthetic.CLASS_NAMES)
-    if source == "voc2012":
-        return list(voc.CLASS_NAMES)
-    if source == "cityscapes":
-        return list(cityscapes.CLASS_NAMES)
-    # ADE20K: the names ship inside the archive (objectInfo150.txt); prepare writes them to the manifest.
-    path = Path(prepared) / MANIFEST if prepared is not None else None
-    if path is not None and path.is_file():
-        names = json.loads(path.read_text()).get("class_names")
-        if isinstance(names, list) and len(names) == bench.data.num_classes:
-            return [str(n) for n in names]
-    return [f"class_{i}" for i in range(bench.data.num_classes)]
-
-
-def palette(bench: BenchmarkConfig) -> list[tuple[int, int, int]]:
-    source = bench.data.source
-    if source == "synthetic":
-        return list(synthetic.PALETTE)
-    if source == "voc2012":
-        return voc.palette(bench.data.num_classes)
-    if source == "cityscapes":
-        return list(cityscapes.PALETTE)
-    # A fixed, well-spread palette for any number of classes (golden-ratio hues).
-    return [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95))
-        for i in range(bench.data.num_classes)
-    ]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -485,8 +449,8 @@ def _ade_layout(
     ``layout`` (trainaug / fine pairs, with their split-size gates).
 
     Returns:
-        ``(root, extra, kwargs)``: the folder, what goes into the manifest besides the shards (ADE20K's
-        ``class_names``, the staging ``counts``) and extra arguments of ``prepare_ade_layout``.
+        ``(root, extra, kwargs)``: the folder, what goes into the manifest besides the shards (the staging
+        ``counts``) and extra arguments of ``prepare_ade_layout``.
     """
     extra: dict = {}
     kwargs: dict = {}
@@ -496,7 +460,7 @@ def _ade_layout(
             raise DataError(f"{archives}: expected one top folder, found {[p.name for p in tops]}")
         root = tops[0]
         if d.source == "ade20k":
-            extra["class_names"] = ade20k.read_class_names(root, d.num_classes)
+            ade20k.check_object_info(root)  # the shipped class names are the archive's
     elif d.source == "voc2012":
         root = layout
         extra["counts"] = voc.stage_trainaug(

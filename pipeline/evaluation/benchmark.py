@@ -1,7 +1,7 @@
 """A benchmark's evaluation settings and the summaries of finished results (pure: no I/O, no MLflow).
 
     load_for_benchmark the model file, refused when it predicts another number of classes
-    context_scores     the synthetic benchmark's boat-vs-car pair accuracy per protocol
+    context_scores     the context pair's accuracy per protocol (the synthetic benchmark's boat vs car)
     scores / run_facts the numbers (metrics.json) and the facts behind them (evaluation.json)
     flat_metrics       the MLflow keys (ss/miou, ss/iou/<class>, ss/context_pair_acc, ...)
 
@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.config import BenchmarkConfig
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.evaluation.split import Scoring, SplitResult
 from pipeline.metrics import pair_accuracy
 
@@ -36,15 +37,14 @@ def load_for_benchmark(benchmark: str, bench: BenchmarkConfig, model_path: Path)
 
 
 def context_scores(
-    bench: BenchmarkConfig, names: Sequence[str], results: Mapping[str, SplitResult]
+    labels: BenchmarkLabels, results: Mapping[str, SplitResult]
 ) -> dict[str, dict[str, float]]:
-    """The synthetic benchmark's context metric per protocol (boat vs car pair accuracy); ``{}`` elsewhere."""
-    if bench.data.source != "synthetic":
+    """The context metric per protocol: the pair accuracy of ``labels.context`` (the synthetic benchmark's
+    boat vs car); ``{}`` for a benchmark without a context pair."""
+    pair = labels.context_indices()
+    if pair is None:
         return {}
-    from pipeline.data.synthetic import CONTEXT_CLASSES
-
-    a, b = (list(names).index(c) for c in CONTEXT_CLASSES)
-    return {key: pair_accuracy(res.matrix.mat.numpy(), a, b) for key, res in results.items()}
+    return {key: pair_accuracy(res.matrix.mat.numpy(), *pair) for key, res in results.items()}
 
 
 def flat_metrics(
@@ -86,11 +86,3 @@ def run_facts(
     if context_classes:
         facts["context_classes"] = list(context_classes)
     return facts
-
-
-def context_classes(bench: BenchmarkConfig) -> tuple[str, ...]:
-    if bench.data.source != "synthetic":
-        return ()
-    from pipeline.data.synthetic import CONTEXT_CLASSES
-
-    return tuple(CONTEXT_CLASSES)

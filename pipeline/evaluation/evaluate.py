@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from pipeline.config import BenchmarkConfig, EvalConfig
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation import cache
 from pipeline.evaluation.benchmark import (
-    context_classes,
     context_scores,
     flat_metrics,
     run_facts,
@@ -183,12 +183,12 @@ def evaluate_model(
 
 
 def summarise(
-    benchmark: str, bench: BenchmarkConfig, model_path: Path, names: Sequence[str], results, sc: Scoring
+    benchmark: str, model_path: Path, labels: BenchmarkLabels, results: Mapping[str, SplitResult], sc: Scoring
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
     """``(metrics.json, evaluation.json, MLflow metrics)`` of finished results: the numbers, the protocols
     and facts behind them, and the flat MLflow keys without the per-class IoUs and non-finite values."""
-    context = context_scores(bench, names, results)
+    context = context_scores(labels, results)
     metrics = scores(results, context)
-    facts = run_facts(benchmark, model_path, results, sc, context_classes(bench))
-    flat = {k: v for k, v in flat_metrics(results, names, context).items() if "/iou/" not in k}
+    facts = run_facts(benchmark, model_path, results, sc, labels.context)
+    flat = {k: v for k, v in flat_metrics(results, labels.names, context).items() if "/iou/" not in k}
     return metrics, facts, {k: v for k, v in flat.items() if np.isfinite(v)}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from pipeline import tracking
 from pipeline.config import Params, flatten
-from pipeline.data.benchmarks import class_names
 from pipeline.data.shards import ShardedSegmentation
+from pipeline.data.source_labels import benchmark_labels
 from pipeline.evaluation import benchmark as ev
 from pipeline.evaluation import cache, outputs
 from pipeline.evaluation.evaluate import CacheSlot, Placement, evaluate_model, summarise
@@ -92,10 +92,10 @@ def evaluate_model_file(
             progress=True,
             benchmark=benchmark,
         )
-        names = class_names(bench, data)
-        metrics, facts, flat = summarise(benchmark, bench, path, names, results, sc)
+        labels = benchmark_labels(bench)
+        metrics, facts, flat = summarise(benchmark, path, labels, results, sc)
         facts |= {"checkpoint": str(path), "sha256": sha, "source": source_of(meta)}
-        written = outputs.write_tables(out, names, results, metrics, facts)
+        written = outputs.write_tables(out, labels.names, results, metrics, facts)
         outputs.log_to_mlflow(uri, run_id, results, flat, written)
         status = "FINISHED"
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.config import BenchmarkConfig
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.split import SplitResult
 from pipeline.files import atomic_write_text
@@ -64,28 +65,28 @@ def write_figures(
     out_dir: Path,
     benchmark: str,
     bench: BenchmarkConfig,
-    names: Sequence[str],
+    labels: BenchmarkLabels,
     shards: ShardedSegmentation,
     keep: Sequence[int],
     results: Mapping[str, SplitResult],
 ) -> list[Path]:
     from pipeline import plots
-    from pipeline.data.benchmarks import palette
 
     panel = []
     for row in keep:
         image, label, image_id = shards.read(row)
         preds = {f"{k} ({results[k].protocol.name})": results[k].samples[row] for k in results}
         panel.append((image_id, image, label, preds))
-    plots.prediction_panel(panel, palette(bench), out_dir / "predictions.png", bench.data.ignore_index)
+    names = list(labels.names)
+    plots.prediction_panel(panel, labels.palette, out_dir / "predictions.png", bench.data.ignore_index)
     plots.per_class_iou(
-        list(names),
+        names,
         {_label(k, res): res.matrix.compute()["iou"] for k, res in results.items()},
         out_dir / "per_class_iou.png",
         f"{benchmark}: per-class IoU (validation)",
     )
     plots.confusion_matrices(
-        list(names),
+        names,
         {_label(k, res): res.matrix.mat.numpy() for k, res in results.items()},
         out_dir / "confusion_matrix.png",
         f"{benchmark}: confusion matrix (validation, rows normalised)",

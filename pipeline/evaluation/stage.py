@@ -52,7 +52,7 @@ def evaluate_benchmark(
             read the split's copy there (uploaded once, as for training), since nodes other than this one
             cannot read ``data_dir``.
     """
-    from pipeline.data.benchmarks import class_names
+    from pipeline.data.source_labels import benchmark_labels
     from pipeline.evaluation import outputs
     from pipeline.files import file_digest as file_sha256
 
@@ -77,11 +77,11 @@ def evaluate_benchmark(
         progress=progress,
         benchmark=benchmark,
     )
-    names = class_names(bench, data_dir)
-    metrics, facts, flat = summarise(benchmark, bench, model_path, names, results, sc)
-    written = outputs.write_tables(out_dir, names, results, metrics, facts)
+    labels = benchmark_labels(bench)
+    metrics, facts, flat = summarise(benchmark, model_path, labels, results, sc)
+    written = outputs.write_tables(out_dir, labels.names, results, metrics, facts)
     shards = ShardedSegmentation(split)
-    written += outputs.write_figures(out_dir, benchmark, bench, names, shards, keep, results)
+    written += outputs.write_figures(out_dir, benchmark, bench, labels, shards, keep, results)
     if mlflow_uri and run_id:
         outputs.log_to_mlflow(mlflow_uri, run_id, results, flat, written)
     return {"metrics": metrics, "facts": facts}

@@ -1,13 +1,18 @@
 """Self-describing model files, and the one place that calls ``torch.save`` / ``torch.load``.
 
     save_model("model.pt", model, model_config=to_dict(cfg.model), num_classes=150,
-               conventions={"mean": [...], "std": [...], "channel_order": "RGB", "align_corners": False})
-    model, meta = load_model("model.pt")        # PSPNet in eval mode, meta["conventions"], meta["extra"], ...
+               conventions={"mean": [...], "std": [...], "channel_order": "RGB", "align_corners": False},
+               labels=benchmark_labels(bench))
+    model, meta = load_model("model.pt")        # PSPNet in eval mode, meta["conventions"], meta["labels"], ...
 
 File layout (one ``torch.save`` of a plain dict; loadable with ``weights_only=True``):
 
     {"format": "pspnet-repro/1", "model_config": {...}, "num_classes": int, "conventions": {...},
+     "labels": {"class_names": [...], "palette": [[r, g, b], ...], "context": [...]} | None,
      "state_dict": {...}, "extra": {...} | None}
+
+``labels`` (:class:`~pipeline.data.labels.BenchmarkLabels`) lets the file alone name what its output means;
+files written before it existed lack the key and load with ``meta["labels"] = None``.
 
 Every torch file of the project (model files, converted backbones, released weights, the training state in a
 Ray checkpoint) is written by :func:`save_torch` (atomically) and read by :func:`load_torch` (``weights_only``,
@@ -24,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, DataConfig, ModelConfig, checked_model_config, to_dict
+from pipeline.data.labels import BenchmarkLabels, LabelsError
 from pipeline.files import atomic_open
 from pipeline.model.pspnet import PSPNet, build_model
 
@@ -87,6 +93,7 @@ def save_model(
     model_config: dict[str, Any] | ModelConfig,
     num_classes: int,
     conventions: dict[str, Any],
+    labels: BenchmarkLabels | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` and its description atomically (temporary file in the same folder, then rename).
@@ -99,6 +106,9 @@ def save_model(
         num_classes: output classes.
         conventions: what a user needs to feed the model, e.g. ``mean``, ``std``, ``channel_order``,
             ``align_corners``, ``ignore_index``.
+        labels: what each output class is (names, colours, context pair): the benchmark's
+            :class:`BenchmarkLabels`, one per class; None for a file that cannot know it (an import without
+            a benchmark).
         extra: anything else small and plain (iteration, scores, run id); plain Python types only.
     """
     if dataclasses.is_dataclass(model_config):
@@ -106,11 +116,16 @@ def save_model(
     if not isinstance(model_config, dict):
         raise TypeError(f"model_config must be a dict or ModelConfig, got {type(model_config).__name__}")
     _model_config_from_dict(model_config, str(path))  # fail before writing
+    if labels is not None and labels.num_classes != num_classes:
+        raise CheckpointError(
+            f"{path}: {labels.num_classes} class names for a model of {num_classes} classes"
+        )
     payload = {
         "format": FORMAT,
         "model_config": to_dict(model_config),
         "num_classes": int(num_classes),
         "conventions": to_dict(dict(conventions)),
+        "labels": None if labels is None else labels.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": None if extra is None else to_dict(dict(extra)),
     }
@@ -186,12 +201,28 @@ def _check_conventions(conv: Any, path: Path, limits: dict) -> None:
         )
 
 
+def _checked_labels(raw: Any, path: Path, num_classes: int) -> BenchmarkLabels | None:
+    """The file's ``labels`` as a :class:`BenchmarkLabels` of ``num_classes`` classes (None: a file without)."""
+    if raw is None:
+        return None
+    try:
+        labels = BenchmarkLabels.from_dict(raw, f"{path}: labels")
+    except LabelsError as exc:
+        raise CheckpointError(str(exc)) from None
+    if labels.num_classes != num_classes:
+        raise CheckpointError(
+            f"{path}: labels name {labels.num_classes} classes, the model predicts {num_classes}"
+        )
+    return labels
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PSPNet, dict[str, Any]]:
     """Rebuild the network saved by :func:`save_model` and load its weights strictly.
 
     Returns:
         The model in eval mode and the metadata (``format``, ``model_config``, ``num_classes``,
-        ``conventions``, ``extra``; everything but the state dict).
+        ``conventions``, ``labels`` (a :class:`BenchmarkLabels`, or None for a file written without them),
+        ``extra``; everything but the state dict).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -217,6 +248,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
         )
 
     cfg, num_classes = _check_header(payload, path)
+    labels = _checked_labels(payload.get("labels"), path, num_classes)
     model = build_model(cfg, num_classes)
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
@@ -225,6 +257,6 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> tu
             f"{path}: weights do not fit the model described by its model_config: {exc}"
         ) from exc
     model.to(map_location).eval()
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k != "state_dict"} | {"labels": labels}
     meta.setdefault("extra", None)
     return model, meta

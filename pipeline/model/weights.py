@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import ConfigError, ModelConfig, check_labels, checked_model_config, to_dict
+from pipeline.data.labels import BenchmarkLabels
 from pipeline.files import MIN_PREFIX, ChecksumError, file_digest, verify_checksum
 from pipeline.model.checkpoint import load_torch, save_model
 from pipeline.model.pspnet import build_model
@@ -433,6 +434,7 @@ def import_checkpoint(
     out: str | Path,
     *,
     num_classes: int | None = None,
+    labels: BenchmarkLabels | None = None,
     align_corners: bool | None = None,
     checksums: Sequence[str | None] = (),
 ) -> dict[str, Any]:
@@ -443,6 +445,8 @@ def import_checkpoint(
         inputs: the checkpoint file; for CSAIL the encoder and the decoder file.
         out: destination (written atomically, and only when everything fits).
         num_classes: when given (the benchmark's), a checkpoint predicting another number is refused.
+        labels: the benchmark's class names and palette, written into the model file (so that it alone
+            labels its output); a checkpoint predicting another number of classes is refused.
         align_corners: override the source's default (mmseg's 769x769 Cityscapes configs use True).
         checksums: expected SHA-256 per input (the full digest, or a prefix of at least 16 hex digits);
             None or "" skips one.
@@ -464,10 +468,11 @@ def import_checkpoint(
     conv = _SOURCE_CONVENTIONS[source]
     ac = conv["align_corners"] if align_corners is None else bool(align_corners)
     cfg, n = infer_model_config(state, where, align_corners=ac, contract_dilation=conv["contract_dilation"])
-    if num_classes is not None and n != num_classes:
-        raise WeightsError(
-            f"{where}: the checkpoint predicts {n} classes, the benchmark expects {num_classes}"
-        )
+    for expected in (num_classes, labels and labels.num_classes):
+        if expected is not None and n != expected:
+            raise WeightsError(
+                f"{where}: the checkpoint predicts {n} classes, the benchmark expects {expected}"
+            )
     cfg = schema_checked(to_dict(cfg), where, n)
     fits_on_meta(lambda: build_model(cfg, n), state, where)
     model = build_model(cfg, n)
@@ -488,5 +493,7 @@ def import_checkpoint(
         "input_size_rule": conv["input_size_rule"],
     }
     extra = {"imported_from": files}
-    save_model(out, model, model_config=cfg, num_classes=n, conventions=conventions, extra=extra)
+    save_model(
+        out, model, model_config=cfg, num_classes=n, conventions=conventions, labels=labels, extra=extra
+    )
     return {"model_config": to_dict(cfg), "num_classes": n, "conventions": conventions, "extra": extra}

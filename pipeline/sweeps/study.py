@@ -30,7 +30,8 @@ from pipeline.config import (
     study_from_dict,
     to_dict,
 )
-from pipeline.data.benchmarks import class_names
+from pipeline.data.labels import BenchmarkLabels
+from pipeline.data.source_labels import benchmark_labels
 from pipeline.evaluation.benchmark import context_scores, flat_metrics
 from pipeline.evaluation.evaluate import Placement, evaluate_model
 from pipeline.evaluation.split import protocols
@@ -48,7 +49,9 @@ from pipeline.training.worker import load_training_state
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 
 
-def _evaluate(bench, state: dict, plan: RunPlan, names: list[str], which: tuple[str, ...]) -> dict[str, float]:
+def _evaluate(
+    bench, state: dict, plan: RunPlan, labels: BenchmarkLabels, which: tuple[str, ...]
+) -> dict[str, float]:
     """A cell's trained model scored under the study's protocols: the MLflow metrics of its child run.
 
     Where the benchmark scores on GPUs (``eval.use_gpu``: the paper benchmarks) the cell's split is sharded
@@ -61,7 +64,7 @@ def _evaluate(bench, state: dict, plan: RunPlan, names: list[str], which: tuple[
     e = bench.eval
     where = Placement.of(e, plan.storage) if e.use_gpu else Placement()
     results, _ = evaluate_model(model, bench, plan.val_dir, chosen, where=where, progress=False)
-    return flat_metrics(results, names, context_scores(bench, names, results))
+    return flat_metrics(results, labels.names, context_scores(labels, results))
 
 
 def _finished_cell_run(uri: str, exp_id: str, chash: str, code: str, which) -> tuple[dict, str] | None:
@@ -130,7 +133,8 @@ def _train_and_score(
     with result.checkpoint.as_directory() as ckdir:
         state = load_training_state(Path(ckdir), bench, torch.device("cpu"))
     torch.set_num_threads(1)
-    return _evaluate(bench, state, plan, config["class_names"], tuple(study.protocols))
+    labels = BenchmarkLabels.from_dict(config["labels"], "the trial config's labels")
+    return _evaluate(bench, state, plan, labels, tuple(study.protocols))
 
 
 def collect_runs(uri: str, experiment_id: str, parent: str) -> pd.DataFrame:
@@ -180,7 +184,7 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
         "plan": plan.to_dict(),  # the splits on object storage: uploaded there once
         "study_name": name,
         "tune_name": tune_name,
-        "class_names": class_names(base, data_dir),  # read here: a trial's node may not see data_dir
+        "labels": benchmark_labels(base).to_dict(),
         "parent_run_id": parent,
         "experiment_id": exp_id,
         "code": code,

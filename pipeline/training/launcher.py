@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline import tracking
 from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_dict
+from pipeline.data.source_labels import benchmark_labels
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.preflight import ScalingError
@@ -163,6 +164,7 @@ def _export_model(state: dict, bench: BenchmarkConfig, benchmark: str, run_id: s
             "align_corners": bench.model.align_corners,
             "ignore_index": d.ignore_index,
         },
+        labels=benchmark_labels(bench),
         extra={
             "benchmark": benchmark,
             "config_hash": config_hash(bench),
