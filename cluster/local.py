@@ -493,6 +493,8 @@ def mlflow_server(
 def _up(args: argparse.Namespace) -> None:
     """Start the object store, the cluster and the tracking server, write their environment to
     ``--env-file``, wait for a signal."""
+    from pipeline.files import atomic_write_text
+
     os.environ.update(cluster_env())  # one token for the nodes, this process and the env file
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -504,9 +506,7 @@ def _up(args: argparse.Namespace) -> None:
     ):
         env = cluster_env() | s3 | {"RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": tracking_url}
         path = Path(args.env_file)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
         print(
             f"[cluster] head + {args.workers} worker nodes at {cluster.address}; S3 at {s3['AWS_ENDPOINT_URL']}; "
             f"MLflow at {tracking_url}",

@@ -3,12 +3,14 @@
     atomic_write_text(path, text)            # a temporary name beside ``path``, then one rename
     with atomic_open(path) as f: torch.save(payload, f)
     with atomic_path(png) as tmp: fig.savefig(tmp)      # writers that want a file name (suffix kept)
+    with atomic_dir(out_dir) as tmp: write_shards(tmp)  # a folder filled beside out_dir, then swapped in
     swap_dir(staged, out_dir, aside=old)     # out_dir -> old, staged -> out_dir (a kill leaves one of them)
     verify_checksum(path, "219e16...", "sha1")          # the file's digest, or ChecksumError naming it
 
 A reader never sees a half-written file: the bytes go to ``.<name>.tmp-<pid>-<random>`` in the same folder
 (same filesystem, so the rename is atomic), and that temporary file is removed when writing fails.
-Temporary files keep the process umask (``tempfile.mkstemp`` would make them owner-only).
+Temporary files and folders keep the process umask (``tempfile.mkstemp`` and ``mkdtemp`` would make them
+owner-only).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,6 +84,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any, *, newline: bool = False, **dumps: Any) -> None:
     """``json.dumps(obj, **dumps)`` (plus a final newline with ``newline``) written atomically."""
     atomic_write_text(path, json.dumps(obj, **dumps) + ("\n" if newline else ""))
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A new empty folder beside ``path`` to fill; put at ``path`` when the block ends normally (an existing
+    ``path`` is renamed aside, then removed: see :func:`swap_dir`), removed with its contents when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{temp_prefix(path.name)}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        swap_dir(tmp, path, aside=aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def swap_dir(staged: str | Path, target: str | Path, *, aside: str | Path) -> None:

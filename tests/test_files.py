@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.files import (
     ChecksumError,
+    atomic_dir,
     atomic_open,
     atomic_path,
     atomic_write_json,
@@ -54,6 +55,27 @@ def test_swap_dir_renames_the_old_folder_aside(tmp_path: Path) -> None:
     (tmp_path / "staged" / "v").write_text("2")
     swap_dir(tmp_path / "staged", tmp_path / "out", aside=tmp_path / "old")
     assert (tmp_path / "out" / "v").read_text() == "2" and (tmp_path / "old" / "v").read_text() == "1"
+
+
+def test_atomic_dir_swaps_a_filled_folder_in_or_leaves_the_old_one(tmp_path: Path) -> None:
+    out = tmp_path / "split"
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(out) as tmp:
+            assert is_temp_of(tmp.name, "split") and list(tmp.iterdir()) == []
+            (tmp / "v").write_text("1")
+    finally:
+        os.umask(old)
+    assert (out / "v").read_text() == "1"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755  # umask kept, not mkdtemp's 0700
+    with atomic_dir(out) as tmp:
+        (tmp / "w").write_text("2")
+    assert sorted(p.name for p in out.iterdir()) == ["w"]
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(out) as tmp:
+        (tmp / "x").write_text("half")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in out.iterdir()) == ["w"]  # the old folder, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["split"]  # nothing left beside it
 
 
 def test_digest_and_checksum_rules(tmp_path: Path) -> None:
