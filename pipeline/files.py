@@ -6,6 +6,7 @@
     with atomic_dir(out_dir) as tmp: write_shards(tmp)  # a folder filled beside out_dir, then swapped in
     swap_dir(staged, out_dir, aside=old)     # out_dir -> old, staged -> out_dir (a kill leaves one of them)
     verify_checksum(path, "219e16...", "sha1")          # the file's digest, or ChecksumError naming it
+    json_digest({"a": 1}, 12)                # the sha256 of canonical JSON: config, protocol and cache keys
 
 A reader never sees a half-written file: the bytes go to ``.<name>.tmp-<pid>-<random>`` in the same folder
 (same filesystem, so the rename is atomic), and that temporary file is removed when writing fails.
@@ -149,6 +150,14 @@ def file_digest(path: str | Path, algo: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_digest(obj: Any, length: int | None = None) -> str:
+    """Hex sha256 of ``json.dumps(obj, sort_keys=True)`` (default separators, ASCII escapes) encoded as UTF-8,
+    cut to ``length`` characters. The config hash, the protocol hash, the evaluation cache key and a split's
+    fingerprint are this digest: changing how it is computed changes every one of them."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return digest if length is None else digest[:length]
 
 
 def verify_checksum(

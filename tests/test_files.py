@@ -95,3 +95,30 @@ def test_digest_and_checksum_rules(tmp_path: Path) -> None:
         verify_checksum(path, "0" * 64)
     with pytest.raises(ValueError, match="crc32"):
         file_digest(path, "crc32")
+
+
+def test_json_digest_keeps_every_key_it_replaced(monkeypatch) -> None:
+    """The config hash, the protocol hash, the evaluation cache key and a split's fingerprint each hashed their
+    own JSON dump before files.json_digest; these digests were computed with that former code (a26af5a), so a
+    change to the digest that would orphan cached evaluations, sweeps or study cells fails here."""
+    from pipeline.config import SyntheticConfig, config_hash
+    from pipeline.evaluation import cache
+    from pipeline.evaluation.inference import Protocol
+    from pipeline.files import json_digest
+
+    syn = SyntheticConfig(
+        num_train=2, num_val=1, size=96, seed=5, context_distance=0.3, objects=(1, 4), max_object=0.2
+    )
+    assert config_hash(syn) == "b2cbb8339ad4"
+    assert config_hash({"b": [1, 2.5, None, True], "a": {"é": "ü", "z": 2 / 3}}) == "372d04b95f91"
+    ms = Protocol(
+        scales=(0.5, 1, 1.75), flip=True, mode="slide", crop_size=473, stride_rate=2 / 3, base_size=512
+    )
+    assert (ms.hash, Protocol().hash) == ("1f72e4104212", "7676837424b3")
+    monkeypatch.setattr(cache, "code_hash", lambda: "c0de")
+    scoring = {"precision": "fp32", "num_classes": 8, "é": [1.5]}
+    assert cache.evaluation_key("ab" * 32, "123456789abc", "f" * 64, scoring) == "5bd72ce6592610000a682938"
+    manifest = {"rows": 3, "shards": [{"name": "shard-00000.arrow", "rows": 3, "sha256": "00"}], "note": "ü"}
+    split = "d00de37548390cb776c27ec4e86448506423ca5791c4efa89ec5f4242b9f1f34"
+    assert cache.split_fingerprint(manifest) == split == json_digest(manifest)
+    assert json_digest(manifest, 12) == split[:12]
