@@ -36,6 +36,18 @@ class ChecksumError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The project root
+
+
+def project_root() -> Path:
+    """The project's root folder: the working directory, resolved. It holds ``params.yaml`` and ``dvc.yaml``, and
+    the paths they name (``data/``, ``models/``, ``reports/``), the MLflow store ``mlflow.db``, ``.ray_results/``
+    and ``.cache/`` are read against it: DVC runs every stage there, and ``pspnet`` is run there. The one
+    notion of it in the code (not the folder this package was installed from)."""
+    return Path.cwd().resolve()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Atomic writes
 
 

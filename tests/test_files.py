@@ -122,3 +122,18 @@ def test_json_digest_keeps_every_key_it_replaced(monkeypatch) -> None:
     split = "d00de37548390cb776c27ec4e86448506423ca5791c4efa89ec5f4242b9f1f34"
     assert cache.split_fingerprint(manifest) == split == json_digest(manifest)
     assert json_digest(manifest, 12) == split[:12]
+
+
+def test_one_project_root_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    """The CLI's root, the evaluation cache and the converted backbones all live under files.project_root."""
+    from pipeline.evaluation import cache
+    from pipeline.files import project_root
+    from pipeline.model.backbones import pretrained_file
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "link")
+    root = tmp_path.resolve() / "real"
+    assert project_root() == root
+    assert cache.default_dir() == root / ".cache" / "evaluate"
+    assert pretrained_file("resnet50", "ade20k") == root / "data" / "pretrained" / "ade20k" / "resnet50.pt"

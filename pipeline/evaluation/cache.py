@@ -24,14 +24,15 @@ from typing import Any
 import numpy as np
 
 from pipeline import codedeps
-from pipeline.files import atomic_write_bytes, json_digest
+from pipeline.files import atomic_write_bytes, json_digest, project_root
 
 # The modules that turn a model and a split into confusion matrices (in one process or over Ray tasks).
 SCORING_CODE = ("pipeline.evaluation.split", "pipeline.evaluation.distributed")
 
 
 def default_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / ".cache" / "evaluate"
+    """``<project root>/.cache/evaluate`` (:func:`pipeline.files.project_root`)."""
+    return project_root() / ".cache" / "evaluate"
 
 
 def code_hash() -> str:
