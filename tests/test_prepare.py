@@ -23,7 +23,9 @@ C = 8
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("release") / "SyntheticScenes"
-    generate(root, num_train=7, num_val=3, size=96, seed=11)
+    generate(
+        root, num_train=7, num_val=3, size=96, seed=11, context_distance=0.3, objects=(1, 4), max_object=0.2
+    )
     return root
 
 

@@ -4,7 +4,7 @@ PSPNet's motivating failure (Zhao et al. 2017, Fig. 2) is a boat labelled "car":
 either, and only the global scene (a river) says which. Every image here is a *water* scene or a *road* scene
 (50/50). Boats and cars are drawn by the same code (same shapes, sizes and striped/checker textures); an object
 is a boat in a water scene and a car in a road scene. Objects lie in the "ground" region at least
-``CONTEXT_MIN_DISTANCE * size`` pixels from every water/road pixel, and ground, vegetation, poles, clutter and
+``context_distance * size`` pixels from every water/road pixel, and ground, vegetation, poles, clutter and
 sky are drawn from one random stream that does not depend on the scene type, so nothing near an object reveals
 the scene: a model must look far away (global context) to name it.
 
@@ -23,7 +23,8 @@ quality 90) and ``annotations/{training,validation}/*.png`` (uint8, raw label = 
 ignored after the ADE label shift).
 
     from pipeline.data.synthetic import build_archive
-    sha = build_archive(Path("data/tmp"), Path("data/raw/synthetic.zip"), num_train=320, num_val=96, size=128, seed=0)
+    s = params.benchmark("synthetic").data.synthetic   # the settings; their defaults live in the schema only
+    sha = build_archive(Path("data/tmp"), Path("data/raw/synthetic.zip"), **dataclasses.asdict(s))
 """
 
 from __future__ import annotations
@@ -55,9 +56,6 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 ARCHIVE_TOP = "SyntheticScenes"  # the folder inside the archive, like ADE's ``ADEChallengeData2016/``
 BAND_AREA = (0.12, 0.16)  # fraction of the image covered by the water/road band
-CONTEXT_MIN_DISTANCE = 0.3  # boats/cars keep at least this fraction of the image size from water/road pixels
-OBJECTS = (1, 4)  # boats/cars per image, inclusive range
-MAX_OBJECT = 0.2  # an object's long side is log-uniform in [6 px, MAX_OBJECT * size]
 JPEG_QUALITY = 90
 MIN_SIZE, MAX_SIZE = 96, 256
 
@@ -350,9 +348,9 @@ def render_scene(
     seed: int | Sequence[int],
     *,
     scene: str | None = None,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
+    context_distance: float,
+    objects: tuple[int, int],
+    max_object: float,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Draw one synthetic image before noise-free JPEG encoding.
 
@@ -423,9 +421,9 @@ def generate(
     num_val: int,
     size: int,
     seed: int,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
+    context_distance: float,
+    objects: tuple[int, int],
+    max_object: float,
     progress: bool = False,
 ) -> None:
     """Write the benchmark in the ADE20K release layout under ``root``.
@@ -433,6 +431,9 @@ def generate(
     Writes ``root/images/training/SYN_train_00000001.jpg`` .. and ``root/annotations/training/*.png`` (raw labels
     0..8), and the same for ``validation`` (``SYN_val_*``). Image ``i`` of a split depends only on
     ``(seed, split, i)``, not on the counts, so a larger set extends a smaller one; same seed, same bytes.
+    ``context_distance``, ``objects`` and ``max_object`` are :func:`render_scene`'s; they have no default here:
+    the config's ``data.synthetic`` passes them (its schema, ``pipeline.config.SyntheticConfig``, holds the
+    defaults).
     """
     for name, value in (("num_train", num_train), ("num_val", num_val)):
         if not isinstance(value, int) or value < 0:
@@ -472,9 +473,9 @@ def build_archive(
     num_val: int,
     size: int,
     seed: int,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
+    context_distance: float,
+    objects: tuple[int, int],
+    max_object: float,
     progress: bool = False,
 ) -> str:
     """Generate the benchmark and pack it as ``archive_path`` (a ZIP with top folder ``SyntheticScenes/``).
@@ -533,7 +534,6 @@ __all__ = [
     "ARCHIVE_TOP",
     "CLASS_NAMES",
     "CONTEXT_CLASSES",
-    "CONTEXT_MIN_DISTANCE",
     "PALETTE",
     "SCENES",
     "build_archive",
