@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
+from pipeline.config import SyntheticConfig
 from pipeline.data import synthetic
 from pipeline.data.synthetic import (
     ARCHIVE_TOP,
@@ -27,10 +28,15 @@ RAW = {name: i + 1 for i, name in enumerate(CLASS_NAMES)}
 KNOBS = {"context_distance": 0.3, "objects": (1, 4), "max_object": 0.2}
 
 
+def _settings(**counts) -> SyntheticConfig:
+    """``data.synthetic`` with these tests' image settings and the given counts, size and seed."""
+    return SyntheticConfig(**counts, **KNOBS)
+
+
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
-    generate(root, num_train=24, num_val=4, size=96, seed=3, **KNOBS)
+    generate(root, _settings(num_train=24, num_val=4, size=96, seed=3))
     return root
 
 
@@ -130,10 +136,10 @@ def test_bad_size() -> None:
 
 
 def test_archive_deterministic(tmp_path: Path) -> None:
-    kwargs = dict(num_train=4, num_val=2, size=96, **KNOBS)
-    a = build_archive(tmp_path / "w", tmp_path / "a.zip", seed=0, **kwargs)
-    b = build_archive(tmp_path / "w", tmp_path / "b.zip", seed=0, **kwargs)
-    c = build_archive(tmp_path / "w", tmp_path / "c.zip", seed=1, **kwargs)
+    kwargs = dict(num_train=4, num_val=2, size=96)
+    a = build_archive(tmp_path / "w", tmp_path / "a.zip", _settings(seed=0, **kwargs))
+    b = build_archive(tmp_path / "w", tmp_path / "b.zip", _settings(seed=0, **kwargs))
+    c = build_archive(tmp_path / "w", tmp_path / "c.zip", _settings(seed=1, **kwargs))
     assert a == b != c
     assert (tmp_path / "a.zip").read_bytes() == (tmp_path / "b.zip").read_bytes()
     assert list((tmp_path / "w").iterdir()) == []  # the temporary tree is gone
@@ -145,15 +151,15 @@ def test_archive_deterministic(tmp_path: Path) -> None:
 
 
 def test_images_independent_of_counts(tmp_path: Path) -> None:
-    generate(tmp_path / "small", num_train=2, num_val=1, size=96, seed=5, **KNOBS)
-    generate(tmp_path / "large", num_train=3, num_val=2, size=96, seed=5, **KNOBS)
+    generate(tmp_path / "small", _settings(num_train=2, num_val=1, size=96, seed=5))
+    generate(tmp_path / "large", _settings(num_train=3, num_val=2, size=96, seed=5))
     for rel in ("images/training/SYN_train_00000002.jpg", "annotations/validation/SYN_val_00000001.png"):
         assert (tmp_path / "small" / rel).read_bytes() == (tmp_path / "large" / rel).read_bytes()
 
 
 def test_generation_time(tmp_path: Path) -> None:
     start = time.perf_counter()
-    generate(tmp_path, num_train=40, num_val=10, size=128, seed=0, **KNOBS)
+    generate(tmp_path, _settings(num_train=40, num_val=10, size=128, seed=0))
     assert time.perf_counter() - start < 10.0
 
 
