@@ -405,6 +405,48 @@ def _s3_user(env: Mapping[str, str]) -> dict[str, str]:
 
 
 @contextmanager
+def _serve(
+    name: str,
+    argv: list[str],
+    url: str,
+    probe: str,
+    *,
+    env: Mapping[str, str],
+    timeout: float,
+    log: Path | None = None,
+) -> Iterator[None]:
+    """Run the server ``argv`` for the block: started (output to ``log``, else discarded), polled at
+    ``url + probe`` until it answers, terminated at the end (killed after 15 s).
+
+    Raises:
+        RuntimeError: the server exited, or did not answer within ``timeout`` s, naming ``url`` and ``log``.
+    """
+    with open(log, "ab") if log else open(os.devnull, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    # (in this process group: killing the group, as a test runner's timeout does, stops the server too)
+    try:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}{probe}", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(
+                        f"{name} on {url} did not start" + (f"; its log: {log}" if log else "")
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
 def s3_server(
     bucket: str = BUCKET, timeout: float = 30, authenticate: bool = False
 ) -> Iterator[dict[str, str]]:
@@ -418,34 +460,13 @@ def s3_server(
     env = dict(os.environ)
     if authenticate:  # the bucket and the user are made by the first requests, unauthenticated
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_AUTH_SETUP_REQUESTS)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )  # in this process group: killing the group (a test runner's timeout) stops the server too
-    try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server on {endpoint} did not start") from None
-                time.sleep(0.1)
+    argv = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
+    with _serve("moto server", argv, endpoint, "/moto-api/", env=env, timeout=timeout):
         env = s3_env(endpoint)
         _client(env, "s3").create_bucket(Bucket=bucket)
         if authenticate:
             env |= _s3_user(env)
         yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @contextmanager
@@ -466,33 +487,15 @@ def mlflow_server(
     argv = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", LOOPBACK, "--port", str(port)]
     argv += ["--workers", "1", "--backend-store-uri", f"sqlite:///{store.resolve() / 'mlflow.db'}"]
     argv += ["--artifacts-destination", f"s3://{bucket}/mlartifacts"]
-    with open(store / "server.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.time() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(
-                        f"mlflow server on {url} did not start; its log: {store / 'server.log'}"
-                    ) from None
-                time.sleep(0.2)
+    with _serve("mlflow server", argv, url, "/health", env=env, timeout=timeout, log=store / "server.log"):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _up(args: argparse.Namespace) -> None:
     """Start the object store, the cluster and the tracking server, write their environment to
     ``--env-file``, wait for a signal."""
+    from pipeline.files import atomic_write_text
+
     os.environ.update(cluster_env())  # one token for the nodes, this process and the env file
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -504,9 +507,7 @@ def _up(args: argparse.Namespace) -> None:
     ):
         env = cluster_env() | s3 | {"RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": tracking_url}
         path = Path(args.env_file)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
         print(
             f"[cluster] head + {args.workers} worker nodes at {cluster.address}; S3 at {s3['AWS_ENDPOINT_URL']}; "
             f"MLflow at {tracking_url}",

@@ -24,17 +24,14 @@ from pathlib import Path
 
 from pipeline import preflight
 from pipeline.config import ConfigError, load_params
-
-
-def _root() -> Path:
-    return Path.cwd().resolve()
+from pipeline.files import project_root
 
 
 def _check_services(params) -> None:
     """Fail in seconds, naming the URI, when the MLflow server or the Ray cluster does not answer."""
     from pipeline import tracking
 
-    preflight.check_services(tracking.tracking_uri(params.mlflow, _root()), params.ray.address)
+    preflight.check_services(tracking.tracking_uri(params.mlflow, project_root()), params.ray.address)
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -70,12 +67,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         params,
         data_dir=Path(args.data),
         out_dir=Path(args.out),
-        root=_root(),
+        root=project_root(),
         force=args.force,
     )
     if args.curve:
         tracking.write_train_curve(
-            tracking.tracking_uri(params.mlflow, _root()), result.run_id, Path(args.curve)
+            tracking.tracking_uri(params.mlflow, project_root()), result.run_id, Path(args.curve)
         )
     print(f"[train] {result.iterations} iterations in {result.seconds:.0f} s -> {result.model_path}")
     return 0
@@ -102,7 +99,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         run_id = info.get("run_id")
         from pipeline import tracking
 
-        uri = tracking.tracking_uri(params.mlflow, _root())
+        uri = tracking.tracking_uri(params.mlflow, project_root())
     done = evaluate_benchmark(
         args.benchmark,
         params.benchmark(args.benchmark),
@@ -112,7 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         mlflow_uri=uri,
         run_id=run_id,
         storage=default_storage(
-            params.ray, _root()
+            params.ray, project_root()
         ),  # on s3://, Ray tasks on other nodes read the shards there
     )
     _print_scores("", done["metrics"], done["facts"])
@@ -161,7 +158,7 @@ def _evaluate_checkpoint(args: argparse.Namespace, params) -> int:
             data=Path(args.data or f"data/prepared/{args.benchmark}"),
             out=Path(args.out or f"reports/{args.benchmark}/checkpoints/{path.stem}"),
             protocol=args.protocol,
-            root=_root(),
+            root=project_root(),
         )
     except (CheckpointError, FileNotFoundError) as exc:
         print(f"pspnet evaluate: {exc}", file=sys.stderr)
@@ -213,7 +210,7 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
         params.benchmark(args.benchmark)  # an unknown name fails here, naming the known ones
     backbones, optional = backbones_in_params(params, args.benchmark or None)
     manifest = fetch_pretrained(
-        backbones, Path(args.out), root=_root(), cache_dir=Path(args.cache), optional=optional
+        backbones, Path(args.out), root=project_root(), cache_dir=Path(args.cache), optional=optional
     )
     names = ", ".join(
         f"{k} ({'missing' if v.get('missing') else v['sha256'][:12]})" for k, v in manifest.items()
@@ -242,7 +239,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     _check_services(params)
-    result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
+    result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=project_root())
     s = result.summary
     print(result.table.to_string(index=False))
     print(
@@ -258,7 +255,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     _check_services(params)
-    summary = run_study(args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=_root())
+    summary = run_study(
+        args.study, params, data_dir=Path(args.data), out_dir=Path(args.out), root=project_root()
+    )
     print(summary["markdown"])
     print(f"[study] {args.out}/study.md (MLflow parent run {summary['parent_run_id']})")
     if args.record:
@@ -269,7 +268,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         record = {
             "study": args.study,
             "parent_run_id": summary["parent_run_id"],
-            "mlflow_uri": tracking.tracking_uri(params.mlflow, _root()),
+            "mlflow_uri": tracking.tracking_uri(params.mlflow, project_root()),
             "machine": machine_description(),
         }
         Path(args.record).parent.mkdir(parents=True, exist_ok=True)

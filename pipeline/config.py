@@ -11,8 +11,6 @@ before any work starts, with an error naming the key, the file and what was expe
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import types
 import typing
@@ -21,6 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from pipeline.files import json_digest
 
 
 class ConfigError(ValueError):
@@ -543,8 +543,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_hash(obj: Any) -> str:
     """A short stable hash of a config object (for run names and caches)."""
-    blob = json.dumps(to_dict(obj), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+    return json_digest(to_dict(obj), 12)
 
 
 def replace(obj: Any, _prefix: str = "", **changes: Any) -> Any:

@@ -3,12 +3,15 @@
     atomic_write_text(path, text)            # a temporary name beside ``path``, then one rename
     with atomic_open(path) as f: torch.save(payload, f)
     with atomic_path(png) as tmp: fig.savefig(tmp)      # writers that want a file name (suffix kept)
+    with atomic_dir(out_dir) as tmp: write_shards(tmp)  # a folder filled beside out_dir, then swapped in
     swap_dir(staged, out_dir, aside=old)     # out_dir -> old, staged -> out_dir (a kill leaves one of them)
     verify_checksum(path, "219e16...", "sha1")          # the file's digest, or ChecksumError naming it
+    json_digest({"a": 1}, 12)                # the sha256 of canonical JSON: config, protocol and cache keys
 
 A reader never sees a half-written file: the bytes go to ``.<name>.tmp-<pid>-<random>`` in the same folder
 (same filesystem, so the rename is atomic), and that temporary file is removed when writing fails.
-Temporary files keep the process umask (``tempfile.mkstemp`` would make them owner-only).
+Temporary files and folders keep the process umask (``tempfile.mkstemp`` and ``mkdtemp`` would make them
+owner-only).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +33,18 @@ MIN_PREFIX = 16  # hex digits a checksum prefix must have to count as verificati
 
 class ChecksumError(ValueError):
     """A file's digest differs from the expected one (or the expected digest is unusable)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The project root
+
+
+def project_root() -> Path:
+    """The project's root folder: the working directory, resolved. It holds ``params.yaml`` and ``dvc.yaml``, and
+    the paths they name (``data/``, ``models/``, ``reports/``), the MLflow store ``mlflow.db``, ``.ray_results/``
+    and ``.cache/`` are read against it: DVC runs every stage there, and ``pspnet`` is run there. The one
+    notion of it in the code (not the folder this package was installed from)."""
+    return Path.cwd().resolve()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -83,6 +99,24 @@ def atomic_write_json(path: str | Path, obj: Any, *, newline: bool = False, **du
     atomic_write_text(path, json.dumps(obj, **dumps) + ("\n" if newline else ""))
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A new empty folder beside ``path`` to fill; put at ``path`` when the block ends normally (an existing
+    ``path`` is renamed aside, then removed: see :func:`swap_dir`), removed with its contents when it raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{temp_prefix(path.name)}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        swap_dir(tmp, path, aside=aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def swap_dir(staged: str | Path, target: str | Path, *, aside: str | Path) -> None:
     """Put the folder ``staged`` at ``target``. An existing ``target`` is renamed to ``aside`` first (the caller
     removes it), so a kill between the two renames leaves the old or the new folder, never neither."""
@@ -128,6 +162,14 @@ def file_digest(path: str | Path, algo: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_digest(obj: Any, length: int | None = None) -> str:
+    """Hex sha256 of ``json.dumps(obj, sort_keys=True)`` (default separators, ASCII escapes) encoded as UTF-8,
+    cut to ``length`` characters. The config hash, the protocol hash, the evaluation cache key and a split's
+    fingerprint are this digest: changing how it is computed changes every one of them."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+    return digest if length is None else digest[:length]
 
 
 def verify_checksum(

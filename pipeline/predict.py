@@ -278,8 +278,9 @@ def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> La
         from mlflow.exceptions import MlflowException
 
         from pipeline import preflight, tracking
+        from pipeline.files import project_root
 
-        uri = tracking.tracking_uri(params.mlflow, Path.cwd())
+        uri = tracking.tracking_uri(params.mlflow, project_root())
         preflight.check_tracking(
             uri
         )  # a server that is down is named in seconds, not after minutes of retries

@@ -131,10 +131,6 @@ def log_artifacts(uri: str, run_id: str, paths: Iterable[Path], artifact_path: s
         client.log_artifact(run_id, str(path), artifact_path)
 
 
-def log_dict(uri: str, run_id: str, data: dict, artifact_file: str) -> None:
-    MlflowClient(uri).log_dict(run_id, data, artifact_file)
-
-
 def finish_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(uri).set_terminated(run_id, status)
 

@@ -1,9 +1,11 @@
-"""Shared fixtures: the real ``params.yaml`` shrunk to a CPU smoke run, and a prepared tiny synthetic set."""
+"""Shared fixtures: the real ``params.yaml`` shrunk to a CPU smoke run, a prepared tiny synthetic set, a local Ray
+cluster and a temporary DVC project."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +65,46 @@ def tiny_prepared(tmp_path_factory) -> Path:
     fetch("synthetic", bench, base / "archives", progress=False)
     prepare("synthetic", bench, base / "archives", base / "prepared", progress=False)
     return base / "prepared"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A fresh local Ray cluster of 2 CPUs for the module's tests, shut down after them (started as
+    ``pspnet`` starts one: the dashboard where Ray's optional packages are installed)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def dvc_project(repo: Path, params: dict) -> dict[str, str]:
+    """A copy of the project for DVC at ``repo``: ``pipeline/``, ``stages/``, ``dvc.yaml`` and ``params`` as
+    ``params.yaml``, in a fresh git repository (one empty commit) with ``dvc init`` done.
+
+    Returns:
+        The environment to run commands there: :func:`cli_env` with this interpreter's ``bin/`` first on
+        ``PATH`` (its ``dvc``) and ``repo`` on ``PYTHONPATH`` (the copied code, not this checkout's).
+    """
+    repo.mkdir(parents=True, exist_ok=True)
+    for item in ("pipeline", "stages"):
+        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    write_params(repo / "params.yaml", params)
+    bin_dir = Path(sys.executable).parent
+    env = cli_env() | {
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(repo),
+        "DVC_NO_ANALYTICS": "1",
+    }
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (
+        ["git", "init", "-q"],
+        [*git, "commit", "-q", "--allow-empty", "-m", "init"],
+        [str(bin_dir / "dvc"), "init", "-q"],
+    ):
+        subprocess.run(cmd, cwd=repo, env=env, check=True, capture_output=True, timeout=120)
+    return env
 
 
 @pytest.fixture(autouse=True)

@@ -40,7 +40,6 @@ def test_runtime_env_forwards_object_store_settings(monkeypatch):
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     env = runtime_env()["env_vars"]
     assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and "AWS_SESSION_TOKEN" not in env
-    assert env["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"  # worker lines reach the driver once
     assert Path(env["PYTHONPATH"], "pipeline", "training", "cluster.py").is_file()
 
 
@@ -163,3 +162,22 @@ def test_an_object_store_that_never_answers_is_named_in_seconds():
             ):
                 check_storage("s3://pspnet/runs")
             assert time.monotonic() - started < 40
+
+
+def test_a_server_that_exits_at_start_is_named_with_its_log(tmp_path):
+    """cluster/local.py's servers (moto, mlflow) start through one helper: a server that exits before it
+    answers is a one-line error naming its URL and log, not a wait until the timeout."""
+    import re
+    import sys
+    import time
+
+    from cluster.local import _serve
+
+    log = tmp_path / "server.log"
+    argv = [sys.executable, "-c", "print('port in use')"]
+    started = time.monotonic()
+    said = f"toy server on http://127.0.0.1:9 did not start; its log: {log}"
+    with pytest.raises(RuntimeError, match=re.escape(said)):
+        with _serve("toy server", argv, "http://127.0.0.1:9", "/health", env={}, timeout=60, log=log):
+            pass
+    assert time.monotonic() - started < 30 and "port in use" in log.read_text()

@@ -7,36 +7,18 @@ project pulls from that remote and has the data, the model and the reports, with
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from cluster.local import s3_server
-from tests.conftest import ROOT, tiny_params_dict, write_params
+from tests.conftest import ROOT, dvc_project, tiny_params_dict
 
 pytestmark = pytest.mark.slow
-
-
-def _git_dvc_repo(repo: Path, env: dict) -> None:
-    for item in ("pipeline", "stages", "dvc.yaml"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / item)
-    write_params(repo / "params.yaml", tiny_params_dict())
-    (repo / ".gitignore").write_text("/.cluster/\n__pycache__/\n")
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    subprocess.run(["git", "init", "-q"], cwd=repo, env=env, check=True)
-    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "init"], cwd=repo, env=env, check=True)
-    subprocess.run([str(Path(sys.executable).with_name("dvc")), "init", "-q"], cwd=repo, env=env, check=True)
 
 
 def _listening(host_port: str) -> bool:
@@ -51,10 +33,8 @@ GIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
 
 def test_cluster_demo_runs_the_stages_on_the_cluster_and_a_clone_pulls_the_results(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_"))}
-    env |= {"PYTHONPATH": str(repo)}
-    _git_dvc_repo(repo, env)
+    env = {k: v for k, v in dvc_project(repo, tiny_params_dict()).items() if not k.startswith("AWS_")}
+    (repo / ".gitignore").write_text("/.cluster/\n__pycache__/\n")
     with s3_server() as s3:  # the team's object store: it outlives the demo
         env |= s3
         proc = subprocess.run(

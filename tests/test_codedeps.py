@@ -8,8 +8,6 @@ that import it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ import yaml
 
 from pipeline import codedeps, tracking
 from pipeline.evaluation import cache
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dvc_project
 
 
 def _write(root: Path, files: dict[str, str]) -> Path:
@@ -152,23 +150,14 @@ def committed_repo(tmp_path_factory) -> tuple[Path, list[str], dict]:
     code as it is, nothing is run)."""
     from dvc.repo import Repo
 
-    repo = tmp_path_factory.mktemp("codedeps") / "repo"
-    repo.mkdir()
-    for item in ("pipeline", "stages"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     raw = yaml.safe_load(
         (ROOT / "params.yaml").read_text()
     )  # the synthetic chain only: fewer stages to commit
     raw["benchmarks"] = {"synthetic": raw["benchmarks"]["synthetic"]}
     raw["studies"] = {k: v for k, v in raw["studies"].items() if k in ("synthetic-demo", "synthetic-aux")}
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env |= {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-    dvc = str(Path(bin_dir) / "dvc")
-    _run(["git", "init", "-q"], repo, env)
-    _run([dvc, "init", "-q"], repo, env)
+    repo = tmp_path_factory.mktemp("codedeps") / "repo"
+    env = dvc_project(repo, raw)
+    dvc = str(Path(sys.executable).parent / "dvc")
     with Repo(str(repo)) as r:
         stages = list(r.index.stages)
         names = [s.name for s in stages]

@@ -26,7 +26,7 @@ from pipeline.data.benchmarks import check_prepared, fetch, prepare
 from pipeline.data.prepare import DataError
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.source_labels import benchmark_labels
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dvc_project
 from tests.test_download import serve
 
 RNG = np.random.default_rng(0)
@@ -466,8 +466,6 @@ def test_check_prepared_reports_each_split(tiny_prepared):
 @pytest.mark.slow
 def test_dvc_repro_fetches_and_prepares_the_three_benchmarks(tmp_path):
     """`dvc repro prepare@{ade20k,voc2012,cityscapes}` in a temporary repository, downloading from loopback."""
-    import os
-    import shutil
     import subprocess
     import sys
 
@@ -477,14 +475,8 @@ def test_dvc_repro_fetches_and_prepares_the_three_benchmarks(tmp_path):
     voc_tar, sbd_tgz, _ = voc_archives(tmp_path)
     cityscapes_archives(tmp_path / "downloads")
     repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("pipeline", "stages"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env |= {"PATH": f"{bin_dir}:{env.get('PATH', '')}", "PYTHONPATH": str(repo)}
+    dvc = str(Path(sys.executable).parent / "dvc")
 
     def run(*cmd: str) -> str:
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
@@ -503,13 +495,9 @@ def test_dvc_repro_fetches_and_prepares_the_three_benchmarks(tmp_path):
             raw["benchmarks"][name]["data"].update({"shard_rows": 2, **data})
             # `pspnet fetch` refuses a GPU benchmark on a machine without GPUs or a cluster (the preflight).
             raw["benchmarks"][name]["train"] = {**raw["benchmarks"][name]["train"], "use_gpu": False}
-        (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        run("git", "init", "-q")
-        run(str(bin_dir / "dvc"), "init", "-q")
-        run(str(bin_dir / "dvc"), "repro", "prepare@ade20k", "prepare@voc2012", "prepare@cityscapes")
-        status = run(
-            str(bin_dir / "dvc"), "status", "prepare@ade20k", "prepare@voc2012", "prepare@cityscapes"
-        )
+        env = dvc_project(repo, raw)
+        run(dvc, "repro", "prepare@ade20k", "prepare@voc2012", "prepare@cityscapes")
+        status = run(dvc, "status", "prepare@ade20k", "prepare@voc2012", "prepare@cityscapes")
     assert "changed" not in status
     for name, rows in (("ade20k", (3, 2)), ("voc2012", (5, 2)), ("cityscapes", (4, 2))):
         manifest = json.loads((repo / "data" / "prepared" / name / "manifest.json").read_text())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 
 from pipeline.config import ModelConfig, params_from_dict, replace
@@ -22,13 +21,6 @@ from tests.conftest import tiny_params_dict
 pytestmark = pytest.mark.slow
 
 CFG = ModelConfig(depth=18, width=0.25, stem_widths=(8, 8, 16), head_channels=16, aux=False)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -63,13 +63,6 @@ def _final_loss(history: list[tuple[int, float]]) -> float:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def reference_loss(local_ray, tiny_prepared, tmp_path_factory) -> float:
     root = tmp_path_factory.mktemp("uninterrupted")
     result = train("synthetic", _params(), data_dir=tiny_prepared, out_dir=root / "models", root=root)

@@ -9,7 +9,6 @@ import math
 import mlflow
 import pandas as pd
 import pytest
-import ray
 import torch
 
 from pipeline import tracking
@@ -23,13 +22,6 @@ from pipeline.training.launcher import ScalingError, check_scaling, train
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=True)
-    yield
-    ray.shutdown()
 
 
 def test_scaling_errors_before_launch():

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch.utils.data
 
+from pipeline.config import SyntheticConfig
 from pipeline.data.prepare import DataError, prepare_ade_layout, prepare_split
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.synthetic import generate
@@ -23,7 +24,10 @@ C = 8
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("release") / "SyntheticScenes"
-    generate(root, num_train=7, num_val=3, size=96, seed=11)
+    settings = SyntheticConfig(
+        num_train=7, num_val=3, size=96, seed=11, context_distance=0.3, objects=(1, 4), max_object=0.2
+    )
+    generate(root, settings)
     return root
 
 

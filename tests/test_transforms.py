@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.transforms import EvalTransform, TrainTransform, normalize
+from pipeline.data.transforms import TrainTransform, normalize
 
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
@@ -107,15 +107,6 @@ def test_reseed_is_deterministic() -> None:
     b.reseed((1, 2, 4))
     a.reseed((1, 2, 3))
     assert not torch.equal(a(image, label)[0], b(image, label)[0])
-
-
-def test_eval_transform() -> None:
-    image, label = _pair()
-    x, y = EvalTransform(mean=MEAN, std=STD)(image, label)
-    assert x.shape == (3, 60, 80) and y.shape == (60, 80) and y.dtype == torch.int64
-    assert torch.equal(y, torch.from_numpy(label.astype(np.int64)))
-    expected = (image[5, 7].astype(np.float32) - np.float32(MEAN)) / np.float32(STD)
-    assert np.allclose(x[:, 5, 7].numpy(), expected)
 
 
 def test_bad_inputs() -> None:

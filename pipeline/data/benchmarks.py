@@ -99,21 +99,11 @@ def fetch(benchmark: str, bench: BenchmarkConfig, out_dir: Path, *, progress: bo
     out_dir = Path(out_dir)
     if bench.data.source != "synthetic":
         return _fetch_release(benchmark, bench.data, out_dir, progress=progress)
-    s = bench.data.synthetic
     stale = _claim_fetch_folder(out_dir, benchmark, [SYNTHETIC_ARCHIVE])
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}-work-") as work:
         sha = synthetic.build_archive(
-            Path(work),
-            out_dir / SYNTHETIC_ARCHIVE,
-            num_train=s.num_train,
-            num_val=s.num_val,
-            size=s.size,
-            seed=s.seed,
-            context_distance=s.context_distance,
-            objects=s.objects,
-            max_object=s.max_object,
-            progress=progress,
+            Path(work), out_dir / SYNTHETIC_ARCHIVE, bench.data.synthetic, progress=progress
         )
     sums = {SYNTHETIC_ARCHIVE: {"sha256": sha}}
     write_record(out_dir, FetchRecord(benchmark, bench.data.source, sums))

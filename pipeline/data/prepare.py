@@ -20,9 +20,6 @@ otherwise labels are kept as they are. Rows are sorted by id and the bytes are d
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from pipeline.files import atomic_write_json, file_digest, swap_dir
+from pipeline.files import atomic_dir, atomic_write_json, file_digest
 
 MANIFEST = "manifest.json"
 BATCH_ROWS = 8  # rows per record batch: small, so a random read decodes little
@@ -158,14 +155,12 @@ def prepare_split(
     pairs = _split_pairs(image_dir, label_dir, image_suffix, expected_count)
     if lut is None:
         lut = label_lut(num_classes, reduce_zero_label, ignore_index)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     items: Any = pairs
     if progress:
         from tqdm import tqdm
 
         items = tqdm(pairs, desc=f"prepare {image_dir.name}", unit="img")
-    try:
+    with atomic_dir(out_dir) as tmp:
         shards, totals = _write_shards(
             items,
             len(pairs),
@@ -185,10 +180,6 @@ def prepare_split(
             "split_hash": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest(),
         }
         atomic_write_json(tmp / MANIFEST, manifest, newline=True, indent=2, sort_keys=True)
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return manifest
 
 
@@ -262,13 +253,6 @@ def _write_shards(
                 writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=sch))
         shards.append({"name": name, "rows": n, "sha256": file_digest(folder / name)})
     return shards, totals
-
-
-def _replace_dir(staged: Path, out_dir: Path) -> None:
-    """Put ``staged`` at ``out_dir``, the old ``out_dir`` renamed aside first and then removed."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    swap_dir(staged, out_dir, aside=old)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_ade_layout(

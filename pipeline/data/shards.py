@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import torch.utils.data
 
 from pipeline.data.prepare import MANIFEST, DataError
+from pipeline.files import atomic_open
 
 CACHE_ENV = "PSPNET_SHARD_CACHE"  # where shards read from a URI are kept (default: <tmp>/pspnet-shards)
 _LOCKS: dict[
@@ -184,14 +185,9 @@ class ShardedSegmentation(torch.utils.data.Dataset):
         return target
 
     def _download(self, k: int, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with self._fs.open_input_stream(self._path(self.shard_names[k])) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with self._fs.open_input_stream(self._path(self.shard_names[k])) as src, atomic_open(target) as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

@@ -4,7 +4,7 @@ PSPNet's motivating failure (Zhao et al. 2017, Fig. 2) is a boat labelled "car":
 either, and only the global scene (a river) says which. Every image here is a *water* scene or a *road* scene
 (50/50). Boats and cars are drawn by the same code (same shapes, sizes and striped/checker textures); an object
 is a boat in a water scene and a car in a road scene. Objects lie in the "ground" region at least
-``CONTEXT_MIN_DISTANCE * size`` pixels from every water/road pixel, and ground, vegetation, poles, clutter and
+``context_distance * size`` pixels from every water/road pixel, and ground, vegetation, poles, clutter and
 sky are drawn from one random stream that does not depend on the scene type, so nothing near an object reveals
 the scene: a model must look far away (global context) to name it.
 
@@ -23,7 +23,8 @@ quality 90) and ``annotations/{training,validation}/*.png`` (uint8, raw label = 
 ignored after the ADE label shift).
 
     from pipeline.data.synthetic import build_archive
-    sha = build_archive(Path("data/tmp"), Path("data/raw/synthetic.zip"), num_train=320, num_val=96, size=128, seed=0)
+    settings = params.benchmark("synthetic").data.synthetic     # a SyntheticConfig (defaults: the schema's)
+    sha = build_archive(Path("data/tmp"), Path("data/raw/synthetic.zip"), settings)
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import cv2
 import numpy as np
 
 from pipeline.files import atomic_path, atomic_write_bytes, file_digest
+
+if TYPE_CHECKING:
+    from pipeline.config import SyntheticConfig
 
 CLASS_NAMES: tuple[str, ...] = ("sky", "ground", "water", "road", "vegetation", "boat", "car", "pole")
 CONTEXT_CLASSES: tuple[str, ...] = ("boat", "car")
@@ -55,9 +59,6 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 ARCHIVE_TOP = "SyntheticScenes"  # the folder inside the archive, like ADE's ``ADEChallengeData2016/``
 BAND_AREA = (0.12, 0.16)  # fraction of the image covered by the water/road band
-CONTEXT_MIN_DISTANCE = 0.3  # boats/cars keep at least this fraction of the image size from water/road pixels
-OBJECTS = (1, 4)  # boats/cars per image, inclusive range
-MAX_OBJECT = 0.2  # an object's long side is log-uniform in [6 px, MAX_OBJECT * size]
 JPEG_QUALITY = 90
 MIN_SIZE, MAX_SIZE = 96, 256
 
@@ -350,9 +351,9 @@ def render_scene(
     seed: int | Sequence[int],
     *,
     scene: str | None = None,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
+    context_distance: float,
+    objects: tuple[int, int],
+    max_object: float,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Draw one synthetic image before noise-free JPEG encoding.
 
@@ -416,24 +417,15 @@ def scene_of(label: np.ndarray, *, reduced: bool = False) -> str | None:
 # Files and archive
 
 
-def generate(
-    root: Path,
-    *,
-    num_train: int,
-    num_val: int,
-    size: int,
-    seed: int,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
-    progress: bool = False,
-) -> None:
-    """Write the benchmark in the ADE20K release layout under ``root``.
+def generate(root: Path, settings: SyntheticConfig, *, progress: bool = False) -> None:
+    """Write the benchmark ``settings`` describes (``data.synthetic``) in the ADE20K release layout under ``root``.
 
     Writes ``root/images/training/SYN_train_00000001.jpg`` .. and ``root/annotations/training/*.png`` (raw labels
     0..8), and the same for ``validation`` (``SYN_val_*``). Image ``i`` of a split depends only on
     ``(seed, split, i)``, not on the counts, so a larger set extends a smaller one; same seed, same bytes.
+    The image settings (``size``, ``context_distance``, ``objects``, ``max_object``) are :func:`render_scene`'s.
     """
+    num_train, num_val, size, seed = settings.num_train, settings.num_val, settings.size, settings.seed
     for name, value in (("num_train", num_train), ("num_val", num_val)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"synthetic {name}={value!r}: expected a non-negative integer")
@@ -451,9 +443,9 @@ def generate(
         image, label, _ = render_scene(
             size,
             (seed, stream, index),
-            context_distance=context_distance,
-            objects=objects,
-            max_object=max_object,
+            context_distance=settings.context_distance,
+            objects=settings.objects,
+            max_object=settings.max_object,
         )
         stem = f"SYN_{prefix}_{index:08d}"
         ok_jpg, jpg = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
@@ -465,19 +457,10 @@ def generate(
 
 
 def build_archive(
-    work_dir: Path,
-    archive_path: Path,
-    *,
-    num_train: int,
-    num_val: int,
-    size: int,
-    seed: int,
-    context_distance: float = CONTEXT_MIN_DISTANCE,
-    objects: tuple[int, int] = OBJECTS,
-    max_object: float = MAX_OBJECT,
-    progress: bool = False,
+    work_dir: Path, archive_path: Path, settings: SyntheticConfig, *, progress: bool = False
 ) -> str:
-    """Generate the benchmark and pack it as ``archive_path`` (a ZIP with top folder ``SyntheticScenes/``).
+    """Generate the benchmark (:func:`generate`) and pack it as ``archive_path`` (a ZIP with top folder
+    ``SyntheticScenes/``).
 
     Members are stored (JPEG/PNG are already compressed) in sorted order with fixed timestamps and modes, so the
     same arguments give the same bytes. ``work_dir`` holds the temporary tree. The archive is written to a
@@ -491,17 +474,7 @@ def build_archive(
     archive_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix=".synthetic-") as tmp:
         top = Path(tmp) / ARCHIVE_TOP
-        generate(
-            top,
-            num_train=num_train,
-            num_val=num_val,
-            size=size,
-            seed=seed,
-            context_distance=context_distance,
-            objects=objects,
-            max_object=max_object,
-            progress=progress,
-        )
+        generate(top, settings, progress=progress)
         entries = sorted(
             p.relative_to(tmp).as_posix() + ("/" if p.is_dir() else "") for p in [top, *top.rglob("*")]
         )
@@ -533,7 +506,6 @@ __all__ = [
     "ARCHIVE_TOP",
     "CLASS_NAMES",
     "CONTEXT_CLASSES",
-    "CONTEXT_MIN_DISTANCE",
     "PALETTE",
     "SCENES",
     "build_archive",

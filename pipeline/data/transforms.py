@@ -62,17 +62,6 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return torch.from_numpy(_apply_table(image, _lookup_table(*_check_stats(mean, std))))
 
 
-class EvalTransform:
-    """No geometry: normalise the image and turn the label into a LongTensor (values unchanged)."""
-
-    def __init__(self, *, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = _check_stats(mean, std)
-
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_pair(image, label)
-        return normalize(image, self.mean, self.std), torch.from_numpy(label.astype(np.int64))
-
-
 class TrainTransform:
     """The paper's augmentation in semseg's order, done as one affine warp straight into the crop.
 

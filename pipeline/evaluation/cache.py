@@ -16,7 +16,6 @@ outside every DVC output (DVC deletes a stage's outputs before running it).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -25,14 +24,15 @@ from typing import Any
 import numpy as np
 
 from pipeline import codedeps
-from pipeline.files import atomic_write_bytes
+from pipeline.files import atomic_write_bytes, json_digest, project_root
 
 # The modules that turn a model and a split into confusion matrices (in one process or over Ray tasks).
 SCORING_CODE = ("pipeline.evaluation.split", "pipeline.evaluation.distributed")
 
 
 def default_dir() -> Path:
-    return Path(__file__).resolve().parents[2] / ".cache" / "evaluate"
+    """``<project root>/.cache/evaluate`` (:func:`pipeline.files.project_root`)."""
+    return project_root() / ".cache" / "evaluate"
 
 
 def code_hash() -> str:
@@ -44,17 +44,14 @@ def code_hash() -> str:
 def evaluation_key(
     checkpoint_sha256: str, protocol_hash: str, split_hash: str, scoring: dict[str, Any]
 ) -> str:
-    blob = json.dumps(
-        {
-            "checkpoint": checkpoint_sha256,
-            "protocol": protocol_hash,
-            "split": split_hash,
-            "scoring": scoring,
-            "code": code_hash(),
-        },
-        sort_keys=True,
-    ).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
+    key = {
+        "checkpoint": checkpoint_sha256,
+        "protocol": protocol_hash,
+        "split": split_hash,
+        "scoring": scoring,
+        "code": code_hash(),
+    }
+    return json_digest(key, 24)
 
 
 def load(cache_dir: Path, key: str) -> tuple[np.ndarray, dict[int, np.ndarray], dict[str, Any]] | None:
@@ -87,4 +84,4 @@ def save(
 
 def split_fingerprint(manifest: dict[str, Any]) -> str:
     """A split's hash from its shard manifest when the manifest carries no ``split_hash`` (older prepares)."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return json_digest(manifest)

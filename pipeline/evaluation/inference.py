@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import time
 import warnings
@@ -48,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pipeline.files import json_digest
 
 if TYPE_CHECKING:
     from pipeline.config import EvalConfig
@@ -105,8 +105,7 @@ class Protocol:
     @property
     def hash(self) -> str:
         """12 hex characters of the sha256 of all fields (changes when any field changes)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+        return json_digest(self.to_dict(), 12)
 
 
 def protocol_from_config(cfg: EvalConfig, multi_scale: bool) -> Protocol:

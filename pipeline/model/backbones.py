@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor
 
 from pipeline.config import ModelConfig, to_dict
-from pipeline.files import atomic_write_json, file_digest, verify_checksum
+from pipeline.files import atomic_write_json, file_digest, project_root, verify_checksum
 from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import PSPNet
 from pipeline.model.resnet import DilatedResNet
@@ -188,8 +188,8 @@ def load_backbone(model: PSPNet, path: str | Path) -> dict[str, Any]:
 
 def pretrained_file(name: str, benchmark: str, root: str | Path | None = None) -> Path:
     """``<root>/data/pretrained/<benchmark>/<name>.pt`` (pretrained@BENCHMARK's output); ``root`` defaults to
-    the project holding this package."""
-    base = Path(root) if root else Path(__file__).resolve().parents[2]
+    :func:`pipeline.files.project_root`."""
+    base = Path(root) if root else project_root()
     return base / PRETRAINED_DIR / benchmark / f"{name}.pt"
 
 

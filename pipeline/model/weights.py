@@ -48,7 +48,7 @@ from torch import Tensor
 from pipeline.config import ConfigError, ModelConfig, check_labels, checked_model_config, to_dict
 from pipeline.data.labels import BenchmarkLabels
 from pipeline.files import MIN_PREFIX, ChecksumError, file_digest, verify_checksum
-from pipeline.model.checkpoint import load_torch, save_model
+from pipeline.model.checkpoint import check_skeleton, load_torch, save_model
 from pipeline.model.pspnet import build_model
 from pipeline.model.resnet import BASE_WIDTHS, BLOCKS_PER_STAGE
 
@@ -332,27 +332,19 @@ def infer_model_config(
 
 
 def fits_on_meta(build: Callable[[], torch.nn.Module], state: dict[str, Tensor], where: str) -> None:
-    """Check ``state`` against the module ``build()`` makes, built on the ``meta`` device (no storage): the
-    same names and shapes, before any real memory is spent on shapes a file claims (a crafted 2.6 MB file
-    inferred a model of about 51 GB).
+    """:func:`pipeline.model.checkpoint.check_skeleton` with this module's error and wording; a missing
+    ``num_batches_tracked`` passes (:func:`fill` makes it).
 
     Raises:
         WeightsError: naming missing, unexpected and misshapen keys.
     """
-    with torch.device("meta"):
-        skeleton = build().state_dict()
-    missing = sorted(k for k in set(skeleton) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(skeleton))
-    wrong = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in skeleton.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        raise WeightsError(
-            f"{where}: the weights do not fit the model their shapes describe: missing {missing[:10]} "
-            f"({len(missing)}), without a place {unexpected[:10]} ({len(unexpected)}), shapes {wrong[:5]}"
-        )
+    check_skeleton(
+        build,
+        state,
+        WeightsError,
+        f"{where}: the weights do not fit the model their shapes describe",
+        may_lack=("num_batches_tracked",),
+    )
 
 
 def schema_checked(raw: dict[str, Any], where: str, num_classes: int | None = None) -> ModelConfig:

@@ -23,6 +23,7 @@ from ray.train.torch import TorchTrainer
 from pipeline import tracking
 from pipeline.config import BenchmarkConfig, Params, config_hash, flatten, to_dict
 from pipeline.data.source_labels import benchmark_labels
+from pipeline.files import atomic_write_json
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
 from pipeline.preflight import ScalingError
@@ -175,12 +176,6 @@ def _export_model(state: dict, bench: BenchmarkConfig, benchmark: str, run_id: s
     return model_path
 
 
-def _write_info(out_dir: Path, info: dict) -> None:
-    tmp = out_dir / "train_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(out_dir / "train_info.json")
-
-
 def train(
     benchmark: str,
     params: Params,
@@ -227,7 +222,7 @@ def train(
         "seconds": round(seconds, 1),
         "config_hash": chash,
     }
-    _write_info(out_dir, info)
+    atomic_write_json(out_dir / "train_info.json", info, indent=2)
     tracking.log_metrics(uri, run_id, {"train/wall_seconds": seconds}, step=iterations)
     tracking.finish_run(uri, run_id)  # the evaluate stage still appends its scores to this run
     return TrainResult(run_id, ray_name, model_path, iterations, seconds)
