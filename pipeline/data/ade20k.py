@@ -12,11 +12,11 @@ gluoncv_ade20k_script for the SHA-1, sceneparsing_readme for the label range).
 
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 
 from pipeline.data.download import Release
 from pipeline.data.prepare import DataError
+from pipeline.data.source_labels import ADE20K_NAMES, ADE20K_PALETTE
 
 RELEASES = (
     Release(
@@ -30,32 +30,8 @@ NUM_CLASSES = 150
 SPLIT_SIZES = {"train": 20210, "val": 2000}
 OBJECT_INFO = "objectInfo150.txt"  # Idx  Ratio  Train  Val  Name   (tab separated, one header line)
 
-# The first name of each row of objectInfo150.txt (Idx 1..150 -> class 0..149), the table the release archive
-# holds; the same table is published in github.com/CSAILVision/sceneparsing (objectInfo150.txt). E.g. row 2
-# "building, edifice" -> "building"; trailing spaces (row 8 "bed ") dropped.
-CLASS_NAMES: tuple[str, ...] = (
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
-    "clock", "flag",
-)  # fmt: skip
-# ADE20K publishes no colour map with the release: well-spread golden-ratio hues, one per class.
-PALETTE: tuple[tuple[int, int, int], ...] = tuple(
-    tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.75, 0.95))
-    for i in range(NUM_CLASSES)
-)
+# The 150 names and the palette: pipeline/data/source_labels.py (training imports them without this module).
+CLASS_NAMES, PALETTE = ADE20K_NAMES, ADE20K_PALETTE
 
 
 def read_object_info(path: Path) -> dict[int, str]:

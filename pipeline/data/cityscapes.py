@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.data.download import Release
 from pipeline.data.prepare import ADE_SPLITS, DataError
+from pipeline.data.source_labels import CITYSCAPES_NAMES, CITYSCAPES_PALETTE
 
 # No public checksums (the site serves them per package behind the login): fetch records the SHA-256 it sees.
 RELEASES = (
@@ -40,15 +41,7 @@ LABEL_TO_TRAIN = {
     24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
 }  # fmt: skip
 NUM_LABEL_IDS = 34  # labelIds 0..33 occur in *_gtFine_labelIds.png (license plate, -1, is not drawn)
-CLASS_NAMES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-)  # fmt: skip
-PALETTE = (
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
-    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
-    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
-)  # fmt: skip
+CLASS_NAMES, PALETTE = CITYSCAPES_NAMES, CITYSCAPES_PALETTE  # the trainId order (source_labels.py)
 
 
 def label_lut(ignore_index: int = 255) -> np.ndarray:

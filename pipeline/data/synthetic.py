@@ -38,25 +38,15 @@ from typing import TYPE_CHECKING, NamedTuple
 import cv2
 import numpy as np
 
+from pipeline.data.source_labels import SYNTHETIC_CONTEXT, SYNTHETIC_NAMES, SYNTHETIC_PALETTE
 from pipeline.files import atomic_path, atomic_write_bytes, file_digest
 
 if TYPE_CHECKING:
     from pipeline.config import SyntheticConfig
 
-CLASS_NAMES: tuple[str, ...] = ("sky", "ground", "water", "road", "vegetation", "boat", "car", "pole")
-CONTEXT_CLASSES: tuple[str, ...] = ("boat", "car")
+# names, context pair and colours: pipeline/data/source_labels.py
+CLASS_NAMES, CONTEXT_CLASSES, PALETTE = SYNTHETIC_NAMES, SYNTHETIC_CONTEXT, SYNTHETIC_PALETTE
 SCENES: tuple[str, ...] = ("water", "road")
-# RGB colours for drawing label maps, one per class index (after the label shift).
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (135, 190, 235),  # sky
-    (190, 160, 110),  # ground
-    (30, 80, 200),  # water
-    (90, 90, 90),  # road
-    (40, 150, 50),  # vegetation
-    (230, 60, 40),  # boat
-    (250, 200, 30),  # car
-    (160, 40, 200),  # pole
-)
 ARCHIVE_TOP = "SyntheticScenes"  # the folder inside the archive, like ADE's ``ADEChallengeData2016/``
 BAND_AREA = (0.12, 0.16)  # fraction of the image covered by the water/road band
 JPEG_QUALITY = 90

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline.data.download import Release
 from pipeline.data.prepare import ADE_SPLITS, DataError
+from pipeline.data.source_labels import VOC_NAMES, voc_palette
 
 RELEASES = (
     Release(
@@ -49,26 +50,7 @@ VOC_ROOT = "VOCdevkit/VOC2012"
 SBD_ROOT = "benchmark_RELEASE/dataset"
 NUM_CLASSES = 21
 SPLIT_SIZES = {"train": 10582, "val": 1449}  # trainaug / VOC val
-# The VOC devkit's class names, background first (index = label value).
-CLASS_NAMES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-
-
-def palette(n: int = NUM_CLASSES) -> list[tuple[int, int, int]]:
-    """The VOC colour map: the bits of the class index spread over R, G, B from the most significant bit."""
-    colours = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for bit in range(7, -1, -1):
-            r |= (c & 1) << bit
-            g |= ((c >> 1) & 1) << bit
-            b |= ((c >> 2) & 1) << bit
-            c >>= 3
-        colours.append((r, g, b))
-    return colours
+CLASS_NAMES, palette = VOC_NAMES, voc_palette  # background first; the colour map (source_labels.py)
 
 
 def read_ids(path: Path) -> list[str]:
