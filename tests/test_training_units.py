@@ -127,21 +127,21 @@ def test_cpu_bf16_training_runs_channels_last_and_fp32_keeps_the_default_layout(
 
 def test_cpu_bf16_training_refused_where_emulated(monkeypatch):
     from pipeline.config import params_from_dict
-    from pipeline.training import worker
+    from pipeline.training import recipe
     from tests.conftest import tiny_params_dict
 
     bench = params_from_dict(tiny_params_dict(cpu_precision="bf16")).benchmark("synthetic")
-    monkeypatch.setattr(worker, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(recipe, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match="train.cpu_precision: bf16 on this CPU would be emulated"):
-        worker.train_precision(bench, torch.device("cpu"))
-    assert worker.train_precision(bench, torch.device("cuda")) == "bf16"  # train.precision on GPUs
+        recipe.train_precision(bench, torch.device("cpu"))
+    assert recipe.train_precision(bench, torch.device("cuda")) == "bf16"  # train.precision on GPUs
 
 
 def test_loader_processes_give_the_in_process_batches(tiny_prepared):
     """``train.loader_workers`` only moves the augmentation into other processes (one thread each): the
     batches are the same, since every sample's random draws come from the sampler's per-sample seed."""
     from pipeline.config import params_from_dict
-    from pipeline.training.worker import build_train_loader
+    from pipeline.training.loader import build_train_loader
     from tests.conftest import tiny_params_dict
 
     def batches(loader_workers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

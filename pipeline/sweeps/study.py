@@ -41,6 +41,7 @@ from pipeline.evaluation.benchmark import (
 )
 from pipeline.evaluation.split import evaluate_split
 from pipeline.model.pspnet import build_model
+from pipeline.model.training_state import load_training_state
 from pipeline.ray_runtime import init_ray
 from pipeline.storage import check_storage, default_storage, stage_split
 from pipeline.sweeps.tune import (
@@ -50,8 +51,7 @@ from pipeline.sweeps.tune import (
     trial_driver_resources,
 )
 from pipeline.training.cluster import build_trainer, loop_config
-from pipeline.training.launcher import check_scaling
-from pipeline.training.worker import load_training_state
+from pipeline.training.recipe import check_scaling
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 

@@ -42,7 +42,7 @@ from pipeline.config import (
 from pipeline.ray_runtime import TRIAL_SLOT, init_ray
 from pipeline.storage import check_storage, default_storage, stage_split
 from pipeline.training.cluster import build_trainer, loop_config
-from pipeline.training.launcher import check_scaling
+from pipeline.training.recipe import check_scaling
 
 METRIC = "val/miou"
 SEARCHED = ("aux_weight", "base_lr", "reduction")

@@ -12,7 +12,9 @@ every ``val_every`` iterations all ranks score a shard of the validation split a
 matrix; every ``checkpoint_every`` iterations (and at the end) rank 0 saves the full training state and every
 rank calls ``ray.train.report`` (the same number of times on every rank, or training hangs).
 
-Only this module and ``pipeline.training.launcher`` import Ray.
+The paper's recipe (batch, BN batch, LR scaling, precision) is :mod:`pipeline.training.recipe`, the loader
+:mod:`pipeline.training.loader`, the training state :mod:`pipeline.model.training_state`; of these modules only
+this one imports Ray (with ``run_log``, ``cluster`` and the drivers).
 """
 
 from __future__ import annotations
@@ -30,109 +32,27 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
+from pipeline.config import BenchmarkConfig, benchmark_from_dict
 from pipeline.data.shards import ShardedSegmentation
-from pipeline.data.transforms import TrainTransform
-from pipeline.evaluation.inference import Protocol, cpu_has_native_bf16
+from pipeline.evaluation.inference import Protocol
 from pipeline.evaluation.split import evaluate_split
 from pipeline.machine import cpu_model
 from pipeline.model.backbones import load_backbone
-from pipeline.model.checkpoint import load_torch, save_torch
 from pipeline.model.pspnet import build_model
+from pipeline.model.training_state import restore_training_state, save_training_state
 from pipeline.storage import local_copy
 from pipeline.training import run_log
+from pipeline.training.loader import build_train_loader
 from pipeline.training.losses import pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
-from pipeline.training.sampler import IterationSampler
-
-STATE_FILE = "state.pt"
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A training checkpoint belongs to another configuration, or cannot be read."""
-
-
-PAPER_BATCH = 16  # Sec. 5.1: base_lr 0.01 is for a batch of 16
-
-
-def effective_base_lr(bench: BenchmarkConfig) -> float:
-    """``train.base_lr`` under ``train.lr_scaling`` ("linear": x batch_size / 16)."""
-    t = bench.train
-    return t.base_lr * (t.batch_size / PAPER_BATCH if t.lr_scaling == "linear" else 1.0)
-
-
-def load_training_state(ckdir: Path, bench: BenchmarkConfig, device: torch.device) -> dict:
-    """The training state saved in a Ray checkpoint folder; refuses corrupt files and other configurations."""
-    path = Path(ckdir) / STATE_FILE
-    state = load_torch(path, "a training checkpoint", error=CheckpointMismatchError, map_location=device)
-    expected = config_hash(bench)
-    if not isinstance(state, dict) or state.get("config_hash") != expected:
-        got = state.get("config_hash") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointMismatchError(
-            f"{path} was written for configuration {got}, this run is {expected}: "
-            "it cannot resume this training (use a fresh run name or delete the checkpoint)"
-        )
-    return state
-
-
-class _AugmentedRows(Dataset):
-    """Reads ``(row, sample_seed)`` keys from the shards and augments each with its own seed."""
-
-    def __init__(self, shards: ShardedSegmentation, transform: TrainTransform) -> None:
-        self.shards = shards
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def __getitem__(self, key: tuple[int, int]):
-        row, seed = key
-        image, label, _ = self.shards.read(row)
-        self.transform.reseed(seed)
-        return self.transform(image, label)
+from pipeline.training.recipe import effective_base_lr, train_precision
 
 
 def _reseed_torch(seed: int, rank: int, iteration: int) -> None:
     """Dropout randomness restarts from a known state at every checkpoint boundary, so a resumed run
     continues exactly as an uninterrupted one."""
     torch.manual_seed(int(np.random.default_rng([seed, 2, rank, iteration]).integers(2**62)))
-
-
-def build_train_loader(
-    bench: BenchmarkConfig, train_dir: str | Path, *, rank: int, world: int, start_iteration: int, pin: bool
-) -> DataLoader:
-    t, a, d = bench.train, bench.train.augment, bench.data
-    transform = TrainTransform(
-        crop_size=a.crop_size,
-        scale_min=a.scale_min,
-        scale_max=a.scale_max,
-        rotate=a.rotate,
-        blur=a.blur,
-        flip=a.flip,
-        mean=d.mean,
-        std=d.std,
-        ignore_index=d.ignore_index,
-    )
-    shards = ShardedSegmentation(train_dir)
-    sampler = IterationSampler(
-        len(shards),
-        global_batch=t.batch_size,
-        rank=rank,
-        world_size=world,
-        iterations=t.iterations,
-        start_iteration=start_iteration,
-        seed=t.seed,
-    )
-    return DataLoader(
-        _AugmentedRows(shards, transform),
-        batch_size=t.batch_size // world,
-        sampler=sampler,
-        num_workers=t.loader_workers,
-        pin_memory=pin,
-        persistent_workers=t.loader_workers > 0,
-    )
 
 
 def validate(
@@ -174,20 +94,6 @@ def validate(
     model.train(was_training)
     result.matrix.all_reduce()
     return result.matrix.compute()
-
-
-def train_precision(bench: BenchmarkConfig, device: torch.device) -> str:
-    """The network's precision on ``device``: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU
-    (bf16 refused on a CPU without native bf16, where it would be emulated and slower than fp32)."""
-    t = bench.train
-    if device.type == "cuda":
-        return t.precision
-    if t.cpu_precision == "bf16" and not cpu_has_native_bf16():
-        raise ValueError(
-            "train.cpu_precision: bf16 on this CPU would be emulated (no AVX512-BF16/AMX) and slower than "
-            "fp32; set train.cpu_precision: fp32"
-        )
-    return t.cpu_precision
 
 
 def _channels_last(bench: BenchmarkConfig, device: torch.device) -> bool:
@@ -233,10 +139,8 @@ def _restore(
     if checkpoint is None:
         return 0, ""
     with checkpoint.as_directory() as ckdir:
-        state = load_training_state(Path(ckdir), bench, device)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["iteration"]), str(checkpoint.path)
+        iteration = restore_training_state(ckdir, bench, model, optimizer, map_location=device)
+    return iteration, str(checkpoint.path)
 
 
 def _wrap(
@@ -381,15 +285,7 @@ def _report(
         return
     run_log.flush()
     with tempfile.TemporaryDirectory() as tmp:
-        save_torch(
-            Path(tmp) / STATE_FILE,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "iteration": step,
-                "config_hash": config_hash(bench),
-            },
-        )
+        save_training_state(tmp, model, optimizer, iteration=step, bench=bench)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
