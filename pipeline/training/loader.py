@@ -5,14 +5,17 @@ iteration-indexed sampler gives (so that a resumed run sees exactly the samples 
                                 pin=False)
     images, labels = next(iter(loader))       # (B, 3, crop, crop) float32, (B, crop, crop) int64
 
-With ``train.loader_workers > 0`` the augmentation runs in that many forked processes. The batches are the
-same either way: each sample's random draws come from its own seed.
+With ``train.loader_workers > 0`` the augmentation runs in that many forked processes, one OpenCV and one
+torch thread each (the training process sizes its pools to ``train.cpus_per_worker``: inherited, 8 ranks x
+5 loader processes x 6 threads would oversubscribe a 96-vCPU node). The batches are the same either way: each
+sample's random draws come from its own seed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import BenchmarkConfig
@@ -36,6 +39,28 @@ class _AugmentedRows(Dataset):
         image, label, _ = self.shards.read(row)
         self.transform.reseed(seed)
         return self.transform(image, label)
+
+
+class OneThreadWorkersLoader(DataLoader):
+    """A ``DataLoader`` whose worker processes run OpenCV on one thread (torch's DataLoader already sets one
+    torch thread in each).
+
+    The processes are forked when the loader is first iterated; OpenCV's thread count is set to 1 in this
+    process for the fork and restored after it, so each child inherits one thread and no pool. Set inside the
+    child instead (``worker_init_fn``), ``cv2.setNumThreads`` crashes the child (SIGSEGV, opencv-python 5.0,
+    pthreads backend) whenever this process's pool had already run before the fork: it reconfigures a pool
+    whose threads the child does not have.
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return super().__iter__()
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            return super().__iter__()  # forks the worker processes (the first time, with persistent workers)
+        finally:
+            cv2.setNumThreads(threads)
 
 
 def build_train_loader(
@@ -65,7 +90,7 @@ def build_train_loader(
         start_iteration=start_iteration,
         seed=t.seed,
     )
-    return DataLoader(
+    return OneThreadWorkersLoader(
         _AugmentedRows(shards, transform),
         batch_size=t.batch_size // world,
         sampler=sampler,

@@ -5,8 +5,8 @@ studies) before anything starts and by every rank before its first step.
 - batch-norm statistics over the global batch: SyncBatchNorm when several GPU workers train; CPU workers keep
   per-rank statistics;
 - ``base_lr`` 0.01 for that batch, kept or scaled linearly with it (``train.lr_scaling``);
-- the network's precision: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU (bf16 there only where
-  the CPU computes it natively).
+- the network's precision: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU, bf16 only where the
+  device computes it natively.
 """
 
 from __future__ import annotations
@@ -47,6 +47,14 @@ def check_scaling(bench: BenchmarkConfig, *, gpus_available: float | None = None
             f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
             "choose a global batch that is a multiple of the number of workers"
         )
+    if t.compile and sync_bn(bench):
+        # torch.compile graph-breaks on every nn.SyncBatchNorm (pytorch/pytorch#161302, open): the network
+        # would run as one small graph per stretch between two batch-norm layers.
+        raise ScalingError(
+            f"train.compile: true with train.use_gpu: true and train.num_workers={t.num_workers} would compile "
+            "a network with SyncBatchNorm, which torch.compile splits at every batch-norm layer; set "
+            "train.compile: false (compile is for single-GPU runs)"
+        )
     if t.use_gpu and gpus_available is not None and gpus_available < t.num_workers and not force:
         raise ScalingError(
             f"this configuration trains on {t.num_workers} GPU workers (train.use_gpu: true) but the Ray "
@@ -57,10 +65,19 @@ def check_scaling(bench: BenchmarkConfig, *, gpus_available: float | None = None
 
 
 def train_precision(bench: BenchmarkConfig, device: torch.device) -> str:
-    """The network's precision on ``device``: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU
-    (bf16 refused on a CPU without native bf16, where it would be emulated and slower than fp32)."""
+    """The network's precision on ``device``: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU.
+    bf16 is refused where the device would emulate it: a CPU without AVX512-BF16/AMX (slower than fp32), a GPU
+    without bf16 tensor cores (compute capability < 8.0: V100, T4)."""
     t = bench.train
     if device.type == "cuda":
+        if t.precision == "bf16":
+            with torch.cuda.device(device):
+                native = torch.cuda.is_bf16_supported(including_emulation=False)
+            if not native:
+                raise ValueError(
+                    f"train.precision: bf16 on {torch.cuda.get_device_name(device)} would be emulated (no bf16 "
+                    "tensor cores before compute capability 8.0) and slower than fp32; set train.precision: fp32"
+                )
         return t.precision
     if t.cpu_precision == "bf16" and not cpu_has_native_bf16():
         raise ValueError(
