@@ -8,7 +8,7 @@ Stand-in split: ``--rows`` JPEG images (quality 90) and label PNGs of 512x683 (`
 the 42 kB per row of the real release, written as files and converted into shards by the real
 ``pipeline.data.prepare.prepare_split`` (ADE20K's label shift, ``data.shard_rows`` rows per shard).
 
-The loader is the training worker's own, ``pipeline.training.worker.build_train_loader``, for rank 0 of
+The loader is the training workers' own, ``pipeline.training.loader.build_train_loader``, for rank 0 of
 ``train.num_workers`` ranks: the per-GPU batch (``train.batch_size / train.num_workers``),
 ``train.loader_workers`` processes (``--loader-workers`` overrides), ``TrainTransform`` with the benchmark's
 augmentation (``--crop`` overrides the crop), the iteration sampler, pinned memory on CUDA; each batch is then
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.input_pipeline import make_pair  # noqa: E402
 from pipeline.config import BenchmarkConfig, load_params, replace  # noqa: E402
 from pipeline.data.prepare import prepare_split  # noqa: E402
-from pipeline.training.worker import build_train_loader  # noqa: E402
+from pipeline.training.loader import build_train_loader  # noqa: E402
 
 POOL = 64  # distinct image/label pairs
 NOISE = 1.5  # make_pair's texture noise: about the 42 kB per row of the real release

@@ -23,15 +23,18 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import ModelConfig, load_params
-from pipeline.evaluation.inference import cpu_has_native_bf16
-from pipeline.model.pspnet import build_model
-from pipeline.training.losses import pspnet_loss
-from pipeline.training.optim import build_optimizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ModelConfig, load_params  # noqa: E402
+from pipeline.evaluation.inference import cpu_has_native_bf16  # noqa: E402
+from pipeline.model.pspnet import build_model  # noqa: E402
+from pipeline.training.losses import pspnet_loss  # noqa: E402
+from pipeline.training.optim import build_optimizer  # noqa: E402
 
 # Dense (no structured sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's datasheets (which quote the
 # sparse figure, twice these): H100 SXM 1,979 / PCIe 1,513 / NVL 1,671; H200 SXM 1,979 / NVL 1,671 (GH200 as
@@ -178,6 +181,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    torch.backends.cudnn.benchmark = cuda  # fixed shapes, as in training (pipeline.training.loop)
     size = args.size or (473 if cuda else 129)
     batch = args.batch or (8 if cuda else 2)
     iters = args.iters or (20 if cuda else 3)

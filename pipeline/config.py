@@ -185,7 +185,7 @@ class TrainConfig:
     # where it would be emulated; measured in benchmarks/train_step.py. The default keeps CPU training exact.
     cpu_precision: Literal["fp32", "bf16"] = "fp32"
     channels_last: bool = True  # memory format on CUDA and for CPU bf16 (cpu_precision)
-    compile: bool = False  # torch.compile the model on CUDA
+    compile: bool = False  # torch.compile the model on CUDA; refused with SyncBN (several GPU workers)
     max_failures: int = num(3, 0)
     log_every: int = num(20, 1)
     checkpoint_every: int = num(2000, 1)

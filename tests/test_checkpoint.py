@@ -246,3 +246,38 @@ def test_crafted_header_cannot_size_the_model_before_it_is_checked(tmp_path: Pat
     )
     peak = int(proc.stdout.split("peak_mb")[1])
     assert peak < 1200, f"{peak} MB peak: the model was built before the header was checked"
+
+
+def test_training_state_round_trip_and_refusal_of_another_configuration(tmp_path: Path) -> None:
+    """The training state beside the model files: restored into a fresh model and optimizer on the device
+    asked for; a state of another configuration, or a damaged file, is refused naming the file."""
+    from pipeline.config import BenchmarkConfig, replace
+    from pipeline.model.training_state import (
+        STATE_FILE,
+        CheckpointMismatchError,
+        restore_training_state,
+        save_training_state,
+    )
+    from pipeline.training.optim import build_optimizer
+
+    bench = replace(BenchmarkConfig(), model=CFG)
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model(CFG, 5)
+        return model, build_optimizer(model, base_lr=0.01, momentum=0.9, weight_decay=1e-4, head_lr_mult=10)
+
+    model, opt = fresh()
+    model(torch.randn(2, 3, 33, 33))["out"].mean().backward()
+    opt.step()
+    save_training_state(tmp_path, model, opt, iteration=7, bench=bench)
+    other, other_opt = fresh()
+    assert restore_training_state(tmp_path, bench, other, other_opt, map_location="cpu") == 7
+    saved, restored = model.state_dict(), other.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert other_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    with pytest.raises(CheckpointMismatchError, match="was written for configuration"):
+        restore_training_state(tmp_path, replace(bench, **{"train.iterations": 8}), other, other_opt)
+    (tmp_path / STATE_FILE).write_bytes(b"<html>")
+    with pytest.raises(CheckpointMismatchError, match=f"{STATE_FILE}: not a training checkpoint"):
+        restore_training_state(tmp_path, bench, other, other_opt)

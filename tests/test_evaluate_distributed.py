@@ -148,7 +148,7 @@ def test_validation_scores_with_the_benchmarks_ss_protocol(tiny_prepared, bench,
     """Issue 24: the training's validation built its protocol by hand and ignored ``eval.ss_flip``."""
     from pipeline.evaluation.inference import Protocol
     from pipeline.evaluation.split import evaluate_split
-    from pipeline.training.worker import validate
+    from pipeline.training.loop import validate
 
     _, model = checkpoint
     cpu = torch.device("cpu")

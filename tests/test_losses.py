@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.training.losses import pspnet_loss
+from pipeline.training.losses import check_finite, pspnet_loss
 
 
 def make(n: int = 2, c: int = 4, h: int = 5, w: int = 6) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -21,8 +21,8 @@ def test_aux_weight_zero_is_plain_ce() -> None:
     loss, logs = pspnet_loss(outputs, target, aux_weight=0.0)
     expected = F.cross_entropy(outputs["out"], target)
     assert torch.allclose(loss, expected)
-    assert logs["loss_aux"] == 0.0
-    assert logs["loss"] == pytest.approx(float(expected))
+    assert float(logs["loss_aux"]) == 0.0
+    assert float(logs["loss"]) == pytest.approx(float(expected))
 
 
 def test_aux_term_is_weighted() -> None:
@@ -31,16 +31,25 @@ def test_aux_term_is_weighted() -> None:
     main = F.cross_entropy(outputs["out"], target)
     aux = F.cross_entropy(outputs["aux"], target)
     assert torch.allclose(loss, main + 0.4 * aux)
-    assert logs["loss_main"] == pytest.approx(float(main))
-    assert logs["loss_aux"] == pytest.approx(float(aux))
-    assert logs["loss"] == pytest.approx(float(main + 0.4 * aux))
+    assert float(logs["loss_main"]) == pytest.approx(float(main))
+    assert float(logs["loss_aux"]) == pytest.approx(float(aux))
+    assert float(logs["loss"]) == pytest.approx(float(main + 0.4 * aux))
+
+
+def test_parts_stay_on_the_device_as_tensors() -> None:
+    """Issue 27: no host sync per training step: the parts are detached 0-dim tensors, read when logged."""
+    outputs, target = make()
+    target[0, 0] = 255
+    _, logs = pspnet_loss(outputs, target, aux_weight=0.4)
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in logs.values())
+    assert int(logs["labelled"]) == target.numel() - target.shape[2]
 
 
 def test_no_aux_output_skips_term() -> None:
     outputs, target = make()
     loss, logs = pspnet_loss({"out": outputs["out"]}, target, aux_weight=0.4)
     assert torch.allclose(loss, F.cross_entropy(outputs["out"], target))
-    assert logs["loss_aux"] == 0.0
+    assert float(logs["loss_aux"]) == 0.0
 
 
 def test_ignore_pixels_excluded() -> None:
@@ -74,24 +83,30 @@ def test_gradient_flows() -> None:
     assert out.grad is not None and torch.isfinite(out.grad).all()
 
 
-def test_nan_raises_floating_point_error() -> None:
+def _checked(outputs, target, aux_weight: float, iteration: int = 7) -> None:
+    _, parts = pspnet_loss(outputs, target, aux_weight=aux_weight)
+    check_finite({k: float(v) for k, v in parts.items()}, iteration)
+
+
+def test_nan_raises_floating_point_error_with_the_iteration() -> None:
     outputs, target = make()
+    _checked(outputs, target, 0.4)  # finite: no error
     outputs["out"][0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="not finite"):
-        pspnet_loss(outputs, target, aux_weight=0.4)
+    with pytest.raises(FloatingPointError, match="iteration 7: loss is not finite"):
+        _checked(outputs, target, 0.4)
 
 
 def test_nan_in_aux_raises() -> None:
     outputs, target = make()
     outputs["aux"][0, 0, 0, 0] = float("inf")
     with pytest.raises(FloatingPointError):
-        pspnet_loss(outputs, target, aux_weight=0.4)
+        _checked(outputs, target, 0.4)
 
 
 def test_all_ignored_raises_with_hint() -> None:
     outputs, target = make()
     with pytest.raises(FloatingPointError, match="ignore_index"):
-        pspnet_loss(outputs, torch.full_like(target, 255), aux_weight=0.0)
+        _checked(outputs, torch.full_like(target, 255), 0.0)
 
 
 def test_bad_target() -> None:

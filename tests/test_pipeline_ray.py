@@ -16,9 +16,11 @@ from pipeline.config import params_from_dict
 from pipeline.evaluation.stage import evaluate_benchmark
 from pipeline.machine import cpu_model
 from pipeline.model.checkpoint import load_model
+from pipeline.preflight import ScalingError
 from pipeline.report import write_report
 from pipeline.tracking import write_train_curve
-from pipeline.training.launcher import ScalingError, check_scaling, train
+from pipeline.training.launcher import train
+from pipeline.training.recipe import check_scaling
 from tests.conftest import tiny_params_dict
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ File layout (one ``torch.save`` of a plain dict; loadable with ``weights_only=Tr
 files written before it existed lack the key and load with ``meta["labels"] = None``.
 
 Every torch file of the project (model files, converted backbones, released weights, the training state in a
-Ray checkpoint) is written by :func:`save_torch` (atomically) and read by :func:`load_torch` (``weights_only``,
-errors naming the file and what it should have been).
+Ray checkpoint: :mod:`pipeline.model.training_state`) is written by :func:`save_torch` (atomically) and read
+by :func:`load_torch` (``weights_only``, errors naming the file and what it should have been).
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from pipeline.evaluation.benchmark import context_scores, flat_metrics
 from pipeline.evaluation.evaluate import Placement, evaluate_model
 from pipeline.evaluation.split import protocols
 from pipeline.model.pspnet import build_model
+from pipeline.model.training_state import load_training_state
 from pipeline.sweeps.trials import (
     ReleaseOrphanedWorkerGroups,
     max_concurrent_trials,
@@ -43,8 +44,7 @@ from pipeline.sweeps.trials import (
     trial_driver_resources,
 )
 from pipeline.training.cluster import RunPlan, plan_run
-from pipeline.training.launcher import check_scaling
-from pipeline.training.worker import load_training_state
+from pipeline.training.recipe import check_scaling
 
 STUDY_TAG, CELL_TAG, SEED_TAG = "pspnet.study", "pspnet.cell", "pspnet.seed"
 

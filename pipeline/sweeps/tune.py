@@ -43,7 +43,7 @@ from pipeline.sweeps.trials import (
     trial_driver_resources,
 )
 from pipeline.training.cluster import RunPlan, plan_run
-from pipeline.training.launcher import check_scaling
+from pipeline.training.recipe import check_scaling
 
 METRIC = "val/miou"
 SEARCHED = ("aux_weight", "base_lr", "reduction")

@@ -26,17 +26,19 @@ from pipeline.data.source_labels import benchmark_labels
 from pipeline.files import atomic_write_json
 from pipeline.model.checkpoint import save_model
 from pipeline.model.pspnet import build_model
+from pipeline.model.training_state import load_training_state
 from pipeline.preflight import ScalingError
 from pipeline.ray_runtime import ray_address
 from pipeline.training.cluster import plan_run
-from pipeline.training.worker import (
+from pipeline.training.recipe import (
     PAPER_BATCH,
+    PAPER_BN_BATCH,
+    bn_batch,
+    check_scaling,
     effective_base_lr,
-    load_training_state,
+    sync_bn,
     train_precision,
 )
-
-PAPER_BN_BATCH = 16  # Sec. 5.1: batch 16 with BN statistics synchronised over the GPUs
 
 
 @dataclass(frozen=True)
@@ -46,30 +48,6 @@ class TrainResult:
     model_path: Path
     iterations: int
     seconds: float
-
-
-def check_scaling(bench: BenchmarkConfig, *, gpus_available: float | None = None, force: bool = False) -> int:
-    """Validate the scaling settings before anything starts; returns the per-worker batch."""
-    t = bench.train
-    if t.batch_size % t.num_workers:
-        raise ScalingError(
-            f"train.batch_size={t.batch_size} is not divisible by train.num_workers={t.num_workers}: "
-            "choose a global batch that is a multiple of the number of workers"
-        )
-    if t.use_gpu and gpus_available is not None and gpus_available < t.num_workers and not force:
-        raise ScalingError(
-            f"this configuration trains on {t.num_workers} GPU workers (train.use_gpu: true) but the Ray "
-            f"cluster has {gpus_available:g} GPUs. Connect to a GPU cluster (RAY_ADDRESS), or run the CPU "
-            "demo with `make demo`; pass --force to start anyway."
-        )
-    return t.batch_size // t.num_workers
-
-
-def bn_batch(bench: BenchmarkConfig) -> int:
-    """Images per batch-norm statistic: the global batch with SyncBN (GPUs, >1 worker), else per worker."""
-    t = bench.train
-    synced = t.use_gpu and t.num_workers > 1
-    return t.batch_size if synced else t.batch_size // t.num_workers
 
 
 def _check_inputs(bench: BenchmarkConfig, benchmark: str, data_dir: Path, force: bool) -> None:
@@ -122,7 +100,7 @@ def _open_run(
         "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
         "pspnet.effective_base_lr": f"{effective_base_lr(bench):g}",
         "pspnet.precision": t.precision if t.use_gpu else f"{t.cpu_precision} (CPU)",
-        "pspnet.sync_bn": str(t.use_gpu and t.num_workers > 1),
+        "pspnet.sync_bn": str(sync_bn(bench)),
     }
     run_id = tracking.start_run(
         uri, exp_id, run_name=f"{benchmark}-{chash}", tags=tags, params=flatten(bench)

@@ -9,6 +9,7 @@ Both logits are at the label resolution already (the model upsamples them); pixe
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ def pspnet_loss(
     target: Tensor,
     aux_weight: float,
     ignore_index: int = 255,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Cross-entropy on ``outputs["out"]`` plus ``aux_weight`` times the one on ``outputs["aux"]``.
 
     Args:
@@ -30,13 +31,13 @@ def pspnet_loss(
         ignore_index: label value excluded from the loss.
 
     Returns:
-        The total loss (a scalar with grad) and detached floats ``{"loss", "loss_main", "loss_aux"}``
-        (``loss_aux`` is 0.0 when the term is skipped).
+        The total loss (a scalar with grad) and its detached parts ``{"loss", "loss_main", "loss_aux",
+        "labelled"}`` as 0-dim tensors on the loss's device (``loss_aux`` is 0 when the term is skipped;
+        ``labelled``: the pixels that count). Nothing is copied to the host: the training loop reads the parts
+        when it logs them, and checks them with :func:`check_finite`.
 
     Raises:
         ValueError: missing ``"out"``, a target that is not int64 or whose shape does not match the logits.
-        FloatingPointError: the loss is not finite (a diverged model, or a batch whose pixels are all
-            ignored); the caller adds the iteration number.
     """
     if "out" not in outputs:
         raise ValueError(f"outputs must contain 'out' logits, got keys {sorted(outputs)}")
@@ -51,18 +52,26 @@ def pspnet_loss(
 
     loss_main = F.cross_entropy(logits, target, ignore_index=ignore_index)
     loss = loss_main
-    loss_aux_value = 0.0
+    loss_aux = torch.zeros((), dtype=loss_main.dtype, device=loss_main.device)
     if aux_weight > 0 and "aux" in outputs:
         loss_aux = F.cross_entropy(outputs["aux"], target, ignore_index=ignore_index)
         loss = loss + aux_weight * loss_aux
-        loss_aux_value = float(loss_aux.detach())
+    parts = {
+        "loss": loss.detach(),
+        "loss_main": loss_main.detach(),
+        "loss_aux": loss_aux.detach(),
+        "labelled": (target != ignore_index).sum(),
+    }
+    return loss, parts
 
-    total = float(loss.detach())
-    if not math.isfinite(total):
-        valid = int((target != ignore_index).sum())
-        hint = " (every pixel of the batch is ignore_index)" if valid == 0 else ""
-        raise FloatingPointError(
-            f"loss is not finite: loss={total}, loss_main={float(loss_main.detach())}, "
-            f"loss_aux={loss_aux_value}{hint}"
-        )
-    return loss, {"loss": total, "loss_main": float(loss_main.detach()), "loss_aux": loss_aux_value}
+
+def check_finite(values: Mapping[str, float], iteration: int) -> None:
+    """Raise ``FloatingPointError`` when the loss of ``iteration`` (its parts read as floats) is not finite:
+    a diverged model, or a batch whose pixels are all ``ignore_index``."""
+    if math.isfinite(values["loss"]):
+        return
+    hint = " (every pixel of the batch is ignore_index)" if values["labelled"] == 0 else ""
+    raise FloatingPointError(
+        f"iteration {iteration}: loss is not finite: loss={values['loss']}, loss_main={values['loss_main']}, "
+        f"loss_aux={values['loss_aux']}{hint}"
+    )

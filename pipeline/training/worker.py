@@ -1,6 +1,6 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-One iteration (the paper's recipe, Sec. 5.1)::
+One iteration (the paper's recipe, Sec. 5.1; :func:`pipeline.training.loop.train_step`)::
 
     lr  = poly(base_lr, it)                      # backbone x1, ppm/cls/aux x10
     out = model(images)                          # {"out": (B, C, H, W), "aux": (B, C, H, W)}
@@ -10,206 +10,40 @@ One iteration (the paper's recipe, Sec. 5.1)::
 Every ``log_every`` iterations rank 0 logs loss / lr / images per second / data-wait fraction to MLflow;
 every ``val_every`` iterations all ranks score a shard of the validation split and all-reduce one confusion
 matrix; every ``checkpoint_every`` iterations (and at the end) rank 0 saves the full training state and every
-rank calls ``ray.train.report`` (the same number of times on every rank, or training hangs).
+rank calls ``ray.train.report`` (the same number of times on every rank, or training hangs). A loss that is
+not finite stops training at the first of these steps after it, naming its iteration: nothing is logged,
+validated or saved from a diverged model.
 
-Only this module and ``pipeline.training.launcher`` import Ray.
+This module is the loop's Ray and MLflow side (the rank, device and checkpoint Ray gives it, the reports, the
+relayed MLflow writes); what it runs on each rank is :mod:`pipeline.training.loop`, which imports neither.
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
-import time
-from pathlib import Path
-from typing import Any
 
-import cv2
-import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import BenchmarkConfig, benchmark_from_dict, config_hash
-from pipeline.data.shards import ShardedSegmentation
-from pipeline.data.transforms import TrainTransform
-from pipeline.evaluation.inference import cpu_has_native_bf16
-from pipeline.evaluation.split import Scoring, evaluate_split, protocols
+from pipeline.config import BenchmarkConfig, benchmark_from_dict
 from pipeline.machine import cpu_model
-from pipeline.model.backbones import load_backbone
-from pipeline.model.checkpoint import load_torch, save_torch
-from pipeline.model.pspnet import build_model
-from pipeline.storage import local_copy
+from pipeline.model.training_state import restore_training_state, save_training_state
 from pipeline.training import run_log
-from pipeline.training.losses import pspnet_loss
-from pipeline.training.optim import build_optimizer, poly_lr, set_lr
-from pipeline.training.sampler import IterationSampler
-
-STATE_FILE = "state.pt"
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A training checkpoint belongs to another configuration, or cannot be read."""
-
-
-PAPER_BATCH = 16  # Sec. 5.1: base_lr 0.01 is for a batch of 16
-
-
-def effective_base_lr(bench: BenchmarkConfig) -> float:
-    """``train.base_lr`` under ``train.lr_scaling`` ("linear": x batch_size / 16)."""
-    t = bench.train
-    return t.base_lr * (t.batch_size / PAPER_BATCH if t.lr_scaling == "linear" else 1.0)
-
-
-def load_training_state(ckdir: Path, bench: BenchmarkConfig, device: torch.device) -> dict:
-    """The training state saved in a Ray checkpoint folder; refuses corrupt files and other configurations."""
-    path = Path(ckdir) / STATE_FILE
-    state = load_torch(path, "a training checkpoint", error=CheckpointMismatchError, map_location=device)
-    expected = config_hash(bench)
-    if not isinstance(state, dict) or state.get("config_hash") != expected:
-        got = state.get("config_hash") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointMismatchError(
-            f"{path} was written for configuration {got}, this run is {expected}: "
-            "it cannot resume this training (use a fresh run name or delete the checkpoint)"
-        )
-    return state
-
-
-class _AugmentedRows(Dataset):
-    """Reads ``(row, sample_seed)`` keys from the shards and augments each with its own seed."""
-
-    def __init__(self, shards: ShardedSegmentation, transform: TrainTransform) -> None:
-        self.shards = shards
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.shards)
-
-    def __getitem__(self, key: tuple[int, int]):
-        row, seed = key
-        image, label, _ = self.shards.read(row)
-        self.transform.reseed(seed)
-        return self.transform(image, label)
-
-
-def _reseed_torch(seed: int, rank: int, iteration: int) -> None:
-    """Dropout randomness restarts from a known state at every checkpoint boundary, so a resumed run
-    continues exactly as an uninterrupted one."""
-    torch.manual_seed(int(np.random.default_rng([seed, 2, rank, iteration]).integers(2**62)))
-
-
-def build_train_loader(
-    bench: BenchmarkConfig, train_dir: str | Path, *, rank: int, world: int, start_iteration: int, pin: bool
-) -> DataLoader:
-    t, a, d = bench.train, bench.train.augment, bench.data
-    transform = TrainTransform(
-        crop_size=a.crop_size,
-        scale_min=a.scale_min,
-        scale_max=a.scale_max,
-        rotate=a.rotate,
-        blur=a.blur,
-        flip=a.flip,
-        mean=d.mean,
-        std=d.std,
-        ignore_index=d.ignore_index,
-    )
-    shards = ShardedSegmentation(train_dir)
-    sampler = IterationSampler(
-        len(shards),
-        global_batch=t.batch_size,
-        rank=rank,
-        world_size=world,
-        iterations=t.iterations,
-        start_iteration=start_iteration,
-        seed=t.seed,
-    )
-    return DataLoader(
-        _AugmentedRows(shards, transform),
-        batch_size=t.batch_size // world,
-        sampler=sampler,
-        num_workers=t.loader_workers,
-        pin_memory=pin,
-        persistent_workers=t.loader_workers > 0,
-    )
-
-
-def validate(
-    model: torch.nn.Module,
-    bench: BenchmarkConfig,
-    val_dir: str | Path,
-    *,
-    rank: int,
-    world: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Single-scale mIoU on (a prefix of) the validation split, sharded over ranks, one all-reduced matrix:
-    the benchmark's "ss" protocol and scoring settings, as the evaluate stage uses them."""
-    shards = ShardedSegmentation(val_dir)
-    count = len(shards) if bench.train.val_images <= 0 else min(len(shards), bench.train.val_images)
-    was_training = model.training
-    result = evaluate_split(
-        model,
-        shards,
-        {"val": protocols(bench)["ss"]},
-        Scoring.of(bench, on_gpu=device.type == "cuda"),
-        rows=range(rank, count, world),
-        device=device,
-        progress=False,
-        prepare=False,  # the live training model, as it is (eval mode), then back to train mode
-    )["val"]
-    model.train(was_training)
-    result.matrix.all_reduce()
-    return result.matrix.compute()
-
-
-def train_precision(bench: BenchmarkConfig, device: torch.device) -> str:
-    """The network's precision on ``device``: ``train.precision`` on CUDA, ``train.cpu_precision`` on CPU
-    (bf16 refused on a CPU without native bf16, where it would be emulated and slower than fp32)."""
-    t = bench.train
-    if device.type == "cuda":
-        return t.precision
-    if t.cpu_precision == "bf16" and not cpu_has_native_bf16():
-        raise ValueError(
-            "train.cpu_precision: bf16 on this CPU would be emulated (no AVX512-BF16/AMX) and slower than "
-            "fp32; set train.cpu_precision: fp32"
-        )
-    return t.cpu_precision
-
-
-def _channels_last(bench: BenchmarkConfig, device: torch.device) -> bool:
-    """``train.channels_last`` applies on CUDA and to CPU bf16 training, where oneDNN's bf16 convolutions run
-    faster on channels-last tensors (benchmarks/train_step.py on an AMD EPYC with AVX512-BF16: 1.73x fp32
-    with it, 1.55x without, for the demo's model). CPU fp32 training keeps the default layout: its digits stay
-    those of every earlier run."""
-    return bench.train.channels_last and (device.type == "cuda" or train_precision(bench, device) == "bf16")
-
-
-def _build_model_and_optimizer(
-    bench: BenchmarkConfig, cfg: dict, device: torch.device, world: int
-) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The same initial weights on every rank and in every run (seeded), the pretrained backbone when
-    ``model.pretrained`` names one, SyncBN on GPUs, and the SGD optimizer."""
-    t = bench.train
-    torch.manual_seed(t.seed)
-    model = build_model(bench.model, bench.data.num_classes)
-    # The ImageNet backbone converted by the `pretrained` stage, when model.pretrained names one (staged by
-    # the driver: on a cluster, a copy on object storage).
-    if cfg.get("pretrained"):  # the driver checked the name against the backbone table
-        with local_copy(cfg["pretrained"]) as path:
-            load_backbone(model, path)
-    if device.type == "cuda" and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    optimizer = build_optimizer(
-        model,
-        base_lr=effective_base_lr(bench),
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        head_lr_mult=t.head_lr_mult,
-    )
-    return model, optimizer
+from pipeline.training.loader import build_train_loader
+from pipeline.training.loop import (
+    LoopContext,
+    Window,
+    build_model_and_optimizer,
+    configure_process,
+    loop_context,
+    reseed_torch,
+    train_step,
+    validate,
+    wrap,
+)
 
 
 def _restore(
@@ -221,25 +55,8 @@ def _restore(
     if checkpoint is None:
         return 0, ""
     with checkpoint.as_directory() as ckdir:
-        state = load_training_state(Path(ckdir), bench, device)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["iteration"]), str(checkpoint.path)
-
-
-def _wrap(
-    model: torch.nn.Module, bench: BenchmarkConfig, device: torch.device, world: int
-) -> torch.nn.Module:
-    """The network the loop runs: channels-last (see :func:`_channels_last`), ``torch.compile`` on GPUs, DDP
-    with several ranks."""
-    t = bench.train
-    cuda = device.type == "cuda"
-    if _channels_last(bench, device):
-        model = model.to(memory_format=torch.channels_last)
-    net = DistributedDataParallel(model) if world > 1 and dist.is_initialized() else model
-    if cuda and t.compile:
-        net = torch.compile(net)
-    return net
+        iteration = restore_training_state(ckdir, bench, model, optimizer, map_location=device)
+    return iteration, str(checkpoint.path)
 
 
 def _record_placement(rank: int, world: int, cfg: dict) -> list[str]:
@@ -270,41 +87,14 @@ def _report_final_validation(model, bench: BenchmarkConfig, cfg: dict, start: in
     )
 
 
-class _Window:
-    """Loss parts, iterations and data-wait time since the last log line."""
-
-    def __init__(self) -> None:
-        self.sums = {"loss": 0.0, "loss_main": 0.0, "loss_aux": 0.0}
-        self.n = 0
-        self.wait = 0.0
-        self.tick = time.perf_counter()
-
-    def add(self, parts: dict[str, float]) -> None:
-        for k in self.sums:
-            self.sums[k] += parts[k]
-        self.n += 1
-
-    def metrics(self, lr: float, batch_size: int) -> dict[str, float]:
-        elapsed = time.perf_counter() - self.tick
-        n = self.n
-        return {
-            "train/loss": self.sums["loss"] / n,
-            "train/loss_main": self.sums["loss_main"] / n,
-            "train/loss_aux": self.sums["loss_aux"] / n,
-            "train/lr": lr,
-            "train/images_per_s": n * batch_size / elapsed,
-            "train/sec_per_iter": elapsed / n,
-            "train/data_wait_frac": self.wait / elapsed,
-        }
-
-
 def _window_metrics(
-    window: _Window, lr: float, step: int, bench: BenchmarkConfig, device: torch.device, log: bool
+    window: Window, lr: float, step: int, bench: BenchmarkConfig, ctx: LoopContext, log: bool
 ) -> dict[str, float]:
-    """The logged training metrics of the window ending at ``step`` (and its console line on rank 0)."""
+    """The logged training metrics of the window ending at ``step`` (and its console line on rank 0);
+    ``FloatingPointError`` when a loss in it is not finite."""
     t = bench.train
     metrics = window.metrics(lr, t.batch_size)
-    if device.type == "cuda":
+    if ctx.device.type == "cuda":
         metrics["train/peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if log:
         print(
@@ -313,44 +103,6 @@ def _window_metrics(
             flush=True,
         )
     return metrics
-
-
-def _train_step(
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches,
-    it: int,
-    bench: BenchmarkConfig,
-    device: torch.device,
-    window: _Window,
-) -> float:
-    """One SGD iteration (poly LR, forward, PSPNet loss, backward, step); returns the learning rate."""
-    t = bench.train
-    autocast_dtype = torch.bfloat16 if train_precision(bench, device) == "bf16" else None
-    t0 = time.perf_counter()
-    images, labels = next(batches)
-    images = images.to(device, non_blocking=True)
-    if _channels_last(bench, device):
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = labels.to(device, non_blocking=True)
-    window.wait += time.perf_counter() - t0
-
-    lr = poly_lr(effective_base_lr(bench), it, t.iterations, t.lr_power)
-    set_lr(optimizer, lr)
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        outputs = net(images)
-    outputs = {k: v.float() for k, v in outputs.items()}
-    try:
-        loss, parts = pspnet_loss(
-            outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
-        )
-    except FloatingPointError as exc:
-        raise FloatingPointError(f"iteration {it}: {exc}") from exc
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    window.add(parts)
-    return lr
 
 
 def _report(
@@ -369,48 +121,32 @@ def _report(
         return
     run_log.flush()
     with tempfile.TemporaryDirectory() as tmp:
-        save_torch(
-            Path(tmp) / STATE_FILE,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "iteration": step,
-                "config_hash": config_hash(bench),
-            },
-        )
+        save_training_state(tmp, model, optimizer, iteration=step, bench=bench)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train entry point. ``cfg`` keys (see ``pipeline.training.cluster.loop_config``): bench (dict),
-    benchmark, train_dir, val_dir, mlflow_uri, run_id, root."""
+    benchmark, train_dir, val_dir, pretrained, mlflow_uri, run_id, root."""
     bench = benchmark_from_dict(cfg["bench"])
     t = bench.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ray_ctx = ray.train.get_context()
+    rank, world = ray_ctx.get_world_rank(), ray_ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.set_num_threads(max(1, t.cpus_per_worker))
-    # OpenCV's pool (the augmentation) sized like torch's; set here, before the loader forks its processes:
-    # cv2.setNumThreads inside a forked loader process deadlocks.
-    cv2.setNumThreads(max(1, t.cpus_per_worker))
+    configure_process(bench, device)
+    ctx = loop_context(bench, device, world)  # bf16 where it would be emulated fails here, before any work
     log = rank == 0
-    train_precision(bench, device)  # bf16 on a CPU without native bf16 fails here, before any work
 
-    model, optimizer = _build_model_and_optimizer(bench, cfg, device, world)
+    model, optimizer = build_model_and_optimizer(bench, ctx, cfg.get("pretrained", ""))
     start, restored_from = _restore(model, optimizer, bench, device)
     if restored_from and log:
         print(f"[train] resumed from iteration {start} ({restored_from})", flush=True)
         run_log.log_metrics(cfg, {"train/resumed_from": start}, step=start)
-    net = _wrap(model, bench, device, world)
+    net = wrap(model, ctx)
     _record_placement(rank, world, cfg)
     net.train()
     loader = build_train_loader(
-        bench,
-        cfg["train_dir"],
-        rank=rank,
-        world=world,
-        start_iteration=start,
-        pin=device.type == "cuda",
+        bench, cfg["train_dir"], rank=rank, world=world, start_iteration=start, pin=device.type == "cuda"
     )
     where = {"rank": rank, "world": world, "device": device}
     if start >= t.iterations:
@@ -419,18 +155,20 @@ def train_loop_per_worker(cfg: dict) -> None:
             run_log.flush()
         return
 
-    window = _Window()
+    window = Window()
     batches = iter(loader)
     # After the loader's iterator (which draws its base seed from torch's RNG), so that a run resumed at
     # `start` draws exactly the dropout masks an uninterrupted run draws after its checkpoint at `start`.
-    _reseed_torch(t.seed, rank, start)
+    reseed_torch(t.seed, rank, start)
     for it in range(start, t.iterations):
-        lr = _train_step(net, optimizer, batches, it, bench, device, window)
+        lr = train_step(net, optimizer, batches, it, bench, ctx, window)
         step = it + 1
         metrics: dict[str, float] = {}
         if step % t.log_every == 0 or step == t.iterations:
-            metrics.update(_window_metrics(window, lr, step, bench, device, log))
-            window = _Window()
+            metrics.update(_window_metrics(window, lr, step, bench, ctx, log))
+            window = Window()
+        elif step % t.val_every == 0 or step % t.checkpoint_every == 0:
+            window.losses()  # a loss that is not finite raises here, before the model is validated or saved
         if step % t.val_every == 0 or step == t.iterations:
             val = validate(model, bench, cfg["val_dir"], **where)
             metrics.update({"val/miou": val["miou"], "val/macc": val["macc"], "val/aacc": val["aacc"]})
@@ -440,4 +178,4 @@ def train_loop_per_worker(cfg: dict) -> None:
             run_log.log_metrics(cfg, metrics, step=step)
         if step % t.checkpoint_every == 0 or step == t.iterations:
             _report(step, metrics, model, optimizer, bench, rank)
-            _reseed_torch(t.seed, rank, step)
+            reseed_torch(t.seed, rank, step)
