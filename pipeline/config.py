@@ -176,7 +176,12 @@ class TrainConfig:
     # 2017); "none" keeps it. The rule and the effective rate are logged with every run.
     lr_scaling: Literal["none", "linear"] = "none"
     aux_weight: float = num(0.4, 0)  # alpha; 0 trains without the auxiliary loss
-    num_workers: int = num(8, 1)
+    # Ray Train workers: an integer is a fixed size; [min, max] is elastic (docs/elastic.md): Ray starts with
+    # what is free (at least min), continues from the last checkpoint on fewer workers when a node is lost and
+    # grows back towards max when nodes return. The global batch stays batch_size at every size: each worker's
+    # share batch_size / w is split into the fewest equal micro-batches no larger than the share at max
+    # workers, run with gradient accumulation. So every size w in [min, max] must divide batch_size (checked).
+    num_workers: int | tuple[int, int] = num(8, 1)
     use_gpu: bool = True
     cpus_per_worker: int = num(1, 1)
     loader_workers: int = num(0, 0)
@@ -193,6 +198,19 @@ class TrainConfig:
     val_images: int = num(0, 0)  # 0 = the whole validation split during training
     seed: int = num(0, 0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @property
+    def elastic(self) -> bool:
+        """``num_workers`` is a ``[min, max]`` range."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 @dataclass(frozen=True)
@@ -293,6 +311,9 @@ class RayConfig:
     # How a run's Train workers are laid over the nodes (Ray's ScalingConfig.placement_strategy):
     # PACK fills one node first; STRICT_SPREAD puts every worker on its own node.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Elastic trainings (train.num_workers: [min, max]): how often Ray checks whether the worker group can grow
+    # (ScalingConfig.elastic_resize_monitor_interval_s; Ray's default 60 s; the tests use a few seconds).
+    resize_interval_s: float = num(60.0, 0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -444,6 +465,17 @@ def _validate(obj: Any, where: str) -> None:
         need(len(obj.bins) > 0, "bins", "a non-empty list of positive ints")
     elif isinstance(obj, AugmentConfig):
         need(obj.scale_min <= obj.scale_max, "scale_min", f"scale_min <= scale_max ({obj.scale_max!r})")
+    elif isinstance(obj, TrainConfig):
+        lo, hi = obj.min_workers, obj.max_workers
+        need(lo <= hi, "num_workers", "[min, max] with 1 <= min <= max")
+        sizes = range(lo, hi + 1)
+        bad = [w for w in sizes if obj.batch_size % w]
+        need(
+            not bad,
+            "num_workers",
+            f"world sizes that divide train.batch_size={obj.batch_size} (each worker trains an equal share of "
+            f"the global batch); {bad} do not",
+        )
     elif isinstance(obj, EvalConfig):
         need(len(obj.ms_scales) > 0, "ms_scales", "at least one scale")
     elif isinstance(obj, SyntheticConfig):

@@ -64,10 +64,19 @@ class OneThreadWorkersLoader(DataLoader):
 
 
 def build_train_loader(
-    bench: BenchmarkConfig, train_dir: str | Path, *, rank: int, world: int, start_iteration: int, pin: bool
+    bench: BenchmarkConfig,
+    train_dir: str | Path,
+    *,
+    rank: int,
+    world: int,
+    start_iteration: int,
+    pin: bool,
+    accumulation: int = 1,
 ) -> DataLoader:
-    """Rank ``rank`` of ``world``'s loader: ``train.batch_size / world`` samples per batch, iterations
-    ``start_iteration`` to ``train.iterations``, ``train.loader_workers`` persistent processes."""
+    """Rank ``rank`` of ``world``'s loader: ``train.batch_size / world`` samples per iteration, in
+    ``accumulation`` equal micro-batches (the loop's ``ctx.accumulation``), iterations ``start_iteration`` to
+    ``train.iterations``, ``train.loader_workers`` persistent processes. The samples of an iteration do not
+    depend on ``world`` or ``accumulation`` (:class:`IterationSampler`)."""
     t, a, d = bench.train, bench.train.augment, bench.data
     transform = TrainTransform(
         crop_size=a.crop_size,
@@ -92,7 +101,7 @@ def build_train_loader(
     )
     return OneThreadWorkersLoader(
         _AugmentedRows(shards, transform),
-        batch_size=t.batch_size // world,
+        batch_size=t.batch_size // world // accumulation,
         sampler=sampler,
         num_workers=t.loader_workers,
         pin_memory=pin,

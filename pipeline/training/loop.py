@@ -2,7 +2,7 @@
 step; the model and optimizer; the SGD step; the window of losses between two log lines; the validation pass.
 
     configure_process(bench, device)                     # threads, cuDNN autotuning
-    ctx = loop_context(bench, device, world)             # precision, layout, DDP, SyncBN, compile: once
+    ctx = loop_context(bench, device, world)             # precision, layout, DDP, SyncBN, accumulation: once
     model, optimizer = build_model_and_optimizer(bench, ctx, pretrained="")
     net = wrap(model, ctx)
     for it in range(start, iterations):
@@ -15,6 +15,7 @@ The loop itself, with its Ray reports and MLflow logging, is :mod:`pipeline.trai
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from pipeline.model.pspnet import build_model
 from pipeline.storage import local_copy
 from pipeline.training.losses import check_finite, pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
-from pipeline.training.recipe import effective_base_lr, train_precision
+from pipeline.training.recipe import accumulation_steps, effective_base_lr, train_precision
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class LoopContext:
     sync_bn: bool  # SyncBatchNorm: batch-norm statistics over the global batch
     compile: bool  # torch.compile
     base_lr: float  # the poly schedule's starting rate (train.lr_scaling applied)
+    accumulation: int  # micro-batches per iteration: the global batch kept at this world size (1 when fixed)
 
 
 def loop_context(bench: BenchmarkConfig, device: torch.device, world: int) -> LoopContext:
@@ -66,6 +68,7 @@ def loop_context(bench: BenchmarkConfig, device: torch.device, world: int) -> Lo
         sync_bn=cuda and world > 1,
         compile=cuda and t.compile,
         base_lr=effective_base_lr(bench),
+        accumulation=accumulation_steps(bench, world),
     )
 
 
@@ -170,28 +173,37 @@ def train_step(
     ctx: LoopContext,
     window: Window,
 ) -> float:
-    """One SGD iteration (poly LR, forward, PSPNet loss, backward, step); returns the learning rate. The loss
-    parts go to ``window`` without leaving the device."""
+    """One SGD iteration (poly LR, forward, PSPNet loss, backward, step); returns the learning rate. With
+    ``ctx.accumulation`` > 1 (an elastic run below its largest size) the iteration's share of the global batch
+    comes as that many micro-batches, each loss divided by their number and the gradients summed (DDP
+    all-reduces after the last one only): the mean over micro-batches, as several ranks' gradients average.
+    The loss parts (averaged over the micro-batches) go to ``window`` without leaving the device."""
     t = bench.train
-    t0 = time.perf_counter()
-    images, labels = next(batches)
-    images = images.to(ctx.device, non_blocking=True)
-    if ctx.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    labels = labels.to(ctx.device, non_blocking=True)
-    window.wait += time.perf_counter() - t0
-
     lr = poly_lr(ctx.base_lr, it, t.iterations, t.lr_power)
     set_lr(optimizer, lr)
-    with torch.autocast(ctx.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None):
-        outputs = net(images)
-    outputs = {k: v.float() for k, v in outputs.items()}
-    loss, parts = pspnet_loss(
-        outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
-    )
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    steps = []
+    for micro in range(ctx.accumulation):
+        t0 = time.perf_counter()
+        images, labels = next(batches)
+        images = images.to(ctx.device, non_blocking=True)
+        if ctx.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(ctx.device, non_blocking=True)
+        window.wait += time.perf_counter() - t0
+        last = micro == ctx.accumulation - 1
+        with net.no_sync() if ctx.ddp and not last else nullcontext():
+            with torch.autocast(ctx.device.type, dtype=ctx.autocast, enabled=ctx.autocast is not None):
+                outputs = net(images)
+            outputs = {k: v.float() for k, v in outputs.items()}
+            loss, parts = pspnet_loss(
+                outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
+            )
+            (loss / ctx.accumulation if ctx.accumulation > 1 else loss).backward()
+        steps.append(parts)
     optimizer.step()
+    if len(steps) > 1:
+        parts = {key: torch.stack([p[key].double() for p in steps]).mean() for key in steps[0]}
     window.add(it, parts)
     return lr
 
