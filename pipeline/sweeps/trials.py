@@ -134,10 +134,14 @@ def max_concurrent_trials(bench: BenchmarkConfig, sweep: SweepConfig, resources:
     """How many trials the cluster holds at once (Tune does not count the Train workers' resources)."""
     t = bench.train
     cpus = resources.get("CPU", 0) - (0 if resources.get(TRIAL_SLOT) else 1)  # drivers' CPU slivers
-    fits = [int(cpus // (t.num_workers * t.cpus_per_worker))]
+    # An elastic trial ([min, max] workers) is counted at its largest size; one that fits at min still runs.
+    fits = [int(cpus // (t.max_workers * t.cpus_per_worker))]
     if t.use_gpu:
-        fits.append(int(resources.get("GPU", 0) // t.num_workers))
-    fit = min(fits)
+        fits.append(int(resources.get("GPU", 0) // t.max_workers))
+    smallest_fits = cpus >= t.min_workers * t.cpus_per_worker and (
+        not t.use_gpu or resources.get("GPU", 0) >= t.min_workers
+    )
+    fit = max(min(fits), 1 if smallest_fits else 0)
     if fit < 1:
         raise ConfigError(
             f"one trial needs {t.num_workers} workers x {t.cpus_per_worker} CPU"

@@ -143,13 +143,17 @@ def build_trainer(
 ) -> TorchTrainer:
     """One Ray Train run of the training loop: ``train.num_workers`` workers of ``train.cpus_per_worker`` CPUs
     (and a GPU each with ``use_gpu``) placed by ``ray.placement_strategy``, up to ``train.max_failures``
-    restarts from the newest of the ``keep`` checkpoints kept under ``storage/name``."""
+    restarts from the newest of the ``keep`` checkpoints kept under ``storage/name``. An elastic
+    ``[min, max]`` is Ray's elastic group (``ScalingConfig(num_workers=(min, max))``, checked for growth every
+    ``ray.resize_interval_s``): a restart after a lost node continues on the workers left (at least min)."""
     t = bench.train
+    elastic = {"elastic_resize_monitor_interval_s": ray_cfg.resize_interval_s} if t.elastic else {}
     scaling = ray.train.ScalingConfig(
         num_workers=t.num_workers,
         use_gpu=t.use_gpu,
         resources_per_worker={"CPU": t.cpus_per_worker} | ({"GPU": 1} if t.use_gpu else {}),
         placement_strategy=ray_cfg.placement_strategy,
+        **elastic,
     )
     run = ray.train.RunConfig(
         name=name,

@@ -38,6 +38,7 @@ from pipeline.training.recipe import (
     effective_base_lr,
     sync_bn,
     train_precision,
+    world_sizes,
 )
 
 
@@ -58,12 +59,21 @@ def _check_inputs(bench: BenchmarkConfig, benchmark: str, data_dir: Path, force:
             raise FileNotFoundError(
                 f"{data_dir / split}: prepared split missing; run `dvc repro prepare@{benchmark}` first"
             )
-    if bn_batch(bench) < PAPER_BN_BATCH:
+    smallest = min(bn_batch(bench, w) for w in world_sizes(bench))
+    if smallest < PAPER_BN_BATCH:
         warnings.warn(
-            f"batch-norm statistics are computed over {bn_batch(bench)} images (the paper uses "
+            f"batch-norm statistics are computed over {smallest} images"
+            f"{' at the smallest world size' if bench.train.elastic else ''} (the paper uses "
             f"{PAPER_BN_BATCH}); expect lower mIoU than the paper at this batch",
             stacklevel=3,
         )
+
+
+def _bn_batch_tag(bench: BenchmarkConfig) -> str:
+    """Images per batch-norm statistic; for an elastic run at each world size ("1: 4, 2: 3, 3: 4")."""
+    if not bench.train.elastic:
+        return str(bn_batch(bench))
+    return ", ".join(f"{w}: {bn_batch(bench, w)}" for w in world_sizes(bench))
 
 
 def _check_cluster(bench: BenchmarkConfig, address: str, force: bool) -> None:
@@ -71,7 +81,7 @@ def _check_cluster(bench: BenchmarkConfig, address: str, force: bool) -> None:
     t = bench.train
     resources = ray.cluster_resources()
     check_scaling(bench, gpus_available=resources.get("GPU", 0.0), force=force)
-    cpus_needed = t.num_workers * t.cpus_per_worker
+    cpus_needed = t.min_workers * t.cpus_per_worker
     if cpus_needed > resources.get("CPU", 0.0) and not ray_address(address):
         # A local cluster cannot grow: waiting for the workers would hang forever.
         raise ScalingError(
@@ -95,7 +105,7 @@ def _open_run(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     tags = tracking.provenance(benchmark, stage, root) | {
         tracking.CONFIG_HASH_TAG: chash,
-        "pspnet.bn_batch": str(bn_batch(bench)),
+        "pspnet.bn_batch": _bn_batch_tag(bench),
         "pspnet.split_hash": str(manifest.get("dataset_hash", "")),
         "pspnet.lr_rule": f"{t.lr_scaling} (paper: base_lr for batch {PAPER_BATCH})",
         "pspnet.effective_base_lr": f"{effective_base_lr(bench):g}",

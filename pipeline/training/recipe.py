@@ -34,9 +34,13 @@ def accumulation_steps(bench: BenchmarkConfig, world: int) -> int:
     """Micro-batches per iteration on each of ``world`` ranks, so that the global batch stays
     ``train.batch_size``: the rank's share ``batch_size / world`` split into the fewest equal micro-batches no
     larger than the share at ``train.max_workers`` (the largest micro-batch, hence the memory, an elastic run
-    was sized for). 1 at a fixed size. E.g. batch 12 over [1, 3] workers: 3 workers x 4 images x 1 step,
-    2 x 3 x 2 steps, 1 x 4 x 3 steps."""
+    was sized for). E.g. batch 12 over [1, 3] workers: 3 workers x 4 images x 1 step, 2 x 3 x 2 steps,
+    1 x 4 x 3 steps. Always 1 at a fixed size (an integer ``train.num_workers``), whatever ``world``: a
+    fixed-size run, or a one-process smoke of it, trains on ``batch_size / world`` images per step, as before
+    elastic runs existed."""
     t = bench.train
+    if not t.elastic:
+        return 1
     share, largest = t.batch_size // world, t.batch_size // t.max_workers
     steps = -(-share // largest)
     while share % steps:

@@ -20,8 +20,11 @@ relayed MLflow writes); what it runs on each rank is :mod:`pipeline.training.loo
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
+import warnings
+from pathlib import Path
 
 import ray.train
 import ray.train.torch
@@ -44,19 +47,65 @@ from pipeline.training.loop import (
     validate,
     wrap,
 )
+from pipeline.training.recipe import PAPER_BN_BATCH, bn_batch
+
+WORLD_FILE = "world.json"  # an elastic run's checkpoints: the number of workers that wrote it
 
 
 def _restore(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, bench: BenchmarkConfig, device: torch.device
-) -> tuple[int, str]:
-    """Loads Ray Train's latest checkpoint into the model and optimizer; ``(iteration, checkpoint path)``,
-    ``(0, "")`` on a fresh start."""
+) -> tuple[int, str, int]:
+    """Loads Ray Train's latest checkpoint into the model and optimizer; ``(iteration, checkpoint path,
+    workers that wrote it)``, ``(0, "", 0)`` on a fresh start (workers 0 also where a checkpoint does not say)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, ""
+        return 0, "", 0
     with checkpoint.as_directory() as ckdir:
         iteration = restore_training_state(ckdir, bench, model, optimizer, map_location=device)
-    return iteration, str(checkpoint.path)
+        world_file = Path(ckdir) / WORLD_FILE
+        before = json.loads(world_file.read_text())["workers"] if world_file.is_file() else 0
+    return iteration, str(checkpoint.path), before
+
+
+def _record_size(
+    cfg: dict, bench: BenchmarkConfig, ctx: LoopContext, start: int, before: int, world: int, nodes: int
+) -> None:
+    """An elastic run's (re)start on rank 0: the world size, accumulation steps, nodes and images per
+    batch-norm statistic as metrics at iteration ``start`` (one history over every resize of the run), and a
+    tag ``elastic.resize.it<start>.to<world>`` when the size changed from the checkpoint's; a warning, as the
+    driver gives, when batch-norm statistics fall below the paper's 16 images."""
+    bn = bn_batch(bench, world)
+    run_log.log_metrics(
+        cfg,
+        {
+            "elastic/workers": world,
+            "elastic/accumulation": ctx.accumulation,
+            "elastic/nodes": nodes,
+            "elastic/bn_batch": bn,
+        },
+        step=start,
+    )
+    change = f"{before or 'start'} -> {world} workers"
+    if before and before != world:
+        run_log.set_tags(
+            cfg,
+            {
+                f"elastic.resize.it{start}.to{world}": f"{change} on {nodes} node(s), {ctx.accumulation} "
+                f"accumulation step(s), {bn} images per BN statistic"
+            },
+        )
+    print(
+        f"[train] elastic: it {start}, {change} on {nodes} node(s), {ctx.accumulation} accumulation step(s) "
+        f"of {bench.train.batch_size // world // ctx.accumulation} images, global batch "
+        f"{bench.train.batch_size}",
+        flush=True,
+    )
+    if bn < PAPER_BN_BATCH:
+        warnings.warn(
+            f"batch-norm statistics are computed over {bn} images at {world} workers (the paper uses "
+            f"{PAPER_BN_BATCH}); expect lower mIoU than the paper at this batch",
+            stacklevel=2,
+        )
 
 
 def _record_placement(rank: int, world: int, cfg: dict) -> list[str]:
@@ -122,6 +171,9 @@ def _report(
     run_log.flush()
     with tempfile.TemporaryDirectory() as tmp:
         save_training_state(tmp, model, optimizer, iteration=step, bench=bench)
+        if bench.train.elastic:
+            world = ray.train.get_context().get_world_size()
+            (Path(tmp) / WORLD_FILE).write_text(json.dumps({"workers": world}))
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -138,15 +190,23 @@ def train_loop_per_worker(cfg: dict) -> None:
     log = rank == 0
 
     model, optimizer = build_model_and_optimizer(bench, ctx, cfg.get("pretrained", ""))
-    start, restored_from = _restore(model, optimizer, bench, device)
+    start, restored_from, before = _restore(model, optimizer, bench, device)
     if restored_from and log:
         print(f"[train] resumed from iteration {start} ({restored_from})", flush=True)
         run_log.log_metrics(cfg, {"train/resumed_from": start}, step=start)
     net = wrap(model, ctx)
-    _record_placement(rank, world, cfg)
+    nodes = _record_placement(rank, world, cfg)
+    if t.elastic and log:
+        _record_size(cfg, bench, ctx, start, before, world, len(set(nodes)))
     net.train()
     loader = build_train_loader(
-        bench, cfg["train_dir"], rank=rank, world=world, start_iteration=start, pin=device.type == "cuda"
+        bench,
+        cfg["train_dir"],
+        rank=rank,
+        world=world,
+        start_iteration=start,
+        pin=device.type == "cuda",
+        accumulation=ctx.accumulation,
     )
     where = {"rank": rank, "world": world, "device": device}
     if start >= t.iterations:
