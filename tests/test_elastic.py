@@ -15,6 +15,9 @@ size by gradient accumulation.
 from __future__ import annotations
 
 import os
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,3 +152,111 @@ def test_two_workers_equal_one_worker_accumulating_two_steps(tiny_prepared, tmp_
     assert worst < 1e-5, worst
     moved = max((weights[1][k].float()).abs().max().item() for k in weights[1])
     assert moved > 0
+
+
+ELASTIC_ITERATIONS = 45
+
+
+def _elastic_history(root: Path) -> tuple[object, dict]:
+    import mlflow
+
+    from pipeline import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(params_from_dict(tiny_params_dict()).mlflow, root))
+    runs = mlflow.search_runs(experiment_names=["pspnet-synthetic"], output_format="list")
+    if not runs:
+        return None, {}
+    assert len(runs) == 1, f"expected one continuous MLflow run, found {len(runs)}"
+    keys = ["elastic/workers", "elastic/accumulation", "elastic/nodes", "train/loss"]
+    return runs[0], tracking.metric_history(mlflow.get_tracking_uri(), runs[0].info.run_id, keys)
+
+
+def _wait(what: str, ok, alive, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not ok():
+        if not alive():
+            raise AssertionError(f"training ended before {what}")
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(tiny_prepared, tmp_path):
+    """min 1 / max 3 workers, one per 1-CPU worker node (the head has none): a node removed with nothing to
+    replace it -> the run goes on from its last checkpoint on 2 workers (accumulating, the global batch kept);
+    a node added -> back to 3; the training finishes, one MLflow run records every size."""
+    from cluster.local import add_worker_node, patched_env, ray_cluster, s3_server
+    from pipeline.training.launcher import train
+    from tests.conftest import wait_for_registered_checkpoints
+
+    raw = tiny_params_dict(
+        num_workers=[1, 3],
+        batch_size=6,
+        iterations=ELASTIC_ITERATIONS,
+        checkpoint_every=3,
+        log_every=3,
+        val_every=1000,
+        max_failures=4,
+        use_gpu=False,
+    )
+    storage = "s3://pspnet/elastic"
+    # Ray waits this long for max workers before starting a smaller group (default 60 s; stack-notes.md)
+    fast = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+    with (
+        s3_server() as env,
+        patched_env(env | fast),
+        ray_cluster(head_cpus=0, worker_cpus=(1, 1, 1)) as cluster,
+    ):
+        raw["ray"] = {"address": cluster.address, "storage_path": storage, "resize_interval_s": 3.0}
+        params = params_from_dict(raw)
+        outcome: dict = {}
+
+        def run() -> None:
+            try:
+                outcome["result"] = train(
+                    "synthetic", params, data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
+                )
+            except BaseException as exc:  # surfaced below
+                outcome["error"] = exc
+
+        started = time.time()
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            wait_for_registered_checkpoints(storage, alive=thread.is_alive)
+            run_info, hist = _elastic_history(tmp_path)
+            assert [w for _, w in hist["elastic/workers"]] == [3], hist
+            placed = {v for k, v in run_info.data.tags.items() if k.startswith("ray.node.rank")}
+            victim = next(n for n in cluster.worker_nodes if n.node_id in placed)
+            lost = time.time()
+            cluster.remove_node(victim, allow_graceful=False)  # nothing replaces it
+            _wait(
+                "the group restarted on 2 workers",
+                lambda: 2 in [w for _, w in _elastic_history(tmp_path)[1].get("elastic/workers", [])],
+                thread.is_alive,
+            )
+            print(f"lost a node -> 2 workers recorded after {time.time() - lost:.1f} s", flush=True)
+            add_worker_node(cluster, 1)  # from the main thread (Cluster.add_node needs it)
+            _wait(
+                "the group grown back to 3 workers",
+                lambda: [w for _, w in _elastic_history(tmp_path)[1]["elastic/workers"]][-1] == 3,
+                thread.is_alive,
+            )
+        finally:
+            thread.join(timeout=600)
+        print(f"elastic run: {time.time() - started:.1f} s", flush=True)
+        assert not thread.is_alive()
+        assert "error" not in outcome, outcome.get("error")
+        assert outcome["result"].iterations == ELASTIC_ITERATIONS
+    run_info, hist = _elastic_history(tmp_path)
+    assert run_info.info.status == "FINISHED"
+    sizes = [w for _, w in hist["elastic/workers"]]
+    steps = [a for _, a in hist["elastic/accumulation"]]
+    assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, hist
+    # batch 6: 3 workers x 2 images x 1 step; 2 workers x 1 image x 3 steps (the micro-batch never above 2)
+    assert {(w, a) for w, a in zip(sizes, steps, strict=True)} <= {(3, 1), (2, 3), (1, 3)}
+    assert any(
+        k.startswith("elastic.resize.it") and "3 -> 2 workers" in v for k, v in run_info.data.tags.items()
+    )
+    assert max(step for step, _ in hist["train/loss"]) == ELASTIC_ITERATIONS

@@ -1,0 +1,141 @@
+"""An elastic training (``train.num_workers: [1, 3]``, global batch 6) on the local share-nothing multi-node
+rehearsal (``cluster/local.py``: a head without CPUs and three 1-CPU worker nodes; checkpoints and shards on
+moto's S3; CPU, the tiny test model): the time from a lost node to training resumed on fewer workers, the time
+from a node added to the group grown back, and the seconds per iteration at each size, as ratios against the
+3-worker reference measured in the same run.
+
+    python benchmarks/elastic.py                       # 60 iterations, start timeout 15 s, resize check 3 s
+    python benchmarks/elastic.py --start-timeout 60    # Ray's default wait for max workers before shrinking
+
+"Resumed" is the moment rank 0 of the smaller group records its size on the MLflow run (``elastic/workers``),
+after restoring the last checkpoint and before its first step. Ray first asks for max workers again and waits
+``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (``--start-timeout``) before it starts a smaller group, so that wait
+is most of the recovery time. Seconds per iteration are Window's ``train/sec_per_iter`` over each log window,
+grouped by the size in force; the absolute times depend on the machine's load (on 2 shared cores three 1-CPU
+workers also compete for CPU), the ratios less so. A 2-worker iteration runs 3 micro-batches of 1 image per
+rank instead of 1 of 2: the global batch is kept, each rank does 1.5x the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlflow  # noqa: E402
+
+from cluster.local import add_worker_node, patched_env, ray_cluster, s3_server  # noqa: E402 (before Ray is imported)
+from pipeline import tracking  # noqa: E402
+from pipeline.config import params_from_dict  # noqa: E402
+from pipeline.data.benchmarks import fetch, prepare  # noqa: E402
+from pipeline.training.launcher import train  # noqa: E402
+from tests.conftest import tiny_params_dict  # noqa: E402
+
+
+def history(root: Path) -> tuple[object, dict]:
+    mlflow.set_tracking_uri(tracking.tracking_uri(params_from_dict(tiny_params_dict()).mlflow, root))
+    runs = mlflow.search_runs(experiment_names=["pspnet-synthetic"], output_format="list")
+    if not runs:
+        return None, {"elastic/workers": []}
+    keys = ["elastic/workers", "train/sec_per_iter"]
+    return runs[0], tracking.metric_history(mlflow.get_tracking_uri(), runs[0].info.run_id, keys)
+
+
+def wait(ok, alive, what: str, timeout: float = 600) -> float:
+    deadline = time.time() + timeout
+    while not ok():
+        if not alive() or time.time() > deadline:
+            raise SystemExit(f"elastic.py: {what} not seen")
+        time.sleep(0.2)
+    return time.time()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument(
+        "--start-timeout", type=float, default=15.0, help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    )
+    ap.add_argument("--resize-interval", type=float, default=3.0, help="ray.resize_interval_s")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="elastic-bench-"))
+    raw = tiny_params_dict(
+        num_workers=[1, 3],
+        batch_size=6,
+        iterations=args.iterations,
+        checkpoint_every=3,
+        log_every=3,
+        val_every=10_000,
+        max_failures=4,
+        use_gpu=False,
+    )
+    bench = params_from_dict(raw).benchmark("synthetic")
+    fetch("synthetic", bench, tmp / "archives", progress=False)
+    prepare("synthetic", bench, tmp / "archives", tmp / "prepared", progress=False)
+    storage = "s3://pspnet/elastic-bench"
+    env = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(args.start_timeout)}
+    with s3_server() as s3, patched_env(s3 | env), ray_cluster(head_cpus=0, worker_cpus=(1, 1, 1)) as cluster:
+        raw["ray"] = {
+            "address": cluster.address,
+            "storage_path": storage,
+            "resize_interval_s": args.resize_interval,
+        }
+        params = params_from_dict(raw)
+        done: dict = {}
+
+        def run() -> None:
+            try:
+                done["result"] = train(
+                    "synthetic", params, data_dir=tmp / "prepared", out_dir=tmp / "models", root=tmp
+                )
+            except BaseException as exc:
+                done["error"] = exc
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        sizes = lambda: [w for _, w in history(tmp)[1]["elastic/workers"]]  # noqa: E731
+        wait(
+            lambda: len(history(tmp)[1].get("train/sec_per_iter", [])) >= 3, thread.is_alive, "3 log windows"
+        )
+        run_info, _ = history(tmp)
+        placed = {v for k, v in run_info.data.tags.items() if k.startswith("ray.node.rank")}
+        victim = next(n for n in cluster.worker_nodes if n.node_id in placed)
+        lost = time.time()
+        cluster.remove_node(victim, allow_graceful=False)
+        shrunk = wait(lambda: 2 in sizes(), thread.is_alive, "the 2-worker group") - lost
+        wait(lambda: len(history(tmp)[1]["train/sec_per_iter"]) >= 8, thread.is_alive, "2-worker windows")
+        added = time.time()
+        add_worker_node(cluster, 1)
+        grown = wait(lambda: sizes()[-1] == 3 and len(sizes()) >= 3, thread.is_alive, "the group grown back")
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+    _, hist = history(tmp)
+    starts = hist["elastic/workers"]
+    per_size: dict[int, list[float]] = {}
+    for step, sec in hist["train/sec_per_iter"]:
+        size = [w for s, w in starts if s < step][-1]
+        per_size.setdefault(int(size), []).append(sec)
+    ref = statistics.median(per_size[3])
+    print(f"sizes recorded (iteration, workers): {[(s, int(w)) for s, w in starts]}")
+    print(
+        f"node lost -> training resumed on 2 workers: {shrunk:.1f} s (start timeout {args.start_timeout:g} s)"
+    )
+    print(
+        f"node added -> group grown back to 3: {grown - added:.1f} s (resize check {args.resize_interval:g} s)"
+    )
+    for size, secs in sorted(per_size.items()):
+        med = statistics.median(secs)
+        print(
+            f"{size} workers: {med:.3f} s/iteration (median of {len(secs)} windows), {med / ref:.2f}x 3 workers"
+        )
+
+
+if __name__ == "__main__":
+    main()
