@@ -252,11 +252,10 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(tiny_prepared, tmp_pa
     run_info, hist = _elastic_history(tmp_path)
     assert run_info.info.status == "FINISHED"
     sizes = [w for _, w in hist["elastic/workers"]]
-    steps = [a for _, a in hist["elastic/accumulation"]]
-    assert sizes[0] == 3 and 2 in sizes and sizes[-1] == 3, hist
+    assert sizes[0] == 3 and 2 in sizes, hist  # (two restarts at one iteration may come in either order)
     # batch 6: 3 workers x 2 images x 1 step; 2 workers x 1 image x 3 steps (the micro-batch never above 2)
-    assert {(w, a) for w, a in zip(sizes, steps, strict=True)} <= {(3, 1), (2, 3), (1, 3)}
-    assert any(
-        k.startswith("elastic.resize.it") and "3 -> 2 workers" in v for k, v in run_info.data.tags.items()
-    )
+    assert {a for _, a in hist["elastic/accumulation"]} == {1, 3}
+    tags = [v for k, v in run_info.data.tags.items() if k.startswith("elastic.resize.it")]
+    assert any(v.startswith("3 -> 2 workers") and "3 accumulation step(s)" in v for v in tags), tags
+    assert any(v.startswith("2 -> 3 workers") and "1 accumulation step(s)" in v for v in tags), tags
     assert max(step for step, _ in hist["train/loss"]) == ELASTIC_ITERATIONS
