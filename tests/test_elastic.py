@@ -257,5 +257,7 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(tiny_prepared, tmp_pa
     assert {a for _, a in hist["elastic/accumulation"]} == {1, 3}
     tags = [v for k, v in run_info.data.tags.items() if k.startswith("elastic.resize.it")]
     assert any(v.startswith("3 -> 2 workers") and "3 accumulation step(s)" in v for v in tags), tags
-    assert any(v.startswith("2 -> 3 workers") and "1 accumulation step(s)" in v for v in tags), tags
+    # grown back: 3 recorded again after the 2 (the tag's "old" size is the checkpoint writer's, so a group
+    # that grows before the smaller one checkpointed leaves no "2 -> 3" tag; the metric history has it)
+    assert sizes.count(3) >= 2, hist
     assert max(step for step, _ in hist["train/loss"]) == ELASTIC_ITERATIONS
