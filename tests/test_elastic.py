@@ -240,7 +240,8 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(tiny_prepared, tmp_pa
             add_worker_node(cluster, 1)  # from the main thread (Cluster.add_node needs it)
             _wait(
                 "the group grown back to 3 workers",
-                lambda: [w for _, w in _elastic_history(tmp_path)[1]["elastic/workers"]][-1] == 3,
+                # 3 recorded again after the 2 (restarts logged at one iteration come back in either order)
+                lambda: [w for _, w in _elastic_history(tmp_path)[1]["elastic/workers"]].count(3) >= 2,
                 thread.is_alive,
             )
         finally:
