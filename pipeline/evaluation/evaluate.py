@@ -117,7 +117,7 @@ def _compute(
     if where.workers > 1:
         from pipeline.evaluation.distributed import evaluate_distributed
 
-        split_dir = stage_split(split, where.storage) if where.storage and "://" not in split else split
+        split_dir = stage_split(Path(split), where.storage) if where.storage and "://" not in split else split
         return evaluate_distributed(
             model,
             split_dir,
