@@ -120,6 +120,32 @@ def test_registry_best_alias_and_pyfunc_predict(store, tmp_path: Path) -> None:
     assert loaded.class_names == direct.class_names
 
 
+def test_registered_version_carries_description_and_tags(store, tmp_path: Path) -> None:
+    """The registry's version page says which run, benchmark, numbers and protocol it holds."""
+    uri, exp = store
+    params = params_from_dict(tiny_params_dict())
+    run_id = tracking.start_run(uri, exp, run_name="r", tags={}, params={})
+    tracking.log_metrics(uri, run_id, {"ss/miou": 0.7431, "ms/miou": 0.769})
+    tracking.set_tags(
+        uri, run_id, {"protocol.ss": "ss", "protocol.ss.hash": "abc123", "protocol.ms.hash": "def456"}
+    )
+    tracking.finish_run(uri, run_id)
+    info = _publish(uri, run_id, _model_file(tmp_path / "m.pt", seed=0), params)
+    version = MlflowClient(uri).get_model_version("pspnet-synthetic", info["version"])
+    assert version.tags == {
+        "run_id": run_id,
+        "benchmark": "synthetic",
+        "ss_miou": "74.31",
+        "ms_miou": "76.90",
+        "protocol.ss": "ss",
+        "protocol.ss.hash": "abc123",
+        "protocol.ms.hash": "def456",
+    }
+    assert run_id in version.description and "synthetic" in version.description
+    assert "ss mIoU 74.31 %" in version.description and "protocol hash abc123" in version.description
+    assert "ms mIoU 76.90 %" in version.description and "protocol hash def456" in version.description
+
+
 def _requirements(model) -> list[str]:
     from mlflow.artifacts import download_artifacts
 
