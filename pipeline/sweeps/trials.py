@@ -114,7 +114,7 @@ class ReleaseOrphanedWorkerGroups(ray.tune.Callback):
 
 
 def _value(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 class TrialProgress(ray.tune.Callback):
@@ -124,7 +124,7 @@ class TrialProgress(ray.tune.Callback):
     its ``metrics`` (fractions, shown as percent), e.g.
 
         [tune] trial 5c1e0_00002 aux_weight=0.4 base_lr=0.01 reduction=0.25: iteration 80/160, val mIoU 52.31
-        [tune] 3/4 done: aux_weight=0.4 base_lr=0.01 reduction=0.25: iteration 160/160, val mIoU 58.02 (2 min 4 s)
+        [tune] 3/4 done: aux_weight=0.4 base_lr=0.01 reduction=0.25: iteration 40/160, val mIoU 41.20 (stopped early) (2 min 4 s)
         [study] 5/6 done: aux-0.4 seed 1: 250 iterations, ss mIoU 60.12, ms mIoU 62.30 (3 min 10 s)
 
     ``each_result`` prints every report (a sweep's validations); without it only finished trials (a study's
@@ -181,10 +181,13 @@ class TrialProgress(ray.tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._done += 1
-        reused = " (reused a finished run)" if (trial.last_result or {}).get("reused") else ""
+        last = trial.last_result or {}
+        note = " (reused a finished run)" if last.get("reused") else ""
+        if self.iterations and 0 < last.get("iteration", self.iterations) < self.iterations:
+            note = " (stopped early)"
         print(
-            f"[{self.label}] {self._count()} done: {self._point(trial)}: {self._scores(trial.last_result or {})}"
-            f"{reused} ({self._elapsed()})",
+            f"[{self.label}] {self._count()} done: {self._point(trial)}: {self._scores(last)}"
+            f"{note} ({self._elapsed()})",
             flush=True,
         )
 
