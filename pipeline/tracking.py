@@ -380,7 +380,9 @@ def publish_model(
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     name = registered_model_name(benchmark)
-    client = MlflowClient(uri)
+    # the registry named explicitly: MlflowClient(uri) alone takes the process's registry URI, which
+    # use_store may have pointed at another store earlier in the same process
+    client = MlflowClient(uri, registry_uri=uri)
     mine = [v for v in _versions(client, name) if v.run_id == run_id]
     if mine:
         version = mine[0].version
