@@ -287,7 +287,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipeline.predict import MAX_PIXELS, load_labeler, predict_images
 
-    labeler = load_labeler(args.model, args.params, args.benchmark)
+    labeler = load_labeler(args.model, args.params, args.benchmark, args.tracking_uri)
     out = predict_images(
         labeler,
         args.inputs,
@@ -407,6 +407,16 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("cityscapes", "voc", "ade20k"), default="", help="server submission")
     p.add_argument("--benchmark", default="", help="for a model file that records none (imported weights)")
     p.add_argument(
+        "--params",
+        default="",
+        help="for a model file: its benchmark's eval settings (default: ./params.yaml, else the project's)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="the MLflow store of a models:/ URI (default: $MLFLOW_TRACKING_URI, else the project's store)",
+    )
+    p.add_argument(
         "--max-pixels",
         type=int,
         default=None,
@@ -456,7 +466,7 @@ COMMANDS = {
         cmd_predict,
         "label maps, overlays and benchmark-server files for images",
         _predict_args,
-        True,
+        False,  # its own --params: optional (a registered version carries what it needs)
         False,
     ),
     "score": (cmd_score, "score PNG predictions against PNG ground truth", _score_args, False, False),

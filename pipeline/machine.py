@@ -1,5 +1,5 @@
 """The machine a number came from: CPU results are bit-for-bit repeatable on one CPU model, and another model's
-kernels round differently (see the README), so reports and MLflow runs name it."""
+kernels round differently (see docs/performance.md), so reports and MLflow runs name it."""
 
 from __future__ import annotations
 

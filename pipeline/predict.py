@@ -267,20 +267,84 @@ def _checked_settings(raw: Any, path: Path, num_classes: int) -> dict[str, Any]:
     }
 
 
-def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> LabelMapper:
-    """The model ``pspnet predict --model`` names: a registry URI (``models:/pspnet-NAME@best``,
-    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in the project's MLflow store, a model file, or the folder
-    holding ``model.pt`` (the train stage's output)."""
+PARAMS_FILE = "params.yaml"
+# The project the `pspnet` command runs from (the folder holding pipeline/): its params.yaml and mlflow.db are
+# the fallback when the current folder is not a project.
+INSTALLED_PROJECT = Path(__file__).resolve().parent.parent
+
+
+def settings_project(cwd: Path | None = None) -> Path | None:
+    """The project ``pspnet predict`` reads settings from: the current folder when it holds a params.yaml,
+    else the project the command is installed from (when it holds one), else None."""
+    for root in (Path.cwd() if cwd is None else cwd, INSTALLED_PROJECT):
+        if (root / PARAMS_FILE).is_file():
+            return root.resolve()
+    return None
+
+
+def store_uri(tracking_uri: str = "", params_path: str | Path = "") -> tuple[str, str]:
+    """The MLflow store a ``models:/`` URI is read from, and why that one: ``tracking_uri`` (--tracking-uri),
+    else ``$MLFLOW_TRACKING_URI``, else the params file's ``mlflow.tracking_uri``, else the project's
+    ``mlflow.db`` (:func:`settings_project`)."""
+    import os
+
+    from pipeline import tracking
     from pipeline.config import load_params
 
-    params = load_params(params_path)
+    if tracking_uri:
+        return tracking_uri, "--tracking-uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    root = Path(params_path).resolve().parent if params_path else settings_project()
+    if root is None:
+        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}", "the current folder (no params.yaml found)"
+    params = load_params(params_path or root / PARAMS_FILE)
+    if params.mlflow.tracking_uri:
+        return params.mlflow.tracking_uri, f"mlflow.tracking_uri in {params_path or root / PARAMS_FILE}"
+    return tracking.tracking_uri(params.mlflow, root), f"the project {root}"
+
+
+POINT_ELSEWHERE = "point at another store with --tracking-uri URI or MLFLOW_TRACKING_URI=URI"
+
+
+def _check_local_store(model: str, uri: str, why: str) -> None:
+    """A local store that is not there is named, not created (MLflow would create an empty database)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        path = Path(unquote(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else parts.path)
+        if not path.is_absolute():
+            path = Path.cwd() / path
+    elif parts.scheme in ("", "file"):
+        path = Path(unquote(parts.path))
+    else:
+        return
+    if not path.exists():
+        raise PredictError(
+            f"{model}: no MLflow store at {path} (looked there: {why}); {POINT_ELSEWHERE}, "
+            "e.g. sqlite:////path/to/project/mlflow.db"
+        )
+
+
+def load_labeler(
+    model: str, params_path: str | Path = "", benchmark: str = "", tracking_uri: str = ""
+) -> LabelMapper:
+    """The model ``pspnet predict --model`` names: a registry URI (``models:/pspnet-NAME@best``,
+    ``models:/pspnet-NAME/3``, ``runs:/RUN/model``) in an MLflow store (:func:`store_uri`), a model file, or
+    the folder holding ``model.pt`` (the train stage's output). A registered version needs no params file (its
+    ``labeler.json`` holds the protocols, class names and palette); a model file takes its class names from
+    itself and its protocols from the benchmark's eval settings in ``params_path``, else in the
+    :func:`settings_project`'s params.yaml."""
+    from pipeline.config import load_params
+
     if model.startswith(("models:/", "runs:/")):
         from mlflow.exceptions import MlflowException
 
         from pipeline import preflight, tracking
-        from pipeline.files import project_root
 
-        uri = tracking.tracking_uri(params.mlflow, project_root())
+        uri, why = store_uri(tracking_uri, params_path)
+        _check_local_store(model, uri, why)
         preflight.check_tracking(
             uri
         )  # a server that is down is named in seconds, not after minutes of retries
@@ -288,19 +352,28 @@ def load_labeler(model: str, params_path: str | Path, benchmark: str = "") -> La
             with tempfile.TemporaryDirectory(prefix="pspnet-registered-") as tmp:
                 return labeler_from_artifacts(tracking.download_model_artifacts(uri, model, Path(tmp)))
         except (MlflowException, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PredictError(
-                f"{model}: cannot load it from the MLflow store {uri}: {exc} (`pspnet predict` reads a "
-                f"version's artifacts/{MODEL_FILE} and artifacts/{LABELER_SETTINGS}, which `pspnet evaluate` "
-                "registers)"
+                f"{model}: not loaded from the MLflow store {uri} (chosen by {why}): {first}; "
+                f"{POINT_ELSEWHERE} (`pspnet predict` reads a version's artifacts/{MODEL_FILE} and "
+                f"artifacts/{LABELER_SETTINGS}, which `pspnet evaluate` registers)"
             ) from exc
     path = Path(model)
     if path.is_dir():
         path = path / "model.pt"
-    return labeler_from_file(path, params, benchmark)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Inputs
+    if not path.is_file():
+        raise PredictError(
+            f"{path}: no such model file (--model takes a model file, its folder, or models:/pspnet-NAME@best)"
+        )
+    if not params_path:
+        root = settings_project()
+        if root is None:
+            raise PredictError(
+                f"{path}: a model file's protocols come from its benchmark's eval settings, and no params.yaml "
+                f"was found (not in {Path.cwd()}, nor in {INSTALLED_PROJECT}); give --params FILE"
+            )
+        params_path = root / PARAMS_FILE
+    return labeler_from_file(path, load_params(params_path), benchmark)
 
 
 def collect_images(inputs: Sequence[str | Path]) -> list[Path]:

@@ -161,6 +161,6 @@ def check_devices(bench: BenchmarkConfig, address: str = "", force: bool = False
     raise ScalingError(
         f"this benchmark trains on {bench.train.num_workers} GPU workers (train.use_gpu: true), but no Ray "
         "cluster is configured (RAY_ADDRESS / ray.address) and this machine has no GPU. Point RAY_ADDRESS at "
-        "a GPU cluster (README: 'Running on a cluster'), or run the CPU demo with `make demo`; "
+        "a GPU cluster (docs/cluster.md), or run the CPU demo with `make demo`; "
         "pass --force to go on anyway."
     )

@@ -48,14 +48,33 @@ def runtime_env() -> dict:
     return {"env_vars": env}
 
 
-def init_ray(address: str = "") -> bool:
+def init_ray(address: str = "", log_to_driver: bool = True) -> bool:
     """Attach to ``address`` / ``$RAY_ADDRESS`` when given, else start a fresh local cluster (with the trial
-    slots Tune drivers hold). Does nothing when Ray is already up; returns True when this call connected."""
+    slots Tune drivers hold). Does nothing when Ray is already up; returns True when this call connected.
+
+    ``log_to_driver=False`` keeps the workers' output (every trial's training lines, Ray Train's own) in Ray's
+    session log files (:func:`logs_dir`) instead of the console: the sweeps and studies print one line per
+    trial themselves."""
     if ray.is_initialized():
         return False
     address = ray_address(address)
     if address:
-        ray.init(address=address, runtime_env=runtime_env())
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=log_to_driver)
     else:
-        ray.init(address="local", runtime_env=runtime_env(), resources={TRIAL_SLOT: LOCAL_TRIAL_SLOTS})
+        ray.init(
+            address="local",
+            runtime_env=runtime_env(),
+            resources={TRIAL_SLOT: LOCAL_TRIAL_SLOTS},
+            log_to_driver=log_to_driver,
+        )
     return True
+
+
+def logs_dir() -> str:
+    """This node's Ray session log folder, where ``worker-*.out`` / ``worker-*.err`` hold each worker's output
+    (on a cluster, each node has its own). Read from the driver's node object: Ray 2.60 has no public call for
+    it. Empty when Ray is not up."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    return node.get_logs_dir_path() if node is not None else ""

@@ -1,6 +1,7 @@
 """The reports of sweeps and studies, rendered from their finished results (no number is computed here).
 
-    write_sweep   reports/tune-NAME/: tune_results.csv, tune_summary.json, tune_best.yaml, tune_miou.png, tune.md
+    write_sweep   reports/tune-NAME/: tune_results.csv, tune_summary.json (+ tune_metrics.json, its numbers),
+                  tune_best.yaml, tune_miou.png, tune.md
     write_study   reports/studies/NAME/: runs.csv, cells.csv, study.md, directions.json, study.png
 
 ``pipeline.sweeps`` runs the trials and hands the tables here.
@@ -20,15 +21,32 @@ from pipeline.config import StudyConfig, SweepConfig
 from pipeline.files import atomic_write_text
 
 
+def sweep_metrics(summary: dict) -> dict:
+    """The numbers of a sweep's summary alone (``tune_metrics.json``, what ``dvc metrics show`` lists): its
+    strings (sweep, search, parent run) stay in ``tune_summary.json``."""
+
+    def numbers(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out[k] = numbers(v)
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                out[k] = v
+        return out
+
+    return numbers(summary)
+
+
 def write_sweep(
     out_dir: Path, table: pd.DataFrame, best: dict, summary: dict, cfg: SweepConfig, searched: Sequence[str]
 ) -> None:
-    """A sweep's ``tune_results.csv``, ``tune_summary.json``, ``tune_best.yaml``, ``tune_miou.png`` and
-    ``tune.md`` (each to a temporary name, then renamed)."""
+    """A sweep's ``tune_results.csv``, ``tune_summary.json`` (``tune_metrics.json``: its numbers),
+    ``tune_best.yaml``, ``tune_miou.png`` and ``tune.md`` (each to a temporary name, then renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
     atomic_write_text(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(out_dir / "tune_metrics.json", json.dumps(sweep_metrics(summary), indent=2))
     promote = {
         "benchmark": cfg.benchmark,
         "best_val_miou": best["best_miou"],

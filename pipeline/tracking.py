@@ -376,7 +376,9 @@ def publish_model(
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
     name = registered_model_name(benchmark)
-    client = MlflowClient(uri)
+    # the registry named explicitly: MlflowClient(uri) alone takes the process's registry URI, which
+    # use_store may have pointed at another store earlier in the same process
+    client = MlflowClient(uri, registry_uri=uri)
     mine = [v for v in _versions(client, name) if v.run_id == run_id]
     if mine:
         version = mine[0].version
@@ -401,8 +403,41 @@ def publish_model(
                 await_registration_for=60,
             )
         version = str(info.registered_model_version)
+    describe_version(client, name, str(version), run_id, benchmark)
     best = update_best_alias(uri, benchmark)
     return {"name": name, "version": str(version), **best}
+
+
+def version_facts(run: Any, benchmark: str) -> dict[str, str]:
+    """The tags of a registered version, read from its run: the run, the benchmark, ss / ms mIoU (percent, two
+    decimals) and each protocol's name and hash (``protocol.<key>.hash``, as the evaluate stage tags the run)."""
+    facts = {"run_id": run.info.run_id, "benchmark": benchmark}
+    for key in ("ss", "ms"):
+        miou = run.data.metrics.get(f"{key}/miou")
+        if miou is not None:
+            facts[f"{key}_miou"] = f"{100 * miou:.2f}"
+        for tag in (f"protocol.{key}", f"protocol.{key}.hash"):
+            if tag in run.data.tags:
+                facts[tag] = run.data.tags[tag]
+    return facts
+
+
+def describe_version(client: MlflowClient, name: str, version: str, run_id: str, benchmark: str) -> None:
+    """Give the registered ``version`` a description and tags (:func:`version_facts`), so that the registry's
+    page says which run, which benchmark, which numbers and which protocol it holds."""
+    facts = version_facts(client.get_run(run_id), benchmark)
+    scores = ", ".join(
+        f"{k} mIoU {facts[f'{k}_miou']} % ({facts.get(f'protocol.{k}', k)}, protocol hash "
+        f"{facts.get(f'protocol.{k}.hash', 'n/a')})"
+        for k in ("ss", "ms")
+        if f"{k}_miou" in facts
+    )
+    description = f"PSPNet trained on the {benchmark} benchmark by run {run_id}" + (
+        f": {scores}." if scores else " (not evaluated yet)."
+    )
+    client.update_model_version(name, version, description=description)
+    for key, value in facts.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def _versions(client: MlflowClient, name: str) -> list:

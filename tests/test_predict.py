@@ -125,6 +125,38 @@ def test_predict_names_ade20k_classes_from_the_model_file(tmp_path: Path, capsys
     assert predicted_names("p3") == names
 
 
+def _files(folder: Path) -> set[str]:
+    return {str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file()}
+
+
+def test_predict_a_model_file_from_any_folder_without_params(
+    project, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Issue 26: from a folder that is no project, a model file needs no --params: its class names are its own
+    and its benchmark's protocols come from the project `pspnet` is installed from; nothing else is written."""
+    import pipeline.predict
+
+    params_path, model_path = project
+    elsewhere = tmp_path / "elsewhere"
+    _photos(elsewhere / "photos", n=2)
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(pipeline.predict, "INSTALLED_PROJECT", params_path.parent)
+    before = _files(elsewhere)
+    assert main(["predict", "photos", "--model", str(model_path), "--out", "pred"]) == 0
+    assert _files(elsewhere) - before == {
+        f"{d}/img_0{i}.png" for d in ("pred/labels", "pred/overlays") for i in (0, 1)
+    }
+
+    nowhere = tmp_path / "no-project"
+    nowhere.mkdir()
+    monkeypatch.setattr(pipeline.predict, "INSTALLED_PROJECT", nowhere)
+    argv = ["predict", "photos", "--model", str(model_path), "--out", "pred2"]
+    _run_fails(argv, capsys, str(model_path), "no params.yaml", str(elsewhere), "--params")
+    assert _files(elsewhere) - before == {
+        f"{d}/img_0{i}.png" for d in ("pred/labels", "pred/overlays") for i in (0, 1)
+    }
+
+
 def _run_fails(argv: list[str], capsys, *names: str) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -120,6 +120,32 @@ def test_registry_best_alias_and_pyfunc_predict(store, tmp_path: Path) -> None:
     assert loaded.class_names == direct.class_names
 
 
+def test_registered_version_carries_description_and_tags(store, tmp_path: Path) -> None:
+    """The registry's version page says which run, benchmark, numbers and protocol it holds."""
+    uri, exp = store
+    params = params_from_dict(tiny_params_dict())
+    run_id = tracking.start_run(uri, exp, run_name="r", tags={}, params={})
+    tracking.log_metrics(uri, run_id, {"ss/miou": 0.7431, "ms/miou": 0.769})
+    tracking.set_tags(
+        uri, run_id, {"protocol.ss": "ss", "protocol.ss.hash": "abc123", "protocol.ms.hash": "def456"}
+    )
+    tracking.finish_run(uri, run_id)
+    info = _publish(uri, run_id, _model_file(tmp_path / "m.pt", seed=0), params)
+    version = MlflowClient(uri).get_model_version("pspnet-synthetic", info["version"])
+    assert version.tags == {
+        "run_id": run_id,
+        "benchmark": "synthetic",
+        "ss_miou": "74.31",
+        "ms_miou": "76.90",
+        "protocol.ss": "ss",
+        "protocol.ss.hash": "abc123",
+        "protocol.ms.hash": "def456",
+    }
+    assert run_id in version.description and "synthetic" in version.description
+    assert "ss mIoU 74.31 %" in version.description and "protocol hash abc123" in version.description
+    assert "ms mIoU 76.90 %" in version.description and "protocol hash def456" in version.description
+
+
 def _requirements(model) -> list[str]:
     from mlflow.artifacts import download_artifacts
 
@@ -284,3 +310,56 @@ def test_a_registered_version_never_runs_code_on_the_predict_users_machine(
     settings.write_text(json.dumps(raw | {"std": [0, 1, 1]}))
     assert _predict(tmp_path, "models:/pspnet-synthetic@best", params_path) == 2
     assert "labeler.json: std = '[0, 1, 1]', expected 3 finite numbers > 0" in capsys.readouterr().err
+
+
+def _tree(folder: Path) -> set[str]:
+    return {str(f.relative_to(folder)) for f in folder.rglob("*")}
+
+
+def test_predict_models_uri_from_any_folder(store, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 26: `pspnet predict --model models:/...` from a folder that is no project, without --params: the
+    version carries what it needs; a folder without a store creates no mlflow.db there, and the errors name the
+    store looked in and how to point at another."""
+    import cv2
+
+    import pipeline.predict
+    from pipeline.cli import main
+
+    uri, exp = store
+    params = params_from_dict(tiny_params_dict())
+    run_id = tracking.start_run(uri, exp, run_name="r", tags={}, params={})
+    tracking.log_metrics(uri, run_id, {"ms/miou": 0.5})
+    tracking.finish_run(uri, run_id)
+    _publish(uri, run_id, _model_file(tmp_path / "m.pt", seed=0), params)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cv2.imwrite(str(elsewhere / "p.png"), _images(1)[0])
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(pipeline.predict, "INSTALLED_PROJECT", tmp_path / "no-project")
+    argv = ["predict", "p.png", "--model", "models:/pspnet-synthetic@best"]
+
+    # no store here, none named: refused, naming the file it looked for; no mlflow.db created
+    assert main([*argv, "--out", "pred"]) == 2
+    err = capsys.readouterr().err
+    assert f"no MLflow store at {elsewhere / 'mlflow.db'}" in err
+    assert "--tracking-uri" in err and "MLFLOW_TRACKING_URI" in err
+    assert _tree(elsewhere) == {"p.png"}
+
+    # the store named by --tracking-uri, then by MLFLOW_TRACKING_URI: labels written, nothing else
+    assert main([*argv, "--out", "pred", "--tracking-uri", uri]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main([*argv, "--out", "pred2"]) == 0
+    outputs = {f"{o}/{d}/p.png" for o in ("pred", "pred2") for d in ("labels", "overlays")}
+    assert _tree(elsewhere) == {"p.png", "pred", "pred2"} | outputs | {
+        f"{o}/{d}" for o in ("pred", "pred2") for d in ("labels", "overlays")
+    }
+    capsys.readouterr()
+
+    # a model the store does not hold: the store and how to point at another are named
+    assert main(["predict", "p.png", "--model", "models:/pspnet-nope@best", "--out", "pred3"]) == 2
+    err = capsys.readouterr().err
+    assert "models:/pspnet-nope@best" in err and uri in err and "$MLFLOW_TRACKING_URI" in err
+    assert "--tracking-uri" in err
+    assert not (elsewhere / "pred3").exists() and not (elsewhere / "mlflow.db").exists()

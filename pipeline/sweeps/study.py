@@ -37,8 +37,10 @@ from pipeline.evaluation.evaluate import Placement, evaluate_model
 from pipeline.evaluation.split import protocols
 from pipeline.model.pspnet import build_model
 from pipeline.model.training_state import load_training_state
+from pipeline.ray_runtime import logs_dir
 from pipeline.sweeps.trials import (
     ReleaseOrphanedWorkerGroups,
+    TrialProgress,
     max_concurrent_trials,
     restore_or_build,
     trial_driver_resources,
@@ -99,7 +101,8 @@ def _study_trial(config: dict) -> None:
         metrics = _train_and_score(config, plan, trial_id, study, bench, run_id)
     tracking.log_metrics(uri, run_id, metrics, step=bench.train.iterations)
     tracking.finish_run(uri, run_id)
-    ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k})
+    shown = {"iteration": bench.train.iterations, "reused": float(reuse is not None)}  # the progress line's
+    ray.tune.report({k: v for k, v in metrics.items() if "/iou/" not in k} | shown)
 
 
 def _child_run(
@@ -162,7 +165,11 @@ def run_study(name: str, params: Params, *, data_dir: Path, out_dir: Path, root:
     data_dir, out_dir, root = data_dir.resolve(), out_dir.resolve(), root.resolve()
     for cell in study.cells:
         check_scaling(study_cell_config(base, study, cell, seed=study.seeds[0]))
-    plan = plan_run(params, study.benchmark, data_dir=data_dir, root=root)
+    plan = plan_run(params, study.benchmark, data_dir=data_dir, root=root, log_to_driver=False)
+    print(
+        f"[study] the trials' full output (Ray's worker logs): {logs_dir() or 'on the cluster nodes'}",
+        flush=True,
+    )
     uri = plan.mlflow_uri
     exp_name = f"{tracking.experiment_name(params.mlflow, study.benchmark)}-studies"
     exp_id = tracking.ensure_experiment(uri, exp_name, root)
@@ -232,7 +239,18 @@ def _run_trials(space: dict, base: BenchmarkConfig, study: StudyConfig) -> ray.t
                 reuse_actors=True,
             ),
             run_config=ray.tune.RunConfig(
-                name=tune_name, storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
+                name=tune_name,
+                storage_path=storage,
+                verbose=0,  # no status or result tables: TrialProgress prints a line per (cell, seed)
+                callbacks=[
+                    ReleaseOrphanedWorkerGroups(),
+                    TrialProgress(
+                        f"study {space['study_name']}",
+                        ("cell", "seed"),
+                        tuple(f"{k}/miou" for k in study.protocols),
+                        each_result=False,
+                    ),
+                ],
             ),
         )
 

@@ -36,8 +36,10 @@ from pipeline.config import (
     replace,
     to_dict,
 )
+from pipeline.ray_runtime import logs_dir
 from pipeline.sweeps.trials import (
     ReleaseOrphanedWorkerGroups,
+    TrialProgress,
     max_concurrent_trials,
     restore_or_build,
     trial_driver_resources,
@@ -161,9 +163,17 @@ def _open_parent(uri: str, params: Params, name: str, root: Path) -> tuple[str, 
 
 
 def _build_tuner(
-    cfg: SweepConfig, trainable, constants: dict, *, concurrent: int, max_reports: int, storage: str
+    cfg: SweepConfig,
+    trainable,
+    constants: dict,
+    *,
+    concurrent: int,
+    max_reports: int,
+    storage: str,
+    iterations: int,
 ) -> ray.tune.Tuner:
-    """A new Tune experiment: the searched space, ASHA on the validation mIoU, at most ``concurrent`` trials."""
+    """A new Tune experiment: the searched space, ASHA on the validation mIoU, at most ``concurrent`` trials;
+    one console line per trial report (:class:`TrialProgress`) instead of Tune's tables."""
     search_alg = None
     if cfg.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -183,7 +193,10 @@ def _build_tuner(
             ),
         ),
         run_config=ray.tune.RunConfig(
-            name=constants["sweep_name"], storage_path=storage, callbacks=[ReleaseOrphanedWorkerGroups()]
+            name=constants["sweep_name"],
+            storage_path=storage,
+            verbose=0,  # no status or result tables: TrialProgress prints a line per report
+            callbacks=[ReleaseOrphanedWorkerGroups(), TrialProgress("tune", SEARCHED, (METRIC,), iterations)],
         ),
     )
 
@@ -257,7 +270,11 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
     )
     check_scaling(probe)
     iterations, every = probe.train.iterations, probe.train.checkpoint_every
-    plan = plan_run(params, cfg.benchmark, data_dir=data_dir, root=root)
+    plan = plan_run(params, cfg.benchmark, data_dir=data_dir, root=root, log_to_driver=False)
+    print(
+        f"[tune] the trials' full output (Ray's worker logs): {logs_dir() or 'on the cluster nodes'}",
+        flush=True,
+    )
     concurrent = max_concurrent_trials(base, cfg, ray.cluster_resources())
 
     uri, storage = plan.mlflow_uri, plan.storage
@@ -281,6 +298,7 @@ def sweep(name: str, params: Params, *, data_dir: Path, out_dir: Path, root: Pat
             concurrent=concurrent,
             max_reports=math.ceil(iterations / every),
             storage=storage,
+            iterations=iterations,
         ),
         "tune",
     )

@@ -75,13 +75,16 @@ class RunPlan:
         )
 
 
-def plan_run(params: Params, benchmark: str, *, data_dir: Path, root: Path) -> RunPlan:
+def plan_run(
+    params: Params, benchmark: str, *, data_dir: Path, root: Path, log_to_driver: bool = True
+) -> RunPlan:
     """The driver's prologue, the same for ``pspnet train``, a sweep and a study: the storage checked (before
-    Ray starts), Ray attached (``ray.address`` / ``$RAY_ADDRESS``, else a fresh local cluster), the MLflow
-    store, and the prepared splits staged where every node reads them."""
+    Ray starts), Ray attached (``ray.address`` / ``$RAY_ADDRESS``, else a fresh local cluster; ``log_to_driver``
+    as in :func:`pipeline.ray_runtime.init_ray`), the MLflow store, and the prepared splits staged where every
+    node reads them."""
     storage = default_storage(params.ray, root)
     check_storage(storage)
-    init_ray(params.ray.address)
+    init_ray(params.ray.address, log_to_driver=log_to_driver)
     train_dir, val_dir = (stage_split(data_dir / s, storage) for s in ("train", "val"))
     return RunPlan(
         benchmark=benchmark,
