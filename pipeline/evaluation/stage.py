@@ -59,7 +59,8 @@ def evaluate_benchmark(
     e = bench.eval
     model, meta = load_for_benchmark(benchmark, bench, model_path)
     split = data_dir / "val"
-    n_images = len(ShardedSegmentation(split))
+    shards = ShardedSegmentation(split)
+    n_images = len(shards)
     n_vis = min(e.num_vis, n_images)
     keep = [round(i * (n_images - 1) / max(1, n_vis - 1)) for i in range(n_vis)]
     slot = CacheSlot(
@@ -80,7 +81,6 @@ def evaluate_benchmark(
     labels = benchmark_labels(bench)
     metrics, facts, flat = summarise(benchmark, model_path, labels, results, sc)
     written = outputs.write_tables(out_dir, labels.names, results, metrics, facts)
-    shards = ShardedSegmentation(split)
     written += outputs.write_figures(out_dir, benchmark, bench, labels, shards, keep, results)
     if mlflow_uri and run_id:
         outputs.log_to_mlflow(mlflow_uri, run_id, results, flat, written)
