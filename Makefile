@@ -36,8 +36,7 @@ demo: $(STAMP)
 	dvc repro study@synthetic-aux
 	dvc repro summary
 	@echo
-	@# What the demo built, not every benchmark of dvc.yaml (the unbuilt ones would show as rows of dashes and a warning).
-	@dvc metrics show reports/synthetic/metrics.json
+	@dvc metrics show
 	@python -m pipeline.demo_summary --benchmarks synthetic --studies synthetic-demo synthetic-aux
 
 ## The full synthetic Tables 1 and 2 (7 + 5 cells x 3 seeds at the demo budget; after `make demo` its 5 cells

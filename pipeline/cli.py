@@ -106,6 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model_path=model_path,
         data_dir=Path(args.data),
         out_dir=Path(args.out),
+        metrics_path=Path(args.metrics) if args.metrics else None,
         mlflow_uri=uri,
         run_id=run_id,
         storage=default_storage(
@@ -229,18 +230,24 @@ def cmd_report(args: argparse.Namespace) -> int:
         params.benchmark(args.benchmark),
         reports_dir=Path(args.reports),
         model_dir=Path(args.model),
+        metrics_path=Path(args.metrics) if args.metrics else None,
     )
     print(f"[report] {path}")
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from pipeline.files import atomic_write_json
+    from pipeline.sweep_report import sweep_metrics
     from pipeline.sweeps.tune import sweep
 
     params = load_params(args.params)
     _check_services(params)
     result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=project_root())
     s = result.summary
+    numbers = Path(args.metrics or Path(args.out) / "tune_metrics.json")
+    numbers.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(numbers, sweep_metrics(s), indent=2)
     print(result.table.to_string(index=False))
     print(
         f"[tune] best {s['best']}; {s['stopped_early']}/{s['trials']} trials stopped early; "
@@ -279,7 +286,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_summary(args: argparse.Namespace) -> int:
     from pipeline.report import write_summary
 
-    path = write_summary(Path(args.out), [Path(p) for p in args.benchmark], [Path(p) for p in args.study])
+    path = write_summary(
+        Path(args.out),
+        [Path(p) for p in args.benchmark],
+        [Path(p) for p in args.study],
+        [Path(p) for p in args.metrics],
+    )
     print(f"[summary] {path}")
     return 0
 
@@ -347,11 +359,19 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default="", help="default with --checkpoint: reports/NAME/checkpoints/<file stem>"
     )
+    p.add_argument(
+        "--metrics",
+        default="",
+        help="the numbers' file (default OUT/metrics.json; the DVC stage: metrics/NAME.json, dvc.yaml's metrics folder)",
+    )
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reports", required=True)
     p.add_argument("--model", required=True)
+    p.add_argument(
+        "--metrics", default="", help="the evaluate stage's numbers (default REPORTS/metrics.json)"
+    )
 
 
 def _import_weights_args(p: argparse.ArgumentParser) -> None:
@@ -382,6 +402,13 @@ def _sweep_args(key: str):
         p.add_argument(f"--{key}", required=True)
         p.add_argument("--data", required=True, help="the prepared benchmark (data/prepared/NAME)")
         p.add_argument("--out", required=True)
+        if key == "sweep":
+            p.add_argument(
+                "--metrics",
+                default="",
+                help="the summary's numbers alone (default OUT/tune_metrics.json; the DVC stage: "
+                "metrics/tune-NAME.json, dvc.yaml's metrics folder)",
+            )
         if key == "study":
             p.add_argument(
                 "--record",
@@ -397,6 +424,12 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="reports")
     p.add_argument("--benchmark", action="append", default=[], help="a reports/NAME folder (repeatable)")
     p.add_argument("--study", action="append", default=[], help="a reports/studies/NAME folder (repeatable)")
+    p.add_argument(
+        "--metrics",
+        action="append",
+        default=[],
+        help="the numbers of each --benchmark, in the same order (default: metrics.json in its folder)",
+    )
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:

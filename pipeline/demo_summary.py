@@ -2,7 +2,7 @@
 
     python -m pipeline.demo_summary --benchmarks synthetic --studies synthetic-aux synthetic-demo
 
-Reads what the stages wrote (``reports/NAME/metrics.json``, ``reports/studies/NAME/directions.json``) and the
+Reads what the stages wrote (``metrics/NAME.json``, ``reports/studies/NAME/directions.json``) and the
 MLflow store's experiment ids; computes no number. No DVC stage imports it.
 """
 
@@ -19,7 +19,7 @@ UI = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves
 
 
 def benchmark_line(name: str, metrics: dict) -> str:
-    """``synthetic  ss mIoU 74.31  ms mIoU 76.90  boat vs car (ms) 99.98 %`` from a ``metrics.json``."""
+    """``synthetic  ss mIoU 74.31  ms mIoU 76.90  boat vs car (ms) 99.98 %`` from ``metrics/NAME.json``."""
     parts = [f"{k} mIoU {100 * metrics[k]['miou']:.2f}" for k in ("ss", "ms") if k in metrics]
     pair = (metrics.get("context") or {}).get("ms", {}).get("pair_accuracy")
     if pair is not None:
@@ -60,7 +60,7 @@ def mlflow_lines(params_path: Path, root: Path, benchmarks: list[str]) -> list[s
 def summary(root: Path, benchmarks: list[str], studies: list[str], params_path: Path) -> str:
     out = ["", "== make demo: done ==", "", "Benchmarks (validation split, %):"]
     for name in benchmarks:
-        path = root / "reports" / name / "metrics.json"
+        path = root / "metrics" / f"{name}.json"
         out.append(
             benchmark_line(name, json.loads(path.read_text())) if path.is_file() else f"  {name}: not built"
         )

@@ -1,7 +1,8 @@
 """The per-benchmark report: training curve, single- and multi-scale scores with their protocols, per-class
 IoU and prediction panels, as markdown + PNG under ``reports/<benchmark>/``.
 
-It reads only recorded results (the evaluate stage's ``metrics.json`` (the numbers) / ``evaluation.json``
+It reads only recorded results (the evaluate stage's numbers (``metrics/NAME.json`` in the DVC pipeline,
+``metrics.json`` beside ``evaluation.json`` elsewhere) / ``evaluation.json``
 (their protocols and run facts) / ``per_class.csv``, the train stage's ``train_curve.csv`` and
 ``train_info.json``); it never recomputes a number.
 """
@@ -20,10 +21,11 @@ from pipeline.files import atomic_write_text
 from pipeline.machine import machine_description
 
 
-def read_evaluation(reports_dir: Path) -> dict:
-    """``metrics.json`` with ``evaluation.json`` folded in: per protocol the numbers beside their protocol,
-    hash, images and seconds; the context classes beside the context numbers."""
-    metrics = json.loads((reports_dir / "metrics.json").read_text())
+def read_evaluation(reports_dir: Path, metrics_path: Path | None = None) -> dict:
+    """The numbers (``metrics_path``, default ``reports_dir/metrics.json``) with ``evaluation.json`` folded in:
+    per protocol the numbers beside their protocol, hash, images and seconds; the context classes beside the
+    context numbers."""
+    metrics = json.loads((metrics_path or reports_dir / "metrics.json").read_text())
     facts = json.loads((reports_dir / "evaluation.json").read_text())
     merged = {k: v for k, v in facts.items() if k not in metrics and k != "context_classes"}
     for key, numbers in metrics.items():
@@ -129,8 +131,15 @@ def render(
     return "\n".join(lines)
 
 
-def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, model_dir: Path) -> Path:
-    metrics = read_evaluation(reports_dir)
+def write_report(
+    benchmark: str,
+    bench: BenchmarkConfig,
+    *,
+    reports_dir: Path,
+    model_dir: Path,
+    metrics_path: Path | None = None,
+) -> Path:
+    metrics = read_evaluation(reports_dir, metrics_path)
     per_class = pd.read_csv(reports_dir / "per_class.csv")
     train_info = json.loads((model_dir / "train_info.json").read_text())
     curve = pd.read_csv(reports_dir / "train_curve.csv")
@@ -140,9 +149,17 @@ def write_report(benchmark: str, bench: BenchmarkConfig, *, reports_dir: Path, m
     return path
 
 
-def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Path:
+def write_summary(
+    out: Path, benchmarks: list[Path], studies: list[Path], metrics: list[Path] | None = None
+) -> Path:
     """``reports/README.md``: every benchmark's headline numbers with their protocols, every study's table
-    beside the paper, the machine and the wall times. Reads only the stages' recorded outputs."""
+    beside the paper, the machine and the wall times. Reads only the stages' recorded outputs: ``metrics[i]``
+    holds the numbers of ``benchmarks[i]`` (default ``benchmarks[i]/metrics.json``)."""
+    if metrics and len(metrics) != len(benchmarks):
+        raise ValueError(
+            f"summary: {len(metrics)} metrics file(s) for {len(benchmarks)} benchmark folder(s); give one "
+            "--metrics per --benchmark, in the same order"
+        )
     lines = [
         "# Reproduction report",
         "",
@@ -153,19 +170,19 @@ def write_summary(out: Path, benchmarks: list[Path], studies: list[Path]) -> Pat
         "| benchmark | protocol | mIoU % | mAcc % | aAcc % | protocol hash | train wall s | report |",
         "|---|---|---:|---:|---:|---|---:|---|",
     ]
-    for bdir in benchmarks:
-        metrics = read_evaluation(bdir)
+    for bdir, numbers in zip(benchmarks, metrics or [None] * len(benchmarks), strict=True):
+        scores = read_evaluation(bdir, numbers)
         info_path = Path("models") / bdir.name / "train_info.json"
         seconds = json.loads(info_path.read_text()).get("seconds", "?") if info_path.is_file() else "?"
         for key in ("ss", "ms"):
-            s = metrics[key]
+            s = scores[key]
             lines.append(
                 f"| {bdir.name} | `{s['protocol']}` | {_pct(s['miou'])} | {_pct(s['macc'])} | "
                 f"{_pct(s['aacc'])} | `{s['protocol_hash']}` | {seconds} | "
                 f"[{bdir.name}/report.md]({bdir.name}/report.md) |"
             )
-        if "context" in metrics:
-            c = metrics["context"]
+        if "context" in scores:
+            c = scores["context"]
             lines.append("")
             lines.append(
                 f"`{bdir.name}` context ({'/'.join(c['classes'])} pair accuracy, 50 % = chance): "

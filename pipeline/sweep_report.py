@@ -1,6 +1,6 @@
 """The reports of sweeps and studies, rendered from their finished results (no number is computed here).
 
-    write_sweep   reports/tune-NAME/: tune_results.csv, tune_summary.json (+ tune_metrics.json, its numbers),
+    write_sweep   reports/tune-NAME/: tune_results.csv, tune_summary.json,
                   tune_best.yaml, tune_miou.png, tune.md
     write_study   reports/studies/NAME/: runs.csv, cells.csv, study.md, directions.json, study.png
 
@@ -22,7 +22,7 @@ from pipeline.files import atomic_write_text
 
 
 def sweep_metrics(summary: dict) -> dict:
-    """The numbers of a sweep's summary alone (``tune_metrics.json``, what ``dvc metrics show`` lists): its
+    """The numbers of a sweep's summary alone (``metrics/tune-NAME.json``, what ``dvc metrics show`` lists): its
     strings (sweep, search, parent run) stay in ``tune_summary.json``."""
 
     def numbers(d: dict) -> dict:
@@ -40,13 +40,12 @@ def sweep_metrics(summary: dict) -> dict:
 def write_sweep(
     out_dir: Path, table: pd.DataFrame, best: dict, summary: dict, cfg: SweepConfig, searched: Sequence[str]
 ) -> None:
-    """A sweep's ``tune_results.csv``, ``tune_summary.json`` (``tune_metrics.json``: its numbers),
+    """A sweep's ``tune_results.csv``, ``tune_summary.json``,
     ``tune_best.yaml``, ``tune_miou.png`` and ``tune.md`` (each to a temporary name, then renamed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
 
     atomic_write_text(out_dir / "tune_results.csv", table.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(out_dir / "tune_summary.json", json.dumps(summary, indent=2))
-    atomic_write_text(out_dir / "tune_metrics.json", json.dumps(sweep_metrics(summary), indent=2))
     promote = {
         "benchmark": cfg.benchmark,
         "best_val_miou": best["best_miou"],

@@ -49,7 +49,7 @@ def test_cluster_demo_runs_the_stages_on_the_cluster_and_a_clone_pulls_the_resul
         placement = out.split("where each rank ran")[1]
         assert "rank 0:" in placement and "rank 1:" in placement
         assert (repo / "models/synthetic/model.pt").is_file()
-        assert (repo / "reports/synthetic/metrics.json").is_file()
+        assert (repo / "metrics/synthetic.json").is_file()
         assert "registered pspnet-synthetic v1 (best: v1)" in out
         labels = sorted(p.name for p in (repo / ".cluster/predictions/labels").iterdir())
         assert labels == ["val0.png", "val1.png"]
@@ -81,9 +81,7 @@ def test_cluster_demo_runs_the_stages_on_the_cluster_and_a_clone_pulls_the_resul
         print(f"dvc pull of the cluster run: {time.perf_counter() - began:.1f} s")
     for path in ("data/prepared/synthetic/val/manifest.json", "models/synthetic/model.pt"):
         assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
-    assert (clone / "reports/synthetic/metrics.json").read_text() == (
-        repo / "reports/synthetic/metrics.json"
-    ).read_text()
+    assert (clone / "metrics/synthetic.json").read_text() == (repo / "metrics/synthetic.json").read_text()
     status = subprocess.run([DVC, "status", *stages], cwd=clone, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and "Data and pipelines are up to date" in status.stdout, status.stdout
     repro = subprocess.run([DVC, "repro", *stages], cwd=clone, env=env, capture_output=True, text=True)

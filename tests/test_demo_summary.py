@@ -15,14 +15,13 @@ from pipeline.demo_summary import summary
 def test_summary_lists_numbers_directions_report_and_mlflow_links(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = write_params(tmp_path / "params.yaml", tiny_params_dict())
-    bench = tmp_path / "reports" / "synthetic"
-    bench.mkdir(parents=True)
+    (tmp_path / "metrics").mkdir()
     metrics = {
         "ss": {"miou": 0.7431194},
         "ms": {"miou": 0.7690039},
         "context": {"ms": {"pair_accuracy": 0.99981}},
     }
-    (bench / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "metrics" / "synthetic.json").write_text(json.dumps(metrics))
     study = tmp_path / "reports" / "studies" / "synthetic-aux"
     study.mkdir(parents=True)
     claim = {"claim": "aux-0.4 > no-aux", "our_diff": 0.759, "our_se": 1.041, "holds": True, "clear": False}

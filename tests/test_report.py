@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from pipeline.config import params_from_dict
 from pipeline.report import read_evaluation, write_report, write_summary
@@ -28,10 +29,12 @@ FACTS = {
 
 
 def _reports(tmp_path: Path) -> tuple[Path, Path]:
+    """The DVC layout: the numbers in metrics/NAME.json, the rest in reports/NAME/."""
     reports, models = tmp_path / "reports" / "synthetic", tmp_path / "models" / "synthetic"
     reports.mkdir(parents=True)
     models.mkdir(parents=True)
-    (reports / "metrics.json").write_text(json.dumps(NUMBERS))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "synthetic.json").write_text(json.dumps(NUMBERS))
     (reports / "evaluation.json").write_text(json.dumps(FACTS))
     pd.DataFrame({"class": ["sky", "boat"], "iou ss ss/slide96 abc123": [0.25, 0.5]}).to_csv(
         reports / "per_class.csv", index=False
@@ -43,7 +46,7 @@ def _reports(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_read_evaluation_puts_each_number_beside_its_protocol(tmp_path: Path) -> None:
     reports, _ = _reports(tmp_path)
-    merged = read_evaluation(reports)
+    merged = read_evaluation(reports, tmp_path / "metrics" / "synthetic.json")
     assert merged["ss"] == FACTS["ss"] | NUMBERS["ss"] and merged["ms"]["cached"] is True
     assert merged["context"] == {"classes": ["boat", "car"], "ss": NUMBERS["context"]["ss"]}
     assert merged["benchmark"] == "synthetic"
@@ -52,12 +55,17 @@ def test_read_evaluation_puts_each_number_beside_its_protocol(tmp_path: Path) ->
 def test_report_and_summary_show_numbers_protocols_and_class_names(tmp_path: Path, monkeypatch) -> None:
     reports, models = _reports(tmp_path)
     bench = params_from_dict(tiny_params_dict()).benchmark("synthetic")
-    text = write_report("synthetic", bench, reports_dir=reports, model_dir=models).read_text()
+    numbers = tmp_path / "metrics" / "synthetic.json"
+    text = write_report(
+        "synthetic", bench, reports_dir=reports, model_dir=models, metrics_path=numbers
+    ).read_text()
     assert "| ss: `ss/slide96` | 50.00 | 62.50 | 75.00 | `abc123` | 8 | 1.5 |" in text
     assert "| ms: `ms3+flip/slide96` | 56.25 | 68.75 | 81.25 | `def456` | 8 | 4.0 |" in text
     assert "## Context: `boat` vs `car`" in text and "| ss | 50.00 | 25.00 | 75.00 |" in text
     assert "| boat | 50.00 |" in text  # the per-class table names the classes
     monkeypatch.chdir(tmp_path)  # the summary finds models/NAME/train_info.json from the project root
-    summary = write_summary(tmp_path / "reports", [reports], []).read_text()
+    with pytest.raises(ValueError, match="one --metrics per --benchmark"):
+        write_summary(tmp_path / "reports", [reports], [], [numbers, numbers])
+    summary = write_summary(tmp_path / "reports", [reports], [], [numbers]).read_text()
     assert "| synthetic | `ms3+flip/slide96` | 56.25 | 68.75 | 81.25 | `def456` | 3 |" in summary
     assert "boat/car pair accuracy, 50 % = chance): ss 50.00 %" in summary

@@ -1,7 +1,8 @@
 """The evaluate stage's outputs, written from finished results (no number is computed here).
 
-    write_tables   per_class.csv (IoU and accuracy per class and protocol), metrics.json (the numbers),
-                   evaluation.json (the protocols and run facts behind them)
+    write_tables   per_class.csv (IoU and accuracy per class and protocol), evaluation.json (the protocols
+                   and run facts behind them) and the numbers (``metrics.json`` beside them, or the DVC stage's
+                   ``metrics/NAME.json``)
     write_figures  predictions.png, per_class_iou.png, confusion_matrix.png
     log_to_mlflow  the numbers, their protocols as tags and the files, on the training's MLflow run
 
@@ -22,7 +23,6 @@ from pipeline.data.shards import ShardedSegmentation
 from pipeline.evaluation.split import SplitResult
 from pipeline.files import atomic_write_text
 
-TABLES = ("per_class.csv", "metrics.json", "evaluation.json")
 FIGURES = ("predictions.png", "per_class_iou.png", "confusion_matrix.png")
 
 
@@ -51,12 +51,16 @@ def write_tables(
     results: Mapping[str, SplitResult],
     metrics: Mapping,
     facts: Mapping,
+    metrics_path: Path | None = None,
 ) -> list[Path]:
+    """``metrics_path`` (default ``out_dir/metrics.json``) takes the numbers alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = metrics_path or out_dir / "metrics.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
     table = per_class_table(names, results).to_csv(index=False, float_format="%.6f")
     return [
         _atomic_text(out_dir / "per_class.csv", table),
-        _atomic_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True)),
+        _atomic_text(metrics_path, json.dumps(metrics, indent=2, allow_nan=True)),
         _atomic_text(out_dir / "evaluation.json", json.dumps(facts, indent=2, allow_nan=True)),
     ]
 

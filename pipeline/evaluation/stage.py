@@ -29,6 +29,7 @@ def evaluate_benchmark(
     model_path: Path,
     data_dir: Path,
     out_dir: Path,
+    metrics_path: Path | None = None,
     mlflow_uri: str | None = None,
     run_id: str | None = None,
     progress: bool = True,
@@ -39,7 +40,8 @@ def evaluate_benchmark(
 ) -> dict:
     """Score ``model_path`` on the validation split under the "ss" and "ms" protocols.
 
-    Writes ``out_dir/metrics.json`` (the numbers, for ``dvc metrics show``), ``out_dir/evaluation.json``
+    Writes ``metrics_path`` (the numbers alone, for ``dvc metrics show``; default ``out_dir/metrics.json``; the
+    DVC stage's is ``metrics/NAME.json``, the folder dvc.yaml lists as its metrics), ``out_dir/evaluation.json``
     (their protocols and run facts), ``out_dir/per_class.csv``, ``predictions.png``, ``per_class_iou.png``
     and ``confusion_matrix.png``; when ``run_id`` is given, logs the numbers, their protocols and the files to
     that MLflow run. Returns ``{"metrics": ..., "facts": ...}``, the two JSON documents.
@@ -80,7 +82,7 @@ def evaluate_benchmark(
     )
     labels = benchmark_labels(bench)
     metrics, facts, flat = summarise(benchmark, model_path, labels, results, sc)
-    written = outputs.write_tables(out_dir, labels.names, results, metrics, facts)
+    written = outputs.write_tables(out_dir, labels.names, results, metrics, facts, metrics_path)
     written += outputs.write_figures(out_dir, benchmark, bench, labels, shards, keep, results)
     if mlflow_uri and run_id:
         outputs.log_to_mlflow(mlflow_uri, run_id, results, flat, written)
