@@ -121,6 +121,11 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
     MlflowClient(uri).log_batch(run_id, metrics=items)
 
 
+def latest_metric(uri: str, run_id: str, key: str) -> float | None:
+    """The value of ``key`` MLflow holds as the run's latest (the highest step; at one step, the last logged)."""
+    return MlflowClient(uri).get_run(run_id).data.metrics.get(key)
+
+
 def set_tags(uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
     MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

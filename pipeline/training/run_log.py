@@ -33,6 +33,9 @@ class _Relay:
     def set_tags(self, uri: str, run_id: str, tags: Mapping[str, Any]) -> None:
         tracking.set_tags(uri, run_id, tags)
 
+    def latest_metric(self, uri: str, run_id: str, key: str) -> float | None:
+        return tracking.latest_metric(uri, run_id, key)
+
 
 # This process's relay, keyed by (its node id, its job id): one connection to one cluster. Neither alone is
 # unique (every cluster numbers its jobs, and a driver's worker id, from 01000000) and a handle kept from a
@@ -60,6 +63,11 @@ def log_metrics(cfg: Mapping[str, Any], metrics: Mapping[str, float], step: int 
 def set_tags(cfg: Mapping[str, Any], tags: Mapping[str, Any]) -> None:
     """Tags of the run ``cfg`` names, through its relay."""
     _PENDING.append(cfg["run_log"].set_tags.remote(cfg["mlflow_uri"], cfg["run_id"], dict(tags)))
+
+
+def latest_metric(cfg: Mapping[str, Any], key: str) -> float | None:
+    """The run's latest value of ``key`` in the store, read through the relay (waits for the answer)."""
+    return ray.get(cfg["run_log"].latest_metric.remote(cfg["mlflow_uri"], cfg["run_id"], key))
 
 
 def flush() -> None:

@@ -72,8 +72,14 @@ def _record_size(
 ) -> None:
     """An elastic run's (re)start on rank 0: the world size, accumulation steps, nodes and images per
     batch-norm statistic as metrics at iteration ``start`` (one history over every resize of the run), and a
-    tag ``elastic.resize.it<start>.to<world>`` when the size changed from the checkpoint's; a warning, as the
-    driver gives, when batch-norm statistics fall below the paper's 16 images."""
+    tag ``elastic.resize.it<start>.to<world>`` when the size changed from the previous group's; a warning, as
+    the driver gives, when batch-norm statistics fall below the paper's 16 images.
+
+    The previous group's size is the last one recorded on the run, ``before`` (the checkpoint writer's) when
+    none is: a group that started from a checkpoint and was replaced before writing its own (grown back soon
+    after shrinking) is not the checkpoint's writer, but it did record its size."""
+    logged = run_log.latest_metric(cfg, "elastic/workers")
+    before = int(logged) if logged else before
     bn = bn_batch(bench, world)
     run_log.log_metrics(
         cfg,
