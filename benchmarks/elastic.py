@@ -4,7 +4,7 @@ moto's S3; CPU, the tiny test model): the time from a lost node to training resu
 from a node added to the group grown back, and the seconds per iteration at each size, as ratios against the
 3-worker reference measured in the same run.
 
-    python benchmarks/elastic.py                       # 60 iterations, start timeout 15 s, resize check 3 s
+    python benchmarks/elastic.py                       # 120 iterations, start timeout 15 s, resize check 3 s
     python benchmarks/elastic.py --start-timeout 60    # Ray's default wait for max workers before shrinking
 
 "Resumed" is the moment rank 0 of the smaller group records its size on the MLflow run (``elastic/workers``),
@@ -22,7 +22,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,16 +34,22 @@ from pipeline import tracking  # noqa: E402
 from pipeline.config import params_from_dict  # noqa: E402
 from pipeline.data.benchmarks import fetch, prepare  # noqa: E402
 from pipeline.training.launcher import train  # noqa: E402
-from tests.conftest import tiny_params_dict  # noqa: E402
+from tests.conftest import Background, tiny_params_dict  # noqa: E402
 
 
 def history(root: Path) -> tuple[object, dict]:
+    """The newest training run of ``root``'s store and its size, speed and loss histories."""
     mlflow.set_tracking_uri(tracking.tracking_uri(params_from_dict(tiny_params_dict()).mlflow, root))
     runs = mlflow.search_runs(experiment_names=["pspnet-synthetic"], output_format="list")
     if not runs:
         return None, {"elastic/workers": []}
-    keys = ["elastic/workers", "train/sec_per_iter"]
+    keys = ["elastic/workers", "train/sec_per_iter", "train/loss"]
     return runs[0], tracking.metric_history(mlflow.get_tracking_uri(), runs[0].info.run_id, keys)
+
+
+def final_loss(hist: dict, windows: int) -> float:
+    """The training loss at the end: the mean of the last ``windows`` logged values (one value is one batch)."""
+    return statistics.fmean(v for _, v in hist["train/loss"][-windows:])
 
 
 def wait(ok, alive, what: str, timeout: float = 600) -> float:
@@ -58,11 +63,15 @@ def wait(ok, alive, what: str, timeout: float = 600) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=60)
+    ap.add_argument("--iterations", type=int, default=120)
     ap.add_argument(
         "--start-timeout", type=float, default=15.0, help="RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
     )
     ap.add_argument("--resize-interval", type=float, default=3.0, help="ray.resize_interval_s")
+    ap.add_argument(
+        "--seeds", type=int, default=3, help="fixed-size 3-worker runs (seeds 0..N-1) for the seed noise"
+    )
+    ap.add_argument("--windows", type=int, default=5, help="log windows averaged into the final loss")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="elastic-bench-"))
     raw = tiny_params_dict(
@@ -87,36 +96,46 @@ def main() -> None:
             "resize_interval_s": args.resize_interval,
         }
         params = params_from_dict(raw)
-        done: dict = {}
-
-        def run() -> None:
-            try:
-                done["result"] = train(
-                    "synthetic", params, data_dir=tmp / "prepared", out_dir=tmp / "models", root=tmp
-                )
-            except BaseException as exc:
-                done["error"] = exc
-
-        thread = threading.Thread(target=run)
-        thread.start()
-        sizes = lambda: [w for _, w in history(tmp)[1]["elastic/workers"]]  # noqa: E731
-        wait(
-            lambda: len(history(tmp)[1].get("train/sec_per_iter", [])) >= 3, thread.is_alive, "3 log windows"
+        training = Background(
+            train, "synthetic", params, data_dir=tmp / "prepared", out_dir=tmp / "models", root=tmp
         )
+        sizes = lambda: [w for _, w in history(tmp)[1]["elastic/workers"]]  # noqa: E731
+        wait(lambda: len(history(tmp)[1].get("train/sec_per_iter", [])) >= 3, training.alive, "3 log windows")
         run_info, _ = history(tmp)
         placed = {v for k, v in run_info.data.tags.items() if k.startswith("ray.node.rank")}
         victim = next(n for n in cluster.worker_nodes if n.node_id in placed)
         lost = time.time()
         cluster.remove_node(victim, allow_graceful=False)
-        shrunk = wait(lambda: 2 in sizes(), thread.is_alive, "the 2-worker group") - lost
-        wait(lambda: len(history(tmp)[1]["train/sec_per_iter"]) >= 8, thread.is_alive, "2-worker windows")
+        shrunk = wait(lambda: 2 in sizes(), training.alive, "the 2-worker group") - lost
+        at = max(step for step, w in history(tmp)[1]["elastic/workers"] if w == 2)
+        wait(
+            lambda: sum(step > at for step, _ in history(tmp)[1]["train/sec_per_iter"]) >= 3,
+            training.alive,
+            "3 log windows on 2 workers",
+        )
         added = time.time()
         add_worker_node(cluster, 1)
-        grown = wait(lambda: sizes()[-1] == 3 and len(sizes()) >= 3, thread.is_alive, "the group grown back")
-        thread.join()
-        if "error" in done:
-            raise done["error"]
-    _, hist = history(tmp)
+        grown = wait(lambda: sizes()[-1] == 3 and len(sizes()) >= 3, training.alive, "the group grown back")
+        training.result()
+        _, hist = history(tmp)
+        # The same recipe at a fixed 3 workers over the nodes now up, once per seed: the noise the elastic
+        # run's final loss is judged against (its seed is 0).
+        fixed = []
+        for seed in range(args.seeds):
+            one = {**raw, "benchmarks": {"synthetic": {**raw["benchmarks"]["synthetic"]}}}
+            one["benchmarks"]["synthetic"]["train"] = {
+                **raw["benchmarks"]["synthetic"]["train"],
+                "num_workers": 3,
+            }
+            one["benchmarks"]["synthetic"]["train"]["seed"] = seed
+            train(
+                "synthetic",
+                params_from_dict(one),
+                data_dir=tmp / "prepared",
+                out_dir=tmp / f"fixed{seed}",
+                root=tmp,
+            )
+            fixed.append(final_loss(history(tmp)[1], args.windows))
     starts = hist["elastic/workers"]
     per_size: dict[int, list[float]] = {}
     for step, sec in hist["train/sec_per_iter"]:
@@ -135,6 +154,17 @@ def main() -> None:
         print(
             f"{size} workers: {med:.3f} s/iteration (median of {len(secs)} windows), {med / ref:.2f}x 3 workers"
         )
+    elastic = final_loss(hist, args.windows)
+    spread = statistics.stdev(fixed) if len(fixed) > 1 else float("nan")
+    print(
+        f"final loss (mean of the last {args.windows} log windows): elastic {elastic:.4f}; fixed 3 workers "
+        f"{', '.join(f'seed {i}: {v:.4f}' for i, v in enumerate(fixed))}; mean {statistics.fmean(fixed):.4f} "
+        f"± {spread:.4f} (sample std over seeds)"
+    )
+    print(
+        f"elastic - fixed (seed 0): {elastic - fixed[0]:+.4f} = {(elastic - fixed[0]) / spread:+.2f} seed std; "
+        f"elastic - fixed mean: {elastic - statistics.fmean(fixed):+.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -491,11 +491,19 @@ def mlflow_server(
         yield url
 
 
+def write_env_file(path: Path, env: dict[str, str]) -> None:
+    """``export KEY=VALUE`` lines for a shell to source, readable by the owner alone (0600): they hold the
+    cluster's token and the object store's keys. Written to a temporary name (already 0600) and renamed."""
+    from pipeline.files import atomic_open
+
+    with atomic_open(path, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write("".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
+
+
 def _up(args: argparse.Namespace) -> None:
     """Start the object store, the cluster and the tracking server, write their environment to
     ``--env-file``, wait for a signal."""
-    from pipeline.files import atomic_write_text
-
     os.environ.update(cluster_env())  # one token for the nodes, this process and the env file
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -507,7 +515,7 @@ def _up(args: argparse.Namespace) -> None:
     ):
         env = cluster_env() | s3 | {"RAY_ADDRESS": cluster.address, "MLFLOW_TRACKING_URI": tracking_url}
         path = Path(args.env_file)
-        atomic_write_text(path, "".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
+        write_env_file(path, env)
         print(
             f"[cluster] head + {args.workers} worker nodes at {cluster.address}; S3 at {s3['AWS_ENDPOINT_URL']}; "
             f"MLflow at {tracking_url}",

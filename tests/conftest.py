@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -214,3 +215,34 @@ def run_ok(cmd: list[str], cwd: Path, timeout: float) -> subprocess.CompletedPro
         f"{cmd[3:]} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     )
     return proc
+
+
+class Background:
+    """``fn(*args, **kwargs)`` running in a thread while the test acts on the cluster: :meth:`alive` while it
+    runs; :meth:`result` waits (up to ``timeout`` s), then returns its value or raises what it raised."""
+
+    def __init__(self, fn: Callable, *args, **kwargs) -> None:
+        self._outcome: dict = {}
+
+        def run() -> None:
+            try:
+                self._outcome["result"] = fn(*args, **kwargs)
+            except BaseException as exc:  # re-raised by result()
+                self._outcome["error"] = exc
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout=timeout)
+
+    def result(self, timeout: float = 600):
+        self._thread.join(timeout=timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"still running after {timeout:g} s")
+        if "error" in self._outcome:
+            raise self._outcome["error"]
+        return self._outcome["result"]

@@ -11,7 +11,6 @@ raylet, all on 127.0.0.1, token authentication on) with checkpoints and shards o
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,12 @@ from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.storage import StorageError, check_storage, stage_split
 from pipeline.training.launcher import train
-from tests.conftest import registered_checkpoints, tiny_params_dict, wait_for_registered_checkpoints
+from tests.conftest import (
+    Background,
+    registered_checkpoints,
+    tiny_params_dict,
+    wait_for_registered_checkpoints,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +103,7 @@ def _rank_nodes(run) -> list[str]:
     return [run.data.tags[f"ray.node.rank{r}"] for r in range(2)]
 
 
-def _running_trial_on_a_worker_node(cluster, children, iterations: int, thread, timeout: float = 300):
+def _running_trial_on_a_worker_node(cluster, children, iterations: int, sweeping, timeout: float = 300):
     """(a worker node, the trials still running with a registered checkpoint, {trial: its ranks' nodes}) once
     a worker node holds a rank of such a trial; an AssertionError if the sweep ends or ``timeout`` passes first."""
     deadline = time.time() + timeout
@@ -114,7 +118,7 @@ def _running_trial_on_a_worker_node(cluster, children, iterations: int, thread, 
         for node in cluster.worker_nodes:
             if any(node.node_id in placed.get(t, set()) for t in running):
                 return node, running, placed
-        if not thread.is_alive() or time.time() > deadline:
+        if not sweeping.alive() or time.time() > deadline:
             raise AssertionError(
                 f"no running trial with a registered checkpoint held a rank on a worker node: "
                 f"registered {registered}, placed {placed}"
@@ -154,30 +158,19 @@ def test_one_worker_per_node_equals_one_node(cluster, spread_run, tiny_prepared,
 def test_node_lost_mid_training_resumes_from_s3(cluster, spread_run, tiny_prepared, tmp_path):
     storage = "s3://pspnet/node-loss"
     params = _params(cluster, storage, "STRICT_SPREAD")
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = train(
-                "synthetic", params, data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
-            )
-        except BaseException as exc:  # surfaced below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    training = Background(
+        train, "synthetic", params, data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
+    )
     try:
-        registered = wait_for_registered_checkpoints(storage, alive=thread.is_alive)
+        registered = wait_for_registered_checkpoints(storage, alive=training.alive)
         assert max(registered.values()) < ITERATIONS, "training finished before a node could be lost"
         placed = _rank_nodes(_run(tmp_path)[0])
         victim = next(n for n in cluster.worker_nodes if n.node_id in placed)
         cluster.remove_node(victim, allow_graceful=False)  # its raylet and every worker on it
         add_worker_node(cluster, 1)
     finally:
-        thread.join(timeout=400)
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].iterations == ITERATIONS
+        training.join(timeout=400)
+    assert training.result(timeout=0).iterations == ITERATIONS
 
     run, losses, resumed = _run(tmp_path)
     assert run.info.status == "FINISHED"
@@ -299,15 +292,6 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
             // 3,  # = the number of reports: ASHA stops no trial, both run to the end
         }
     }
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = sweep(
-                "tiny", params_from_dict(raw), data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path
-            )
-        except BaseException as exc:  # surfaced below
-            outcome["error"] = exc
 
     def children() -> list:
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -317,23 +301,22 @@ def test_sweep_over_nodes_survives_a_lost_node(cluster, tiny_prepared, tmp_path)
     alive_before = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")])}
     # the module's earlier trainings share this driver's job: only the groups the sweep creates are its own
     groups_before = {g.placement_group_id for g in list_placement_groups()}
-    thread = threading.Thread(target=run)
-    thread.start()
+    sweeping = Background(
+        sweep, "tiny", params_from_dict(raw), data_dir=tiny_prepared, out_dir=tmp_path / "out", root=tmp_path
+    )
     try:
         # The trials may not overlap for long: with worker nodes that share nothing, a trial placed on them
         # starts later (fresh shard caches, its own worker processes), and on CI's 2 cores one has been seen to
         # finish before the other registered its first checkpoint. The node lost is one that a still-running
         # trial with a registered checkpoint trains on: polled until there is one.
-        victim, running, placed = _running_trial_on_a_worker_node(cluster, children, iterations, thread)
+        victim, running, placed = _running_trial_on_a_worker_node(cluster, children, iterations, sweeping)
         worker_ids = {n.node_id for n in cluster.worker_nodes}
         hit = {t for t in running if victim.node_id in placed.get(t, set())}
         cluster.remove_node(victim, allow_graceful=False)
         add_worker_node(cluster, 1)
     finally:
-        thread.join(timeout=400)
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    result = outcome["result"]
+        sweeping.join(timeout=400)
+    result = sweeping.result(timeout=0)
 
     # the ranks' nodes as the trials ended (a resumed trial's tags name its new nodes) and before the loss
     ended = {r.data.tags["pspnet.trial_id"]: set(_rank_nodes(r)) for r in children()}

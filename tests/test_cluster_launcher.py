@@ -3,8 +3,10 @@ its nodes run, what file_mounts uploads, and the GPU check of the worker setup."
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -233,3 +235,17 @@ def test_gpu_check_passes_and_touches_every_gpu(tmp_path):
     assert result.returncode == 0, result
     assert "sees 2 GPU(s): Stand-in A100" in result.stdout
     assert result.stderr.split() == ["touched", "cuda:0", "touched", "cuda:1"]
+
+
+def test_the_local_clusters_env_file_is_for_its_owner_alone(tmp_path: Path):
+    """`cluster/local.py up` writes the token and the object store's keys: mode 0600, whatever the umask."""
+    from cluster.local import write_env_file
+
+    path = tmp_path / ".cluster.env"
+    old = os.umask(0o022)
+    try:
+        write_env_file(path, {"RAY_AUTH_TOKEN": "t0k", "AWS_SECRET_ACCESS_KEY": "s3cr3t"})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == "export AWS_SECRET_ACCESS_KEY=s3cr3t\nexport RAY_AUTH_TOKEN=t0k\n"

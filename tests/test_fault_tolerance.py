@@ -10,7 +10,6 @@ separate check of that alone was dropped as redundant; tests/test_cluster.py com
 from __future__ import annotations
 
 import signal
-import threading
 from pathlib import Path
 
 import mlflow
@@ -23,6 +22,7 @@ from pipeline import tracking
 from pipeline.config import params_from_dict
 from pipeline.training.launcher import train
 from tests.conftest import (
+    Background,
     cli,
     kill_when,
     registered_checkpoint,
@@ -71,19 +71,10 @@ def reference_loss(local_ray, tiny_prepared, tmp_path_factory) -> float:
 
 
 def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_path, reference_loss):
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["result"] = train(
-                "synthetic", _params(), data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
-            )
-        except BaseException as exc:  # surfaced below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    registered = wait_for_registered_checkpoints(tmp_path / ".ray_results", alive=thread.is_alive)
+    training = Background(
+        train, "synthetic", _params(), data_dir=tiny_prepared, out_dir=tmp_path / "models", root=tmp_path
+    )
+    registered = wait_for_registered_checkpoints(tmp_path / ".ray_results", alive=training.alive)
     assert max(registered.values()) < ITERATIONS, "training finished before a worker could be killed"
     # this cluster's workers only (children of its raylet): other Ray runs on the machine are not ours to kill
     raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
@@ -94,10 +85,7 @@ def test_killed_worker_resumes_from_checkpoint(local_ray, tiny_prepared, tmp_pat
     ]
     assert workers, "no Ray Train worker process found"
     workers[-1].send_signal(signal.SIGKILL)
-    thread.join(timeout=300)
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
-    assert outcome["result"].iterations == ITERATIONS
+    assert training.result(timeout=300).iterations == ITERATIONS
 
     status, resumed = _history(tmp_path, "train/resumed_from")
     assert status == "FINISHED"
