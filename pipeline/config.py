@@ -179,8 +179,10 @@ class TrainConfig:
     # Ray Train workers: an integer is a fixed size; [min, max] is elastic (docs/elastic.md): Ray starts with
     # what is free (at least min), continues from the last checkpoint on fewer workers when a node is lost and
     # grows back towards max when nodes return. The global batch stays batch_size at every size: each worker's
-    # share batch_size / w is split into the fewest equal micro-batches no larger than the share at max
-    # workers, run with gradient accumulation. So every size w in [min, max] must divide batch_size (checked).
+    # share (batch_size / w, or one image more or less where w does not divide it) is split into the fewest
+    # micro-batches no larger than the largest share at max workers, run with gradient accumulation, each
+    # micro-batch's loss weighted by its images. A fixed size must divide batch_size; a range needs
+    # batch_size >= max (checked here; an empty micro-batch is refused before launch, naming the sizes).
     num_workers: int | tuple[int, int] = num(8, 1)
     use_gpu: bool = True
     cpus_per_worker: int = num(1, 1)
@@ -468,13 +470,17 @@ def _validate(obj: Any, where: str) -> None:
     elif isinstance(obj, TrainConfig):
         lo, hi = obj.min_workers, obj.max_workers
         need(lo <= hi, "num_workers", "[min, max] with 1 <= min <= max")
-        sizes = range(lo, hi + 1)
-        bad = [w for w in sizes if obj.batch_size % w]
+        if lo == hi and not isinstance(obj.num_workers, tuple):
+            need(
+                obj.batch_size % lo == 0,
+                "num_workers",
+                f"a number of workers that divides train.batch_size={obj.batch_size} (a fixed size trains equal "
+                "shares; a [min, max] range may split the batch unevenly)",
+            )
         need(
-            not bad,
+            obj.batch_size >= hi,
             "num_workers",
-            f"world sizes that divide train.batch_size={obj.batch_size} (each worker trains an equal share of "
-            f"the global batch); {bad} do not",
+            f"at most train.batch_size={obj.batch_size} workers (each trains at least one image per iteration)",
         )
     elif isinstance(obj, EvalConfig):
         need(len(obj.ms_scales) > 0, "ms_scales", "at least one scale")

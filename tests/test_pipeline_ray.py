@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slow
 
 def test_scaling_errors_before_launch():
     # a batch the workers cannot share equally is refused by the schema, before any command runs (issue 25
-    # moved the check there, where it also covers elastic [min, max] ranges)
+    # moved the check there; an elastic [min, max] range may split the batch unevenly instead)
     with pytest.raises(
-        ConfigError, match=r"num_workers: got 2, expected world sizes that divide train.batch_size=5"
+        ConfigError, match=r"num_workers: got 2, expected a number of workers that divides train.batch_size=5"
     ):
         params_from_dict(tiny_params_dict(batch_size=5))
     gpu = params_from_dict(tiny_params_dict(use_gpu=True)).benchmark("synthetic")

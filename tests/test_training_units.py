@@ -62,9 +62,15 @@ def test_sampler_resume_replays_the_same_samples():
     assert resumed == full[4 * 2 :]
 
 
-def test_sampler_rejects_indivisible_batch():
-    with pytest.raises(ValueError, match="not divisible"):
-        IterationSampler(10, global_batch=5, rank=0, world_size=2, iterations=3)
+def test_sampler_splits_an_indivisible_batch_and_refuses_an_empty_share():
+    """5 over 2 ranks: 3 and 2 samples, together the iteration's 5 stream positions in order."""
+    kw = dict(global_batch=5, world_size=2, iterations=3, seed=2)
+    r0, r1 = _take(IterationSampler(10, rank=0, **kw)), _take(IterationSampler(10, rank=1, **kw))
+    one = _take(IterationSampler(10, rank=0, global_batch=5, world_size=1, iterations=3, seed=2))
+    assert (len(r0), len(r1)) == (9, 6)
+    assert [x for it in range(3) for x in r0[3 * it : 3 * it + 3] + r1[2 * it : 2 * it + 2]] == one
+    with pytest.raises(ValueError, match="a global batch of 2 cannot give each of 3 workers a sample"):
+        IterationSampler(10, global_batch=2, rank=0, world_size=3, iterations=3)
 
 
 def test_torch_rng_reseed_is_deterministic():

@@ -13,14 +13,16 @@ sample's random draws come from its own seed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.config import BenchmarkConfig
 from pipeline.data.shards import ShardedSegmentation
 from pipeline.data.transforms import TrainTransform
+from pipeline.training.recipe import micro_batches
 from pipeline.training.sampler import IterationSampler
 
 
@@ -39,6 +41,26 @@ class _AugmentedRows(Dataset):
         image, label, _ = self.shards.read(row)
         self.transform.reseed(seed)
         return self.transform(image, label)
+
+
+class _MicroBatches(Sampler[list[tuple[int, int]]]):
+    """The rank's samples cut into the micro-batches of each iteration, ``sizes`` (e.g. ``[3, 2]``) in turn:
+    with equal sizes, exactly the batches ``DataLoader(batch_size=...)`` would cut."""
+
+    def __init__(self, samples: IterationSampler, sizes: list[int]) -> None:
+        self.samples, self.sizes = samples, sizes
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        keys = iter(self.samples)
+        while True:
+            for size in self.sizes:
+                batch = [key for _, key in zip(range(size), keys, strict=False)]
+                if not batch:
+                    return
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.samples) // sum(self.sizes) * len(self.sizes)
 
 
 class OneThreadWorkersLoader(DataLoader):
@@ -71,12 +93,12 @@ def build_train_loader(
     world: int,
     start_iteration: int,
     pin: bool,
-    accumulation: int = 1,
 ) -> DataLoader:
-    """Rank ``rank`` of ``world``'s loader: ``train.batch_size / world`` samples per iteration, in
-    ``accumulation`` equal micro-batches (the loop's ``ctx.accumulation``), iterations ``start_iteration`` to
-    ``train.iterations``, ``train.loader_workers`` persistent processes. The samples of an iteration do not
-    depend on ``world`` or ``accumulation`` (:class:`IterationSampler`)."""
+    """Rank ``rank`` of ``world``'s loader: its share of ``train.batch_size`` samples per iteration, in the
+    micro-batches of :func:`pipeline.training.recipe.micro_batches` (one batch at a fixed size; the loop's
+    ``ctx.accumulation`` of them in an elastic run), iterations ``start_iteration`` to ``train.iterations``,
+    ``train.loader_workers`` persistent processes. The samples of an iteration do not depend on ``world``
+    (:class:`IterationSampler`)."""
     t, a, d = bench.train, bench.train.augment, bench.data
     transform = TrainTransform(
         crop_size=a.crop_size,
@@ -101,8 +123,7 @@ def build_train_loader(
     )
     return OneThreadWorkersLoader(
         _AugmentedRows(shards, transform),
-        batch_size=t.batch_size // world // accumulation,
-        sampler=sampler,
+        batch_sampler=_MicroBatches(sampler, micro_batches(bench, world, rank)),
         num_workers=t.loader_workers,
         pin_memory=pin,
         persistent_workers=t.loader_workers > 0,

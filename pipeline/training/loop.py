@@ -33,7 +33,7 @@ from pipeline.model.pspnet import build_model
 from pipeline.storage import local_copy
 from pipeline.training.losses import check_finite, pspnet_loss
 from pipeline.training.optim import build_optimizer, poly_lr, set_lr
-from pipeline.training.recipe import accumulation_steps, effective_base_lr, train_precision
+from pipeline.training.recipe import accumulation_steps, effective_base_lr, loss_weight, train_precision
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class LoopContext:
     compile: bool  # torch.compile
     base_lr: float  # the poly schedule's starting rate (train.lr_scaling applied)
     accumulation: int  # micro-batches per iteration: the global batch kept at this world size (1 when fixed)
+    world: int  # ranks in the group (the micro-batches' loss weights depend on it)
 
 
 def loop_context(bench: BenchmarkConfig, device: torch.device, world: int) -> LoopContext:
@@ -69,6 +70,7 @@ def loop_context(bench: BenchmarkConfig, device: torch.device, world: int) -> Lo
         compile=cuda and t.compile,
         base_lr=effective_base_lr(bench),
         accumulation=accumulation_steps(bench, world),
+        world=world,
     )
 
 
@@ -175,9 +177,11 @@ def train_step(
 ) -> float:
     """One SGD iteration (poly LR, forward, PSPNet loss, backward, step); returns the learning rate. With
     ``ctx.accumulation`` > 1 (an elastic run below its largest size) the iteration's share of the global batch
-    comes as that many micro-batches, each loss divided by their number and the gradients summed (DDP
-    all-reduces after the last one only): the mean over micro-batches, as several ranks' gradients average.
-    The loss parts (averaged over the micro-batches) go to ``window`` without leaving the device."""
+    comes as that many micro-batches and the gradients are summed (DDP all-reduces after the last one only).
+    In an elastic run each micro-batch's loss is weighted by its images (:func:`recipe.loss_weight`: ``1 /
+    accumulation`` for equal micro-batches), so that the update is the image-weighted mean over the global
+    batch whatever the ranks' shares; a fixed size trains on the loss as it is. The loss parts (averaged over
+    the micro-batches) go to ``window`` without leaving the device."""
     t = bench.train
     lr = poly_lr(ctx.base_lr, it, t.iterations, t.lr_power)
     set_lr(optimizer, lr)
@@ -199,7 +203,7 @@ def train_step(
             loss, parts = pspnet_loss(
                 outputs, labels, t.aux_weight if bench.model.aux else 0.0, bench.data.ignore_index
             )
-            (loss / ctx.accumulation if ctx.accumulation > 1 else loss).backward()
+            (loss * loss_weight(bench, ctx.world, len(images)) if t.elastic else loss).backward()
         steps.append(parts)
     optimizer.step()
     if len(steps) > 1:

@@ -2,7 +2,8 @@
 
 The global stream of samples is the concatenation of per-epoch permutations of the dataset, each drawn from
 ``seed + epoch``. Iteration ``it`` consumes stream positions ``[it * B, (it + 1) * B)`` (``B`` = global
-batch); rank ``r`` of ``W`` takes its contiguous ``B / W`` slice. Each sample also carries a seed derived from
+batch); rank ``r`` of ``W`` takes its contiguous slice of :func:`rank_shares` (``B / W`` when ``W`` divides ``B``;
+otherwise the first ``B mod W`` ranks take one sample more). Each sample also carries a seed derived from
 its stream position, so augmentation is reproducible whatever the number of loader processes. Resuming at
 iteration ``it`` therefore replays exactly the samples an uninterrupted run would have seen.
 """
@@ -13,6 +14,17 @@ from collections.abc import Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
+
+
+def rank_shares(global_batch: int, world_size: int) -> list[int]:
+    """Samples of one iteration each of ``world_size`` ranks takes: ``B // W``, one more for the first ``B mod W``
+    ranks (e.g. 16 over 3 ranks: 6, 5, 5)."""
+    if global_batch < world_size:
+        raise ValueError(
+            f"a global batch of {global_batch} cannot give each of {world_size} workers a sample"
+        )
+    base, extra = divmod(global_batch, world_size)
+    return [base + (r < extra) for r in range(world_size)]
 
 
 class IterationSampler(Sampler[tuple[int, int]]):
@@ -31,11 +43,11 @@ class IterationSampler(Sampler[tuple[int, int]]):
     ) -> None:
         if num_rows <= 0:
             raise ValueError("cannot sample from an empty split")
-        if global_batch % world_size:
-            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} workers")
+        shares = rank_shares(global_batch, world_size)
         self.num_rows = num_rows
         self.global_batch = global_batch
-        self.local_batch = global_batch // world_size
+        self.local_batch = shares[rank]
+        self.offset = sum(shares[:rank])
         self.rank = rank
         self.iterations = iterations
         self.start_iteration = start_iteration
@@ -47,7 +59,7 @@ class IterationSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         cached_epoch, perm = -1, None
         for it in range(self.start_iteration, self.iterations):
-            first = it * self.global_batch + self.rank * self.local_batch
+            first = it * self.global_batch + self.offset
             for pos in range(first, first + self.local_batch):
                 epoch, offset = divmod(pos, self.num_rows)
                 if epoch != cached_epoch:

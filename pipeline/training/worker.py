@@ -47,7 +47,7 @@ from pipeline.training.loop import (
     validate,
     wrap,
 )
-from pipeline.training.recipe import PAPER_BN_BATCH, bn_batch
+from pipeline.training.recipe import PAPER_BN_BATCH, bn_batch, micro_batches
 
 WORLD_FILE = "world.json"  # an elastic run's checkpoints: the number of workers that wrote it
 
@@ -101,8 +101,8 @@ def _record_size(
             },
         )
     print(
-        f"[train] elastic: it {start}, {change} on {nodes} node(s), {ctx.accumulation} accumulation step(s) "
-        f"of {bench.train.batch_size // world // ctx.accumulation} images, global batch "
+        f"[train] elastic: it {start}, {change} on {nodes} node(s), {ctx.accumulation} accumulation step(s); "
+        f"images per micro-batch by rank {[micro_batches(bench, world, r) for r in range(world)]}, global batch "
         f"{bench.train.batch_size}",
         flush=True,
     )
@@ -212,7 +212,6 @@ def train_loop_per_worker(cfg: dict) -> None:
         world=world,
         start_iteration=start,
         pin=device.type == "cuda",
-        accumulation=ctx.accumulation,
     )
     where = {"rank": rank, "world": world, "device": device}
     if start >= t.iterations:
