@@ -203,7 +203,9 @@ def test_two_workers_equal_one_worker_accumulating_two_steps(tiny_prepared, tmp_
     assert moved > 0
 
 
-ELASTIC_ITERATIONS = 45
+# Room for the grow-back: the 2 workers train a log window, then ~35 s pass from a node added to 3 workers
+# again (benchmarks/elastic.py: 34.7 s, ~50 iterations at 2 workers); at 45 the run could end on 2 workers first.
+ELASTIC_ITERATIONS = 150
 
 
 def _elastic_history(root: Path) -> tuple[object, dict]:
