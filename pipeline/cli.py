@@ -245,9 +245,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_services(params)
     result = sweep(args.sweep, params, data_dir=Path(args.data), out_dir=Path(args.out), root=project_root())
     s = result.summary
-    numbers = Path(args.metrics or Path(args.out) / "tune_metrics.json")
-    numbers.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(numbers, sweep_metrics(s), indent=2)
+    atomic_write_json(args.metrics or Path(args.out) / "tune_metrics.json", sweep_metrics(s), indent=2)
     print(result.table.to_string(index=False))
     print(
         f"[tune] best {s['best']}; {s['stopped_early']}/{s['trials']} trials stopped early; "

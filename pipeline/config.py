@@ -470,7 +470,7 @@ def _validate(obj: Any, where: str) -> None:
     elif isinstance(obj, TrainConfig):
         lo, hi = obj.min_workers, obj.max_workers
         need(lo <= hi, "num_workers", "[min, max] with 1 <= min <= max")
-        if lo == hi and not isinstance(obj.num_workers, tuple):
+        if not obj.elastic:
             need(
                 obj.batch_size % lo == 0,
                 "num_workers",

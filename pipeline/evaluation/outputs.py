@@ -55,8 +55,7 @@ def write_tables(
 ) -> list[Path]:
     """``metrics_path`` (default ``out_dir/metrics.json``) takes the numbers alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = metrics_path or out_dir / "metrics.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path = metrics_path or out_dir / "metrics.json"  # its folder made by the atomic write
     table = per_class_table(names, results).to_csv(index=False, float_format="%.6f")
     return [
         _atomic_text(out_dir / "per_class.csv", table),

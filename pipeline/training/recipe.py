@@ -57,8 +57,9 @@ def micro_batches(bench: BenchmarkConfig, world: int, rank: int) -> list[int]:
     (:func:`pipeline.training.sampler.rank_shares`) over :func:`accumulation_steps` micro-batches, the first
     ones one image larger where they do not divide it. Over every rank they add up to ``train.batch_size``."""
     share = rank_shares(bench.train.batch_size, world)[rank]
-    base, extra = divmod(share, accumulation_steps(bench, world))
-    return [base + (j < extra) for j in range(accumulation_steps(bench, world))]
+    steps = accumulation_steps(bench, world)
+    base, extra = divmod(share, steps)
+    return [base + (j < extra) for j in range(steps)]
 
 
 def micro_batch(bench: BenchmarkConfig, world: int) -> int:
